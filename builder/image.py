@@ -1,0 +1,159 @@
+"""Base and node image files on the host: checks, decompression, copies, hashes."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import os
+import shlex
+import shutil
+import struct
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from builder.progress import bar
+
+from builder.errors import BuildError
+
+log = logging.getLogger(__name__)
+
+SECTOR = 512
+FAT_TYPES = {0x0B, 0x0C, 0x0E}  # FAT32 (CHS/LBA), FAT16 LBA
+LINUX_TYPE = 0x83
+CHUNK = 4 << 20
+
+
+@dataclass(frozen=True)
+class Partition:
+    number: int
+    type_id: int
+    start: int  # bytes
+    size: int  # bytes
+
+
+def read_partitions(path: Path) -> list[Partition]:
+    """The primary partitions of an MBR disk image; BuildError if it is not one."""
+    try:
+        with open(path, "rb") as f:
+            mbr = f.read(SECTOR)
+    except OSError as e:
+        raise BuildError(f"cannot read image {path}: {e.strerror}") from None
+    if len(mbr) < SECTOR or mbr[510:512] != b"\x55\xaa":
+        raise BuildError(f"{path} is not a disk image: it has no MBR partition table")
+    parts = []
+    for i in range(4):
+        entry = mbr[446 + 16 * i : 462 + 16 * i]
+        type_id = entry[4]
+        start, sectors = struct.unpack("<II", entry[8:16])
+        if type_id and sectors:
+            parts.append(Partition(i + 1, type_id, start * SECTOR, sectors * SECTOR))
+    return parts
+
+
+def check_layout(path: Path) -> list[Partition]:
+    """Refuse images without Raspberry Pi OS's layout: FAT p1, Linux p2, within the file."""
+    parts = read_partitions(path)
+    by_number = {p.number: p for p in parts}
+    boot, root = by_number.get(1), by_number.get(2)
+    if boot is None or root is None or boot.type_id not in FAT_TYPES or root.type_id != LINUX_TYPE:
+        found = ", ".join(f"p{p.number} type 0x{p.type_id:02x}" for p in parts) or "no partitions"
+        raise BuildError(f"{path} does not have Raspberry Pi OS's partitions: expected a FAT boot partition 1 "
+                         f"and a Linux root partition 2, found {found}")
+    size = path.stat().st_size
+    if root.start + root.size > size:
+        raise BuildError(f"{path} is truncated: its root partition ends at byte {root.start + root.size} "
+                         f"but the file has {size} bytes")
+    return parts
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    return Path(base) / "pibake"
+
+
+def sha256_file(path: Path, progress: bool = False) -> str:
+    digest = hashlib.sha256()
+    size = path.stat().st_size
+    with open(path, "rb") as f, bar(total=size, unit="B", unit_scale=True, desc=f"sha256 {path.name}",
+                                    leave=False, disable=True if not progress else None) as meter:
+        while chunk := f.read(CHUNK):
+            digest.update(chunk)
+            meter.update(len(chunk))
+    return digest.hexdigest()
+
+
+def prepare_base(path: Path) -> Path:
+    """A raw base image ready to copy: the file itself, or its decompressed copy in the cache."""
+    path = path.expanduser()
+    if not path.exists():
+        raise BuildError(f"image not found: {path}")
+    if not path.is_file():
+        raise BuildError(f"image is not a file: {path}")
+    if path.name.endswith(".xz"):
+        path = _decompress_xz(path)
+    check_layout(path)
+    return path
+
+
+def _decompress_xz(path: Path) -> Path:
+    """Decompress once into the cache, keyed by the compressed file's sha256."""
+    digest = sha256_file(path, progress=True)
+    target = _cache_dir() / "images" / f"{digest}.img"
+    if target.exists():
+        log.info("using decompressed image %s", target)
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.part")
+    command = ["xz", "--decompress", "--stdout", "--threads=0", str(path)]
+    log.info("$ %s > %s", shlex.join(command), tmp)
+    try:
+        with open(tmp, "wb") as out, bar(unit="B", unit_scale=True, desc=f"decompress {path.name}") as meter:
+            proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            assert proc.stdout is not None
+            while chunk := proc.stdout.read(CHUNK):
+                out.write(chunk)
+                meter.update(len(chunk))
+            stderr = proc.stderr.read().decode(errors="replace").strip() if proc.stderr else ""
+            if proc.wait() != 0:
+                raise BuildError(f"cannot decompress {path}: {stderr.splitlines()[-1] if stderr else 'xz failed'}")
+        os.replace(tmp, target)
+    except FileNotFoundError:
+        raise BuildError("xz is not installed: install xz-utils to use .img.xz images") from None
+    except OSError as e:
+        raise BuildError(f"cannot decompress {path} into {target.parent}: {e.strerror}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
+def copy_image(source: Path, target: Path) -> None:
+    """Copy as the file system allows at its fastest: reflink, else sparse."""
+    command = ["cp", "--reflink=auto", "--sparse=always", str(source), str(target)]
+    log.debug("$ %s", shlex.join(command))
+    result = subprocess.run(command, stderr=subprocess.PIPE, text=True)
+    if result.returncode != 0:
+        target.unlink(missing_ok=True)
+        if "No space left" in result.stderr:
+            free = shutil.disk_usage(target.parent).free
+            raise BuildError(f"no space left on the output disk ({target.parent}): "
+                             f"{free >> 20} MiB free, an image needs up to {_allocated(source) >> 20} MiB")
+        raise BuildError(f"cannot copy {source} to {target}: {result.stderr.strip()}")
+
+
+def _allocated(path: Path) -> int:
+    return path.stat().st_blocks * 512
+
+
+def fsync(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise BuildError(f"no space left on the output disk while writing {path}") from None
+        raise

@@ -1,0 +1,70 @@
+"""SSH keys pibake makes and keeps: one host key per node, one cluster key.
+
+They live in the state folder (private files 0600) and are reused on every
+rebuild, so a rebuilt node keeps the identity the operator's known_hosts trusts.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from builder.errors import BuildError
+
+
+@dataclass(frozen=True)
+class KeyPair:
+    private: bytes = field(repr=False)  # OpenSSH private key format
+    public: str  # "ssh-ed25519 AAAA... comment"
+
+
+def _generate(comment: str) -> KeyPair:
+    key = Ed25519PrivateKey.generate()
+    private = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+    )
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    return KeyPair(private, f"{public.decode()} {comment}")
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+class KeyStore:
+    def __init__(self, state_dir: Path) -> None:
+        self.dir = state_dir / "keys"
+
+    def _pair(self, name: str, comment: str) -> KeyPair:
+        private_path = self.dir / name
+        public_path = self.dir / f"{name}.pub"
+        if private_path.exists():
+            try:
+                key = serialization.load_ssh_private_key(private_path.read_bytes(), password=None)
+                public = public_path.read_text().strip()
+            except (OSError, ValueError) as e:
+                raise BuildError(f"cannot reuse key {private_path}: {e}; move it away to make a new one") from None
+            if private_path.stat().st_mode & 0o077:
+                os.chmod(private_path, 0o600)
+            if not isinstance(key, Ed25519PrivateKey):
+                raise BuildError(f"{private_path} is not an ed25519 key")
+            return KeyPair(private_path.read_bytes(), public)
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        pair = _generate(comment)
+        _write_private(private_path, pair.private)
+        public_path.write_text(pair.public + "\n")
+        return pair
+
+    def host_key(self, hostname: str) -> KeyPair:
+        return self._pair(f"{hostname}_ssh_host_ed25519_key", f"root@{hostname}")
+
+    def cluster_key(self) -> KeyPair:
+        return self._pair("cluster_id_ed25519", "pibake-cluster")

@@ -1,0 +1,365 @@
+"""The plan: per node, an ordered list of file operations, computed without touching an image.
+
+A build is a script of small `configure_*` steps, each adding operations for one
+concern and returning early when it does not apply. Applying the plan is the
+appliance module's job; printing it, testing it and recording it in the
+manifest all read the same data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import string
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Union
+
+from builder.errors import BuildError
+from builder.keys import KeyPair, KeyStore
+from builder.profile import Node, Profile
+from builder.release import Release
+
+ROOT = (0, 0)
+USER_IDS = (1000, 1000)  # Raspberry Pi OS's first user, renamed or not
+FIRST_USER = "pi"
+OVERLAYS = Path(__file__).resolve().parent.parent / "overlays"
+HOST_KEY_DIR = "/etc/ssh/pibake"
+
+
+@dataclass(frozen=True)
+class Write:
+    path: str
+    content: bytes = field(repr=False)
+    mode: int = 0o644
+    owner: tuple[int, int] = ROOT
+    secret: bool = False
+
+
+@dataclass(frozen=True)
+class Mkdir:
+    path: str
+    mode: int = 0o755
+    owner: tuple[int, int] = ROOT
+
+
+@dataclass(frozen=True)
+class Symlink:
+    path: str
+    target: str
+
+
+@dataclass(frozen=True)
+class Delete:
+    path: str
+
+
+@dataclass(frozen=True)
+class EditLines:
+    """Apply a regular expression substitution to every line of a file."""
+
+    path: str
+    pattern: str
+    replacement: str
+    required: bool = True  # an image where no line matches is refused
+    secret: bool = False
+
+
+@dataclass(frozen=True)
+class Append:
+    """Append text to a file unless the file already holds it."""
+
+    path: str
+    text: str
+
+
+@dataclass(frozen=True)
+class Move:
+    path: str
+    destination: str
+
+
+Op = Union[Write, Mkdir, Symlink, Delete, EditLines, Append, Move]
+
+
+@dataclass(frozen=True)
+class NodePlan:
+    node: Node
+    release: Release
+    ops: tuple[Op, ...]
+
+    @property
+    def bytes_needed(self) -> int:
+        """A generous estimate of the root file system space the plan uses."""
+        total = 0
+        for op in self.ops:
+            size = len(op.content) if isinstance(op, Write) else len(op.text) if isinstance(op, Append) else 0
+            total += 4096 * (1 + size // 4096)
+        return total
+
+
+def describe(op: Op) -> dict[str, str]:
+    """One operation as the plan and the manifest show it: secrets stay out."""
+    kind = type(op).__name__.lower()
+    out = {"op": {"editlines": "edit"}.get(kind, kind), "path": op.path}
+    if isinstance(op, (Write, Mkdir)):
+        out["mode"] = f"{op.mode:04o}"
+        out["owner"] = f"{op.owner[0]}:{op.owner[1]}"
+    if isinstance(op, Write):
+        if op.secret:
+            out["summary"] = f"<secret, {len(op.content)} bytes, redacted>"
+        else:
+            out["sha256"] = hashlib.sha256(op.content).hexdigest()
+            out["summary"] = _summary(op.content.decode(errors="replace"))
+    elif isinstance(op, Symlink):
+        out["summary"] = f"-> {op.target}"
+    elif isinstance(op, EditLines):
+        out["summary"] = f"s/{op.pattern}/{'<redacted>' if op.secret else op.replacement}/"
+    elif isinstance(op, Append):
+        out["summary"] = "+ " + _summary(op.text)
+    elif isinstance(op, Move):
+        out["summary"] = f"-> {op.destination}"
+    return out
+
+
+def _summary(text: str) -> str:
+    lines = [line for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    if not lines:
+        return "(empty)"
+    first = lines[0] if len(lines[0]) <= 50 else lines[0][:47] + "..."
+    return first if len(lines) == 1 else f"{first} (+{len(lines) - 1} lines)"
+
+
+# ---------------------------------------------------------------- context
+
+
+@dataclass
+class _Context:
+    profile: Profile
+    node: Node
+    release: Release
+    keys: KeyStore
+    ops: list[Op] = field(default_factory=list)
+
+    @property
+    def home(self) -> str:
+        return f"/home/{self.profile.user.name}"
+
+    def boot(self, name: str) -> str:
+        return f"{self.release.boot_dir}/{name}"
+
+
+def _literal(text: str) -> str:
+    """Escape text for use as a re.sub replacement."""
+    return text.replace("\\", "\\\\")
+
+
+def _hosts_lines(profile: Profile) -> str:
+    return "".join(f"{n.address}\t{n.hostname}\n" for n in profile.nodes)
+
+
+def _known_hosts(profile: Profile, keys: KeyStore) -> str:
+    return "".join(f"{n.hostname},{n.address} {_key_only(keys.host_key(n.hostname))}\n" for n in profile.nodes)
+
+
+def _key_only(pair: KeyPair) -> str:
+    return " ".join(pair.public.split()[:2])
+
+
+def template_values(profile: Profile, node: Node) -> dict[str, str]:
+    master = profile.master
+    dhcp_hosts = "".join(
+        f"dhcp-host={w.mac + ',' if w.mac else ''}{w.hostname},{w.address},{master.lease}\n" for w in profile.workers.nodes
+    )
+    return {
+        "hostname": node.hostname,
+        "address": str(node.address),
+        "user": profile.user.name,
+        "interface": profile.interface,
+        "network": str(profile.network),
+        "netmask": str(profile.network.netmask),
+        "prefixlen": str(profile.network.prefixlen),
+        "master_hostname": master.node.hostname,
+        "master_address": str(master.node.address),
+        "dhcp_start": str(master.dhcp_start),
+        "dhcp_end": str(master.dhcp_end),
+        "lease": master.lease,
+        "uplink": master.uplink,
+        "dhcp_hosts": dhcp_hosts,
+        "cluster_hosts": _hosts_lines(profile),
+        "connection_uuid": str(uuid.uuid5(uuid.NAMESPACE_DNS, f"{node.hostname}.lan.pibake")),
+        "host_key_dir": HOST_KEY_DIR,
+    }
+
+
+# ---------------------------------------------------------------- steps
+
+
+def configure_hostname(ctx: _Context) -> None:
+    name = ctx.node.hostname
+    ctx.ops.append(Write("/etc/hostname", f"{name}\n".encode()))
+    # What raspi-config's do_hostname does: rename the 127.0.1.1 line.
+    ctx.ops.append(EditLines("/etc/hosts", r"^127\.0\.1\.1\s.*$", _literal(f"127.0.1.1\t\t{name}")))
+    ctx.ops.append(Append("/etc/hosts", "\n# pibake cluster\n" + _hosts_lines(ctx.profile)))
+
+
+def configure_user(ctx: _Context) -> None:
+    """Do offline what userconf-pi does on first boot, so no wizard ever runs."""
+    user = ctx.profile.user
+    name = user.name
+    ctx.ops.append(EditLines(
+        "/etc/passwd", rf"^{FIRST_USER}:([^:]*):1000:1000:([^:]*):[^:]*:[^:]*$",
+        _literal(f"{name}:") + r"\1:1000:1000:\2" + _literal(f":{ctx.home}:/bin/bash"),
+    ))
+    # '*' matches no password, yet unlike '!' it does not mark the account locked,
+    # which some PAM stacks refuse even for key logins.
+    ctx.ops.append(EditLines("/etc/shadow", rf"^{FIRST_USER}:[^:]*:", _literal(f"{name}:{user.password_hash or '*'}:"),
+                             secret=user.password_hash is not None))
+    if name != FIRST_USER:
+        for path in ("/etc/group", "/etc/gshadow"):
+            ctx.ops.append(EditLines(path, rf"^{FIRST_USER}:", f"{name}:"))
+            ctx.ops.append(EditLines(path, rf"(?<=[:,]){FIRST_USER}(?=,|$)", name, required=False))
+        for path in ("/etc/subuid", "/etc/subgid"):
+            ctx.ops.append(EditLines(path, rf"^{FIRST_USER}:", f"{name}:", required=False))
+        ctx.ops.append(Move(f"/home/{FIRST_USER}", ctx.home))
+    if name != FIRST_USER or user.sudo != "nopasswd":
+        ctx.ops.append(Delete(f"/etc/sudoers.d/010_{FIRST_USER}-nopasswd"))
+    if user.sudo != "none":
+        nopasswd = "NOPASSWD: " if user.sudo == "nopasswd" else ""
+        ctx.ops.append(Write(f"/etc/sudoers.d/010_{name}-nopasswd", f"{name} ALL=(ALL) {nopasswd}ALL\n".encode(), 0o440))
+    # Cancel the first-boot rename wizard the way cancel-rename does.
+    ctx.ops.append(Delete("/etc/systemd/system/multi-user.target.wants/userconfig.service"))
+    ctx.ops.append(Delete("/etc/ssh/sshd_config.d/rename_user.conf"))
+    ctx.ops.append(Symlink("/etc/systemd/system/getty.target.wants/getty@tty1.service", "/lib/systemd/system/getty@.service"))
+
+
+def configure_ssh(ctx: _Context) -> None:
+    # What `systemctl enable ssh` creates (the unit's WantedBy and Alias).
+    ctx.ops.append(Symlink("/etc/systemd/system/multi-user.target.wants/ssh.service", "/lib/systemd/system/ssh.service"))
+    ctx.ops.append(Symlink("/etc/systemd/system/sshd.service", "/lib/systemd/system/ssh.service"))
+    # Raspberry Pi OS deletes /etc/ssh/ssh_host_* on first boot; a key outside that
+    # glob, named by sshd's HostKey, survives it and is the one the node serves.
+    host = ctx.keys.host_key(ctx.node.hostname)
+    ctx.ops.append(Mkdir(HOST_KEY_DIR))
+    ctx.ops.append(Write(f"{HOST_KEY_DIR}/ssh_host_ed25519_key", host.private, 0o600, secret=True))
+    ctx.ops.append(Write(f"{HOST_KEY_DIR}/ssh_host_ed25519_key.pub", f"{host.public}\n".encode()))
+    ctx.ops.append(Write("/etc/ssh/ssh_known_hosts", _known_hosts(ctx.profile, ctx.keys).encode()))
+    cluster = ctx.keys.cluster_key()
+    authorized = [*ctx.profile.user.ssh_keys, cluster.public]
+    ctx.ops.append(Mkdir(f"{ctx.home}/.ssh", 0o700, USER_IDS))
+    ctx.ops.append(Write(f"{ctx.home}/.ssh/authorized_keys", "".join(f"{k}\n" for k in authorized).encode(), 0o600, USER_IDS))
+    if ctx.node.role == "master":
+        ctx.ops.append(Write(f"{ctx.home}/.ssh/id_ed25519", cluster.private, 0o600, USER_IDS, secret=True))
+        ctx.ops.append(Write(f"{ctx.home}/.ssh/id_ed25519.pub", f"{cluster.public}\n".encode(), 0o644, USER_IDS))
+
+
+def configure_overlay(ctx: _Context) -> None:
+    """Render overlays/common and overlays/<role>, with the release's variants.
+
+    Conventions: `+<variant>/` holds files for one network stack, `@boot/` maps to
+    the release's boot partition, `*.tmpl` is rendered with string.Template,
+    `*.append` is appended to the file of that name.
+    """
+    values = template_values(ctx.profile, ctx.node)
+    for layer in ("common", ctx.node.role):
+        roots = [OVERLAYS / layer] + [OVERLAYS / layer / f"+{v}" for v in ctx.release.variants]
+        for root in roots:
+            for source in sorted(p for p in root.rglob("*") if p.is_file()):
+                relative = source.relative_to(root)
+                if relative.parts[0].startswith("+"):
+                    continue
+                ctx.ops.append(_overlay_op(ctx, source, relative, values))
+
+
+def _overlay_op(ctx: _Context, source: Path, relative: Path, values: dict[str, str]) -> Op:
+    target = "/" + relative.as_posix()
+    if relative.parts[0] == "@boot":
+        target = ctx.release.boot_dir + "/" + Path(*relative.parts[1:]).as_posix()
+    text = source.read_text()
+    for suffix in (".tmpl", ".append"):
+        if target.endswith(suffix):
+            target = target[: -len(suffix)]
+            try:
+                text = string.Template(text).substitute(values)
+            except (KeyError, ValueError) as e:
+                raise BuildError(f"{source}: unknown template variable {e}") from None
+    if source.name.endswith(".append"):
+        return Append(target, text)
+    # NetworkManager ignores keyfiles that are not root-owned 0600.
+    mode = 0o600 if "/system-connections/" in target else 0o755 if source.stat().st_mode & 0o100 else 0o644
+    return Write(target, text.encode(), mode)
+
+
+def configure_wifi(ctx: _Context) -> None:
+    wifi = ctx.profile.master.wifi
+    if ctx.node.role != "master" or wifi is None:
+        return
+    uplink = ctx.profile.master.uplink
+    if ctx.release.network == "networkmanager":
+        keyfile = (
+            f"[connection]\nid=pibake-uplink\nuuid={uuid.uuid5(uuid.NAMESPACE_DNS, wifi.ssid + '.uplink.pibake')}\n"
+            f"type=wifi\ninterface-name={uplink}\nautoconnect=true\n\n"
+            f"[wifi]\nmode=infrastructure\nssid={wifi.ssid}\n\n"
+            f"[wifi-security]\nkey-mgmt=wpa-psk\npsk={wifi.psk}\n\n"
+            "[ipv4]\nmethod=auto\n\n[ipv6]\nmethod=auto\n"
+        )
+        ctx.ops.append(Write("/etc/NetworkManager/system-connections/pibake-uplink.nmconnection", keyfile.encode(), 0o600, secret=True))
+        # pi-gen leaves Wi-Fi disabled in NetworkManager's state when no country was set.
+        ctx.ops.append(Write("/var/lib/NetworkManager/NetworkManager.state",
+                             b"[main]\nNetworkingEnabled=true\nWirelessEnabled=true\nWWANEnabled=true\n"))
+    else:
+        conf = (
+            "ctrl_interface=DIR=/var/run/wpa_supplicant GROUP=netdev\nupdate_config=1\n"
+            f"country={wifi.country}\n\nnetwork={{\n\tssid={wifi.ssid.encode().hex()}\n\tpsk={wifi.psk}\n}}\n"
+        )
+        ctx.ops.append(Write("/etc/wpa_supplicant/wpa_supplicant.conf", conf.encode(), 0o600, secret=True))
+    # Unblock the radio and set the regulatory domain as raspi-config's do_wifi_country
+    # does (rfkill state for the Pi 3 and Pi 4 SDIO Wi-Fi).
+    for platform in ("3f300000", "fe300000"):
+        ctx.ops.append(Write(f"/var/lib/systemd/rfkill/platform-{platform}.mmcnr:wlan", b"0\n"))
+    ctx.ops.append(EditLines(ctx.boot("cmdline.txt"), r"^(\S.*?)(?: cfg80211\.ieee80211_regdom=\S+)?\s*$",
+                             r"\1" + f" cfg80211.ieee80211_regdom={wifi.country}"))
+
+
+def configure_packages(ctx: _Context) -> None:
+    packages = ctx.profile.packages(ctx.node)
+    if packages:
+        ctx.ops.append(Write("/etc/pibake/packages", "".join(f"{p}\n" for p in packages).encode()))
+
+
+def configure_extra_files(ctx: _Context) -> None:
+    for extra in ctx.profile.files(ctx.node):
+        ctx.ops.append(Write(extra.path, extra.source.read_bytes(), extra.mode, (extra.uid, extra.gid)))
+
+
+def enable_units(ctx: _Context) -> None:
+    """Create the wants/ symlinks that `systemctl enable` would for pibake's own units."""
+    for op in list(ctx.ops):
+        if isinstance(op, Write) and re.fullmatch(r"/etc/systemd/system/[^/]+\.(service|timer)", op.path):
+            for wanted_by in re.findall(r"^WantedBy=(\S+)", op.content.decode(), re.M):
+                name = op.path.rsplit("/", 1)[1]
+                ctx.ops.append(Symlink(f"/etc/systemd/system/{wanted_by}.wants/{name}", op.path))
+
+
+STEPS = (
+    configure_hostname,
+    configure_user,
+    configure_ssh,
+    configure_overlay,
+    configure_wifi,
+    configure_packages,
+    configure_extra_files,
+    enable_units,
+)
+
+
+def plan_node(profile: Profile, node: Node, release: Release, keys: KeyStore) -> NodePlan:
+    ctx = _Context(profile, node, release, keys)
+    for step in STEPS:
+        step(ctx)
+    return NodePlan(node, release, tuple(ctx.ops))
+
+
+def known_hosts(profile: Profile, keys: KeyStore) -> str:
+    return _known_hosts(profile, keys)

@@ -1,0 +1,74 @@
+"""What differs between Raspberry Pi OS releases, in one place.
+
+The plan asks a Release, never a release name: where the boot partition is
+mounted and which overlay variants (network stack) apply.
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass
+
+from builder.errors import BuildError
+
+
+@dataclass(frozen=True)
+class Release:
+    codename: str
+    boot_dir: str  # where the FAT boot partition is mounted in the running system
+    network: str  # "dhcpcd" or "networkmanager": selects overlays/<role>/+<network>/
+    reason: str  # why this release was chosen, for the plan and manifest
+
+    @property
+    def variants(self) -> tuple[str, ...]:
+        return (self.network,)
+
+
+# Bullseye: dhcpcd and /boot. Bookworm changed both (NetworkManager, /boot/firmware);
+# Trixie keeps Bookworm's layout.
+KNOWN = {
+    "bullseye": ("/boot", "dhcpcd"),
+    "bookworm": ("/boot/firmware", "networkmanager"),
+    "trixie": ("/boot/firmware", "networkmanager"),
+}
+
+
+def parse_os_release(text: str) -> dict[str, str]:
+    fields = {}
+    for line in text.splitlines():
+        if "=" in line and not line.lstrip().startswith("#"):
+            key, _, value = line.partition("=")
+            parts = shlex.split(value) if value.strip() else [""]
+            fields[key.strip()] = parts[0] if parts else ""
+    return fields
+
+
+def detect(os_release: str, is_raspberry_pi_os: bool, force: bool = False) -> Release:
+    """Choose the release path from the image's own /etc/os-release.
+
+    Raspberry Pi OS arm64 carries Debian's os-release, so the mark of Raspberry Pi
+    OS is /etc/rpi-issue, which pi-gen writes into every image.
+    """
+    fields = parse_os_release(os_release)
+    codename = fields.get("VERSION_CODENAME", "")
+    pretty = fields.get("PRETTY_NAME", codename or "unknown system")
+    if not is_raspberry_pi_os and not force:
+        raise BuildError(f"the image is not Raspberry Pi OS ({pretty}; no /etc/rpi-issue); use --force to bake it anyway")
+    if codename not in KNOWN:
+        if not force:
+            raise BuildError(
+                f"unsupported release '{codename or pretty}' in the image's /etc/os-release "
+                f"(pibake knows {', '.join(KNOWN)}); use --force to treat it as trixie"
+            )
+        boot_dir, network = KNOWN["trixie"]
+        return Release(codename or "unknown", boot_dir, network, f"/etc/os-release: {pretty}; forced, treated as trixie")
+    boot_dir, network = KNOWN[codename]
+    return Release(codename, boot_dir, network, f"/etc/os-release: VERSION_CODENAME={codename} ({pretty})")
+
+
+def named(codename: str) -> Release:
+    """A release chosen by the user (`pibake plan --release`), without reading an image."""
+    if codename not in KNOWN:
+        raise BuildError(f"unknown release '{codename}' (pibake knows {', '.join(KNOWN)})", exit_code=2)
+    boot_dir, network = KNOWN[codename]
+    return Release(codename, boot_dir, network, f"--release {codename}")
