@@ -51,7 +51,8 @@ class Appliance:
     def _handle(self, force_tcg: bool):
         g = guestfs.GuestFS(python_return_dict=True)
         if force_tcg:
-            g.set_backend_setting("force_tcg", "")
+            # set_backend_setting("force_tcg", "") crashes libguestfs 1.48; the list form does not.
+            g.set_backend_settings([*g.get_backend_settings(), "force_tcg"])
         for drive in self.drives:
             # cachemode=unsafe: the appliance's flushes are not needed, the host's
             # page cache holds the data and pibake fsyncs each output itself.

@@ -83,14 +83,14 @@ def build(profile: Profile, nodes: tuple[Node, ...], options: Options) -> list[B
         base_sha = pool.submit(image.sha256_file, base)
         staged = [staging / f"{node.hostname}.img" for node in nodes]
         for node, path in bar(list(zip(nodes, staged)), desc="copy", unit="image"):
-            log.info("%s: copying %s", node.hostname, base.name)
+            log.debug("%s: copying %s", node.hostname, base.name)
             image.copy_image(base, path)
         with Appliance([Drive(p) for p in staged]) as appliance:
             release = appliance.release(0, options.force)
             log.info("release: %s (%s)", release.codename, release.reason)
             plans = plans_for(profile, nodes, release, keys)
             for index, plan in enumerate(bar(plans, desc="bake", unit="image")):
-                log.info("%s: applying %d operations", plan.node.hostname, len(plan.ops))
+                log.debug("%s: applying %d operations", plan.node.hostname, len(plan.ops))
                 appliance.apply(index, plan)
         for path in staged:
             image.fsync(path)

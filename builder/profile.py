@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import yaml
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.serialization import load_ssh_public_key
 
 from builder.errors import BuildError, ProfileError
@@ -308,7 +309,7 @@ def _read_public_keys(r: _Reader, keypath: KeyPath, text: str) -> list[str]:
             continue
         try:
             load_ssh_public_key(" ".join(line.split()[:2]).encode())
-        except (ValueError, TypeError) as e:
+        except (ValueError, TypeError, UnsupportedAlgorithm) as e:
             if "PRIVATE KEY" in content:
                 r.error(keypath, f"{path} is a private key: list the .pub file instead")
                 return []
@@ -519,6 +520,6 @@ def load(path: Path) -> Profile:
     worker_packages = _read_packages(r, ("workers", "packages"), [])
     worker_files = _read_files(r, ("workers", "files"))
     if r.problems:
-        raise ProfileError(r.problems)
+        raise ProfileError(sorted(r.problems, key=lambda p: int(p[len(str(path)) + 1 :].split(":", 1)[0])))
     return Profile(path, network, interface, user, master, Workers(workers, worker_packages, worker_files))
 

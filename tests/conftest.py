@@ -1,0 +1,55 @@
+"""Shared test helpers: the real CLI in a subprocess, profiles, operator keys."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+WIFI_PASSPHRASE = "correct horse battery staple"
+
+
+@dataclass
+class Result:
+    code: int
+    stdout: str
+    stderr: str
+
+    @property
+    def output(self) -> str:
+        return self.stdout + self.stderr
+
+
+def run_pibake(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: int = 900) -> Result:
+    """Run the real `pibake` command line, as a user would."""
+    full_env = {**os.environ, "PIBAKE_WIFI_PASSPHRASE": WIFI_PASSPHRASE, **(env or {})}
+    proc = subprocess.run([sys.executable, "-m", "builder", *args], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+    return Result(proc.returncode, proc.stdout, proc.stderr)
+
+
+@pytest.fixture(scope="session")
+def operator_key(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An operator's SSH key pair, made with the real ssh-keygen; returns the .pub path."""
+    folder = tmp_path_factory.mktemp("operator")
+    key = folder / "id_ed25519"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "operator@laptop", "-f", str(key)], check=True)
+    return key.with_name("id_ed25519.pub")
+
+
+def write_profile(folder: Path, body: str, name: str = "cluster.yaml") -> Path:
+    path = folder / name
+    path.write_text(textwrap.dedent(body).lstrip())
+    return path
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    """A user's project folder: cwd for the CLI, output/ and state/ land here."""
+    return tmp_path

@@ -1,0 +1,183 @@
+"""Tier 1: plans, keys and the `pibake plan` command, without any image."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from builder.keys import KeyStore
+from builder.plan import Append, Delete, EditLines, Move, Symlink, Write, describe, plan_node
+from builder.profile import Profile, load
+from builder.release import detect, named
+from conftest import WIFI_PASSPHRASE, run_pibake, write_profile
+
+BOOKWORM_OS_RELEASE = 'PRETTY_NAME="Debian GNU/Linux 12 (bookworm)"\nID=debian\nVERSION_CODENAME=bookworm\n'
+
+
+@pytest.fixture
+def profile(operator_key: Path, tmp_path: Path, monkeypatch) -> Profile:
+    monkeypatch.setenv("PIBAKE_WIFI_PASSPHRASE", WIFI_PASSPHRASE)
+    return load(write_profile(tmp_path, f"""
+        user:
+          name: alice
+          ssh_keys: [{operator_key}]
+        master:
+          uplink:
+            wifi: {{ssid: HomeNet, country: DE}}
+        workers:
+          count: 3
+        """))
+
+
+def _by_path(ops) -> dict:
+    out: dict = {}
+    for op in ops:
+        out.setdefault(op.path, []).append(op)
+    return out
+
+
+def test_master_plan_on_bookworm(profile: Profile, tmp_path: Path) -> None:
+    keys = KeyStore(tmp_path / "state")
+    plan = plan_node(profile, profile.master.node, named("bookworm"), keys)
+    ops = _by_path(plan.ops)
+    assert ops["/etc/hostname"] == [Write("/etc/hostname", b"master\n")]
+    dnsmasq = ops["/etc/dnsmasq.d/pibake-cluster.conf"][0].content.decode()
+    assert "interface=eth0\n" in dnsmasq
+    assert "dhcp-range=192.168.5.2,192.168.5.64,255.255.255.0,24h\n" in dnsmasq
+    for n in (1, 2, 3):
+        assert f"dhcp-host=worker{n},192.168.5.{100 + n},24h\n" in dnsmasq
+    assert ops["/etc/sysctl.d/90-pibake-forward.conf"][0].content.decode().strip().endswith("net.ipv4.ip_forward=1")
+    assert "-A POSTROUTING -s 192.168.5.0/24 -o wlan0 -j MASQUERADE" in ops["/etc/iptables/rules.v4"][0].content.decode()
+    assert ops["/etc/systemd/system/multi-user.target.wants/pibake-nat.service"] == [
+        Symlink("/etc/systemd/system/multi-user.target.wants/pibake-nat.service", "/etc/systemd/system/pibake-nat.service")]
+    lan = ops["/etc/NetworkManager/system-connections/pibake-lan.nmconnection"][0]
+    assert (lan.mode, lan.owner) == (0o600, (0, 0)) and "address1=192.168.5.1/24" in lan.content.decode()
+    wifi = ops["/etc/NetworkManager/system-connections/pibake-uplink.nmconnection"][0]
+    assert wifi.secret and wifi.mode == 0o600
+    assert f"psk={profile.master.wifi.psk}" in wifi.content.decode()
+    assert WIFI_PASSPHRASE not in wifi.content.decode()
+    assert ops["/boot/firmware/cmdline.txt"][0].replacement.endswith(" cfg80211.ieee80211_regdom=DE")
+    assert "/etc/dhcpcd.conf" not in ops
+    # the cluster key goes to the master's user only
+    private = ops["/home/alice/.ssh/id_ed25519"][0]
+    assert private.secret and private.mode == 0o600 and private.owner == (1000, 1000)
+    assert private.content == keys.cluster_key().private
+
+
+def test_user_rename_mirrors_userconf(profile: Profile, tmp_path: Path) -> None:
+    plan = plan_node(profile, profile.workers.nodes[0], named("bookworm"), KeyStore(tmp_path / "state"))
+    ops = _by_path(plan.ops)
+    passwd = ops["/etc/passwd"][0]
+    assert re.sub(passwd.pattern, passwd.replacement, "pi:x:1000:1000:,,,:/home/pi:/usr/sbin/nologin") == \
+        "alice:x:1000:1000:,,,:/home/alice:/bin/bash"
+    members = [op for op in ops["/etc/group"] if not op.required][0]
+    assert re.sub(members.pattern, members.replacement, "sudo:x:27:bob,pi,pix") == "sudo:x:27:bob,alice,pix"
+    assert Move("/home/pi", "/home/alice") in plan.ops
+    assert Delete("/etc/systemd/system/multi-user.target.wants/userconfig.service") in plan.ops
+    assert Write("/etc/sudoers.d/010_alice-nopasswd", b"alice ALL=(ALL) NOPASSWD: ALL\n", 0o440) in plan.ops
+    # a worker gets no master files
+    assert not any(p.startswith("/etc/dnsmasq.d") or "uplink" in p for p in ops)
+    assert "/home/alice/.ssh/id_ed25519" not in ops
+    # the home is moved before anything is written into it
+    move_at = plan.ops.index(Move("/home/pi", "/home/alice"))
+    assert all(plan.ops.index(op) > move_at for path, group in ops.items() if path.startswith("/home/alice/") for op in group)
+
+
+def test_bullseye_master_uses_dhcpcd_wpa_supplicant_and_boot(profile: Profile, tmp_path: Path) -> None:
+    plan = plan_node(profile, profile.master.node, named("bullseye"), KeyStore(tmp_path / "state"))
+    ops = _by_path(plan.ops)
+    dhcpcd = ops["/etc/dhcpcd.conf"][0]
+    assert isinstance(dhcpcd, Append) and "interface eth0\nstatic ip_address=192.168.5.1/24\n" in dhcpcd.text
+    wpa = ops["/etc/wpa_supplicant/wpa_supplicant.conf"][0]
+    assert wpa.secret and wpa.mode == 0o600 and "country=DE" in wpa.content.decode()
+    assert "/boot/cmdline.txt" in ops and "/boot/firmware/cmdline.txt" not in ops
+    assert not any("NetworkManager/system-connections" in p for p in ops)
+
+
+def test_host_keys_are_kept_and_private_files_are_0600(profile: Profile, tmp_path: Path) -> None:
+    keys = KeyStore(tmp_path / "state")
+    first = keys.host_key("worker2")
+    again = KeyStore(tmp_path / "state").host_key("worker2")
+    assert first == again
+    private = tmp_path / "state/keys/worker2_ssh_host_ed25519_key"
+    assert stat.S_IMODE(private.stat().st_mode) == 0o600
+    derived = subprocess.run(["ssh-keygen", "-y", "-f", str(private)], capture_output=True, text=True, check=True).stdout
+    assert derived.split()[:2] == first.public.split()[:2]
+    assert first.public.endswith(" root@worker2")
+
+
+def test_release_detection_reads_os_release() -> None:
+    assert detect(BOOKWORM_OS_RELEASE, True).boot_dir == "/boot/firmware"
+    bullseye = detect(BOOKWORM_OS_RELEASE.replace("bookworm", "bullseye"), True)
+    assert (bullseye.boot_dir, bullseye.network) == ("/boot", "dhcpcd")
+    with pytest.raises(Exception, match=r"not Raspberry Pi OS \(Debian GNU/Linux 12 \(bookworm\); no /etc/rpi-issue\)"):
+        detect(BOOKWORM_OS_RELEASE, False)
+    with pytest.raises(Exception, match="unsupported release 'buster'"):
+        detect(BOOKWORM_OS_RELEASE.replace("bookworm", "buster"), True)
+    assert detect(BOOKWORM_OS_RELEASE.replace("bookworm", "forky"), True, force=True).network == "networkmanager"
+
+
+def test_describe_never_shows_secrets(profile: Profile, tmp_path: Path) -> None:
+    keys = KeyStore(tmp_path / "state")
+    plan = plan_node(profile, profile.master.node, named("bookworm"), keys)
+    text = repr([describe(op) for op in plan.ops])
+    assert profile.master.wifi.psk not in text
+    assert "PRIVATE KEY" not in text
+    assert "redacted" in text
+
+
+def test_plan_command_prints_every_operation_without_secrets(operator_key: Path, workdir: Path) -> None:
+    write_profile(workdir, f"""
+        user:
+          ssh_keys: [{operator_key}]
+          password_hash: "$6$saltsalt$Qg5bQ3Xf0pZlD3cWkZ1bqf8Wm8J1m8Yw7oW0mB8sC3F2Jq2bT8E0yA7M3F0kS2zY3vX4nT1mQ9aR5cU6dL7eW."
+        master:
+          uplink:
+            wifi: {{ssid: HomeNet}}
+        """, name="cluster.yaml")
+    os.mkdir(workdir / "profiles")
+    os.rename(workdir / "cluster.yaml", workdir / "profiles/cluster.yaml")
+    result = run_pibake("plan", "cluster", "--release", "bookworm", cwd=workdir)
+    assert result.code == 0, result.output
+    out = result.stdout
+    assert "master (master, 192.168.5.1): release bookworm, because --release bookworm" in out
+    for n in range(1, 6):
+        assert f"worker{n} (worker, 192.168.5.{100 + n})" in out
+    assert "/etc/ssh/pibake/ssh_host_ed25519_key" in out and "<secret," in out
+    assert "write   /home/pi/.ssh/authorized_keys" in out and "0600 1000:1000" in out
+    for secret in (WIFI_PASSPHRASE, "Qg5bQ3Xf0pZlD3cWkZ1bq", "PRIVATE KEY"):
+        assert secret not in result.output
+    psk = hashlib.pbkdf2_hmac("sha1", WIFI_PASSPHRASE.encode(), b"HomeNet", 4096, 32).hex()
+    assert psk not in result.output
+    assert (workdir / "state/keys/master_ssh_host_ed25519_key").exists()
+    assert not (workdir / "output").exists()
+
+
+def test_plan_command_needs_an_image_or_a_release(operator_key: Path, workdir: Path) -> None:
+    write_profile(workdir, f"user:\n  ssh_keys: [{operator_key}]\n")
+    result = run_pibake("plan", "master", "--profiles", "cluster.yaml", cwd=workdir)
+    assert result.code == 2
+    assert result.stderr.strip() == "pibake: error: pass --image PATH (its /etc/os-release picks the release) or --release NAME"
+
+
+def test_first_and_count_only_for_workers(operator_key: Path, workdir: Path) -> None:
+    write_profile(workdir, f"user:\n  ssh_keys: [{operator_key}]\n")
+    result = run_pibake("plan", "master", "--count", "2", "--release", "bookworm", "--profiles", "cluster.yaml", cwd=workdir)
+    assert result.code == 2 and "--first and --count apply to 'pibake build worker' only" in result.stderr
+    result = run_pibake("plan", "worker", "--first", "5", "--count", "3", "--release", "bookworm", "--profiles", "cluster.yaml", cwd=workdir)
+    assert result.code == 1 and "worker7 is not in the profile" in result.stderr and "Traceback" not in result.output
+
+
+def test_version_and_help(workdir: Path) -> None:
+    from builder import __version__
+
+    assert run_pibake("--version", cwd=workdir).stdout.strip() == f"pibake, version {__version__}"
+    help_text = run_pibake("build", "--help", cwd=workdir).stdout
+    for option in ("--image", "--output", "--profiles", "--count", "--first", "--verbose", "--quiet", "Examples:"):
+        assert option in help_text

@@ -1,0 +1,166 @@
+"""Tier 1: profile loading and validation, through the library and the real CLI."""
+
+from __future__ import annotations
+
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+
+import pytest
+
+from builder.errors import BuildError, ProfileError
+from builder.profile import load
+from conftest import REPO, WIFI_PASSPHRASE, run_pibake, write_profile
+
+
+def test_shipped_profile_reproduces_the_reference_cluster(operator_key: Path, tmp_path: Path, monkeypatch) -> None:
+    # The shipped profile names ~/.ssh/id_ed25519.pub; give it a home that has one.
+    (tmp_path / ".ssh").mkdir()
+    (tmp_path / ".ssh/id_ed25519.pub").write_text(operator_key.read_text())
+    monkeypatch.setenv("HOME", str(tmp_path))
+    profile = load(REPO / "profiles")
+    master = profile.master
+    assert profile.network == IPv4Network("192.168.5.0/24")
+    assert profile.interface == "eth0"
+    assert (master.node.hostname, master.node.address) == ("master", IPv4Address("192.168.5.1"))
+    assert (master.dhcp_start, master.dhcp_end, master.lease) == (IPv4Address("192.168.5.2"), IPv4Address("192.168.5.64"), "24h")
+    assert master.uplink == "wlan0" and master.nat is True
+    assert master.packages == ("dnsmasq", "iptables", "tcpdump", "python3-fabric")
+    assert [(w.hostname, str(w.address)) for w in profile.workers.nodes] == [
+        (f"worker{n}", f"192.168.5.{100 + n}") for n in range(1, 6)
+    ]
+    assert profile.user.name == "pi" and profile.user.sudo == "nopasswd"
+    assert profile.user.ssh_keys == (operator_key.read_text().strip(),)
+
+
+def test_an_empty_profile_gets_the_same_defaults(operator_key: Path, tmp_path: Path) -> None:
+    path = write_profile(tmp_path, f"user:\n  ssh_keys: [{operator_key}]\n")
+    profile = load(path)
+    assert [n.hostname for n in profile.nodes] == ["master", *(f"worker{n}" for n in range(1, 6))]
+    assert profile.master.wifi is None
+
+
+def test_every_problem_is_reported_at_once_with_file_and_line(tmp_path: Path) -> None:
+    path = write_profile(tmp_path, """
+        user:
+          name: Root!
+          ssh_keys: [/nonexistent/key.pub]
+          colour: blue
+        network:
+          subnet: 192.168.5.0/24
+        master:
+          address: 10.0.0.1
+          dhcp:
+            start: 192.168.5.2
+            end: 192.168.5.120
+            lease: forever
+          uplink:
+            nat: "yes"
+        workers:
+          count: 2
+          hostname: Worker_{n}
+        extra: 1
+        """)
+    with pytest.raises(ProfileError) as raised:
+        load(path)
+    problems = raised.value.problems
+    text = "\n".join(problems)
+    lines = [int(p[len(str(path)) + 1 :].split(":", 1)[0]) for p in problems]
+    assert lines == sorted(lines)
+    expected = {
+        2: "'Root!' is not a valid user name",
+        3: "cannot read SSH public key /nonexistent/key.pub",
+        4: "unknown key 'user.colour'",
+        8: "master address 10.0.0.1 is not a usable address of 192.168.5.0/24",
+        10: "covers Worker_1's reserved address 192.168.5.101",
+        12: "lease 'forever'",
+        14: "master.uplink.nat must be true or false",
+        17: "is not a valid hostname",
+        18: "unknown key 'extra'",
+    }
+    for line, message in expected.items():
+        assert any(p.startswith(f"{path}:{line}: ") and message in p for p in problems), f"line {line}: {message}\n{text}"
+
+
+def test_dhcp_range_covering_the_master_and_duplicates_are_refused(operator_key: Path, tmp_path: Path) -> None:
+    path = write_profile(tmp_path, f"""
+        user:
+          ssh_keys: [{operator_key}]
+        master:
+          hostname: node
+          address: 192.168.5.10
+        workers:
+          nodes:
+            - {{hostname: node, address: 192.168.5.200}}
+            - {{hostname: other, address: 192.168.5.200}}
+            - {{hostname: third, address: 192.168.6.1}}
+        """)
+    with pytest.raises(ProfileError) as raised:
+        load(path)
+    text = "\n".join(raised.value.problems)
+    assert "covers the master's address 192.168.5.10" in text
+    assert "hostname 'node' is used twice" in text
+    assert "address 192.168.5.200 is given to both node and other" in text
+    assert "third's address 192.168.6.1 is not a usable address" in text
+    assert f"{path}:10:" in text  # the second node's line
+
+
+def test_wifi_passphrase_comes_from_the_environment_or_a_file(operator_key: Path, tmp_path: Path, monkeypatch) -> None:
+    body = f"user:\n  ssh_keys: [{operator_key}]\nmaster:\n  uplink:\n    wifi:\n      ssid: HomeNet\n      country: DE\n"
+    path = write_profile(tmp_path, body)
+    monkeypatch.delenv("PIBAKE_WIFI_PASSPHRASE", raising=False)
+    with pytest.raises(ProfileError) as raised:
+        load(path)
+    assert f"{path}:6: no passphrase for Wi-Fi 'HomeNet': set the environment variable PIBAKE_WIFI_PASSPHRASE" in raised.value.problems[0]
+    monkeypatch.setenv("PIBAKE_WIFI_PASSPHRASE", WIFI_PASSPHRASE)
+    assert load(path).master.wifi.country == "DE"
+    secret = tmp_path / "wifi.secret"
+    secret.write_text("file passphrase\n")
+    path = write_profile(tmp_path, body + f"      passphrase_file: {secret}\n")
+    assert load(path).master.wifi.passphrase == "file passphrase"
+
+
+def test_wpa_psk_matches_the_ieee_802_11i_test_vector() -> None:
+    from builder.profile import Wifi
+
+    assert Wifi("IEEE", "GB", "password").psk == "f42c6fc52df0ebef9ebb4b90b38a5f902e83fe1b135a70e23aed762e9710a12e"
+    assert "password" not in repr(Wifi("IEEE", "GB", "password"))
+
+
+def test_private_key_listed_as_public_key_is_explained(tmp_path: Path, operator_key: Path) -> None:
+    private = operator_key.with_suffix("")
+    path = write_profile(tmp_path, f"user:\n  ssh_keys: [{private}]\n")
+    with pytest.raises(ProfileError) as raised:
+        load(path)
+    assert "is a private key: list the .pub file instead" in raised.value.problems[0]
+
+
+def test_workers_beyond_the_profile_are_refused_with_advice(operator_key: Path, tmp_path: Path) -> None:
+    profile = load(write_profile(tmp_path, f"user:\n  ssh_keys: [{operator_key}]\nworkers:\n  count: 5\n"))
+    assert [n.hostname for n in profile.select("worker", first=4, count=2)] == ["worker4", "worker5"]
+    with pytest.raises(BuildError, match="worker7 is not in the profile: it defines 5 workers"):
+        profile.select("worker", first=6, count=2)
+
+
+def test_cli_reports_profile_errors_in_one_line_each_exit_2_no_traceback(workdir: Path) -> None:
+    write_profile(workdir, "master:\n  address: 300.1.1.1\n  dhcp: [1, 2]\nworkers:\n  count: many\n")
+    result = run_pibake("plan", "master", "--release", "bookworm", "--profiles", "cluster.yaml", cwd=workdir)
+    assert result.code == 2
+    assert "Traceback" not in result.output
+    assert "cluster.yaml:2: master.address: '300.1.1.1' is not an IPv4 address" in result.stderr
+    assert "cluster.yaml:3: master.dhcp must be a mapping" in result.stderr
+    assert "cluster.yaml:5: workers.count must be an integer" in result.stderr
+    assert not (workdir / "output").exists() and not (workdir / "state").exists()
+
+
+def test_cli_reports_broken_yaml_with_its_line(workdir: Path) -> None:
+    write_profile(workdir, "user:\n  name: pi\n   bad: indent\n")
+    result = run_pibake("plan", "master", "--release", "bookworm", cwd=workdir, env={"PIBAKE_PROFILES": "cluster.yaml"})
+    assert result.code == 2
+    assert "cluster.yaml:3: not valid YAML" in result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_cli_missing_profile_is_one_clear_line(workdir: Path) -> None:
+    result = run_pibake("plan", "master", "--release", "bookworm", "--profiles", "nope.yaml", cwd=workdir)
+    assert result.code == 2
+    assert result.stderr.strip() == "pibake: error: cannot read profile nope.yaml: No such file or directory"
