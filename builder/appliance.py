@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,12 +48,19 @@ class Appliance:
         self.launch_seconds = 0.0
         self.g = self._launch()
         self.devices = self.g.list_devices()
+        self._dmesg_seen = len(self.g.dmesg().splitlines())
 
     def _handle(self, force_tcg: bool):
         g = guestfs.GuestFS(python_return_dict=True)
         if force_tcg:
             # set_backend_setting("force_tcg", "") crashes libguestfs 1.48; the list form does not.
             g.set_backend_settings([*g.get_backend_settings(), "force_tcg"])
+            # Emulated vCPUs run on threads of their own: a second one shortens the launch.
+            g.set_smp(max(1, min(4, os.cpu_count() or 1)))
+        # qemu's default on a full host disk is to pause the VM, which hangs the
+        # build; report the error to the guest instead, where apply() finds it.
+        for device in ("scsi-hd", "virtio-blk-pci"):
+            g.config("-global", f"{device}.werror=report")
         for drive in self.drives:
             # cachemode=unsafe: the appliance's flushes are not needed, the host's
             # page cache holds the data and pibake fsyncs each output itself.
@@ -141,7 +149,9 @@ class Appliance:
         self.mount(index, plan.release.boot_dir)
         try:
             stat = self.g.statvfs("/")
-            free = stat["bfree"] * stat["frsize"]
+            # bavail, not bfree: ext4 holds back clusters for its metadata that even
+            # root cannot write into (it also leaves out the root reserve: conservative).
+            free = stat["bavail"] * stat["frsize"]
             if free < plan.bytes_needed:
                 raise BuildError(f"{node}: the image's root file system is too full: {free // 1024} KiB free, "
                                  f"pibake needs about {plan.bytes_needed // 1024} KiB")
@@ -154,6 +164,19 @@ class Appliance:
             self.g.sync()
         finally:
             self.g.umount_all()
+        self._check_writes(index, node)
+
+    def _check_writes(self, index: int, node: str) -> None:
+        """Fail if the guest kernel saw a write fail: sync() does not return such errors."""
+        lines = self.g.dmesg().splitlines()
+        new, self._dmesg_seen = lines[self._dmesg_seen :], len(lines)
+        if any("critical space allocation error" in line for line in new):
+            free = shutil.disk_usage(self.drives[index].path.parent).free
+            raise BuildError(f"{node}: no space left on the output disk ({self.drives[index].path.parent}, "
+                             f"{free >> 20} MiB free)")
+        failed = [line for line in new if re.search(r"I/O error|EXT4-fs error", line)]
+        if failed:
+            raise BuildError(f"{node}: writing the image failed: {failed[0].split('] ', 1)[-1]}")
 
     def _apply(self, op: Op, boot_dir: str) -> None:
         g = self.g

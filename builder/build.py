@@ -76,6 +76,18 @@ def _no_interrupt() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
+# What baking may add to a sparse copy: journal blocks, metadata and the files
+# written, which is a few MiB on a real image; kept generous.
+ROOM_PER_IMAGE = 32 << 20
+
+
+def _check_room(output: Path, images: int) -> None:
+    free = shutil.disk_usage(output).free
+    if free < images * ROOM_PER_IMAGE:
+        raise BuildError(f"no space left on the output disk ({output}): {free >> 20} MiB free after copying, "
+                         f"baking {images} image(s) needs about {images * ROOM_PER_IMAGE >> 20} MiB more")
+
+
 def build(profile: Profile, nodes: tuple[Node, ...], options: Options) -> list[BuiltImage]:
     base = image.prepare_base(options.image)
     keys = KeyStore(options.state)
@@ -85,6 +97,7 @@ def build(profile: Profile, nodes: tuple[Node, ...], options: Options) -> list[B
         for node, path in bar(list(zip(nodes, staged)), desc="copy", unit="image"):
             log.debug("%s: copying %s", node.hostname, base.name)
             image.copy_image(base, path)
+        _check_room(options.output, len(staged))
         with Appliance([Drive(p) for p in staged]) as appliance:
             release = appliance.release(0, options.force)
             log.info("release: %s (%s)", release.codename, release.reason)

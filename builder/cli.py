@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -145,7 +146,20 @@ def _print_plan(node_plan: NodePlan) -> None:
     click.echo("")
 
 
+INTERRUPTED = "pibake: interrupted; finished images and earlier outputs are untouched"
+_interrupted = False
+
+
+def _on_sigint(signum: int, frame: object) -> None:
+    # Ctrl-C also reaches the appliance's qemu, whose death may surface as a
+    # BuildError before Python sees KeyboardInterrupt: remember it was the user.
+    global _interrupted
+    _interrupted = True
+    raise KeyboardInterrupt
+
+
 def main() -> None:
+    signal.signal(signal.SIGINT, _on_sigint)
     try:
         cli.main(standalone_mode=False)
     except ProfileError as e:
@@ -154,13 +168,13 @@ def main() -> None:
             click.echo(f"  {problem}", err=True)
         sys.exit(e.exit_code)
     except BuildError as e:
+        if _interrupted:
+            click.echo(INTERRUPTED, err=True)
+            sys.exit(130)
         click.echo(f"pibake: error: {e}", err=True)
         sys.exit(e.exit_code)
-    except click.exceptions.Abort:
-        click.echo("pibake: interrupted; finished images and earlier outputs are untouched", err=True)
-        sys.exit(130)
-    except KeyboardInterrupt:
-        click.echo("pibake: interrupted; finished images and earlier outputs are untouched", err=True)
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        click.echo(INTERRUPTED, err=True)
         sys.exit(130)
     except click.ClickException as e:
         e.show()

@@ -10,6 +10,7 @@ files their real owners.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import tempfile
 from dataclasses import dataclass
@@ -170,11 +171,25 @@ def _run(*command: str) -> None:
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
+def _free_blocks(filesystem: Path) -> int:
+    header = subprocess.run(["dumpe2fs", "-h", str(filesystem)], capture_output=True, text=True, check=True).stdout
+    return int(re.search(r"^Free blocks:\s+(\d+)", header, re.M)[1])
+
+
+def _fill(filesystem: Path, leave_blocks: int) -> None:
+    """Add /var/filler so that about `leave_blocks` 4 KiB blocks stay free."""
+    with tempfile.NamedTemporaryFile() as filler:
+        filler.truncate(0)
+        filler.write(b"\xa5" * ((_free_blocks(filesystem) - leave_blocks - 32) * 4096))
+        filler.flush()
+        _run("debugfs", "-w", "-R", f"write {filler.name} /var/filler", str(filesystem))
+
+
 def make_image(path: Path, codename: str = "bookworm", rpios: bool = True, root_size: int = ROOT_SIZE,
-               fill_root: bool = False) -> Path:
+               full: bool = False) -> Path:
     """Write a Raspberry Pi OS-shaped image to `path`.
 
-    `fill_root` leaves the root file system with next to no free space.
+    `full` leaves the root file system with a few dozen free blocks, too few for a bake.
     """
     layout = LAYOUTS[codename]
     root_start = layout.boot_start + layout.boot_sectors
@@ -191,12 +206,13 @@ def make_image(path: Path, codename: str = "bookworm", rpios: bool = True, root_
         root = Path(tmp) / "root"
         root.mkdir()
         _root_tree(root, layout, rpios)
-        if fill_root:
-            _write(root, "/var/filler", "")
-            with open(root / "var/filler", "wb") as f:
-                f.write(os.urandom(root_size - 8 * MIB))
-        _run("mkfs.ext4", "-q", "-F", "-L", "rootfs", "-O", layout.ext4_features, "-m", "0",
-             "-E", f"offset={root_start * SECTOR}", "-d", str(root), str(path), f"{root_size // 1024}k")
+        filesystem = Path(tmp) / "rootfs.ext4"
+        _run("mkfs.ext4", "-q", "-F", "-L", "rootfs", "-O", layout.ext4_features, "-m", "0", "-b", "4096",
+             "-d", str(root), str(filesystem), f"{root_size // 1024}k")
+        if full:
+            _fill(filesystem, leave_blocks=8)
+        _run("dd", f"if={filesystem}", f"of={path}", "bs=1M", f"seek={root_start * SECTOR}", "oflag=seek_bytes",
+             "conv=notrunc,sparse", "status=none")
         boot = Path(tmp) / "boot"
         boot.mkdir()
         for name, text in _boot_files(layout).items():

@@ -1,0 +1,172 @@
+"""Bad input ends in one clear line, a non-zero exit, and an untouched output folder."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from conftest import WIFI_PASSPHRASE, Result, run_pibake, write_profile
+from rpios_image import make_image
+
+PREVIOUS = {"master.img": b"the master image from last week", "manifest.json": b'{"nodes": {}}\n', "SHA256SUMS": b""}
+
+
+@pytest.fixture
+def project(workdir: Path, operator_key: Path) -> Path:
+    """A project with a profile and the outputs of an earlier build that must survive."""
+    (workdir / "profiles").mkdir()
+    write_profile(workdir / "profiles", f"user:\n  ssh_keys: [{operator_key}]\nworkers:\n  count: 2\n")
+    output = workdir / "output"
+    output.mkdir()
+    for name, data in PREVIOUS.items():
+        (output / name).write_bytes(data)
+    return workdir
+
+
+def assert_clean_failure(result: Result, project: Path, message: str) -> None:
+    assert result.code not in (0, None), result.output
+    assert "Traceback" not in result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("pibake: error:")]
+    assert len(errors) == 1 and message in errors[0], result.stderr
+    assert result.stderr.rstrip().splitlines()[-1] == errors[0]
+    output = project / "output"
+    assert {p.name: p.read_bytes() for p in output.iterdir()} == PREVIOUS
+
+
+def test_missing_image(project: Path) -> None:
+    result = run_pibake("build", "master", "--image", "nowhere/raspios.img", cwd=project)
+    assert_clean_failure(result, project, "image not found: nowhere/raspios.img")
+
+
+def test_not_a_disk_image(project: Path) -> None:
+    (project / "notes.img").write_text("these are my notes, not a disk\n" * 100)
+    result = run_pibake("build", "master", "--image", "notes.img", cwd=project)
+    assert_clean_failure(result, project, "notes.img is not a disk image: it has no MBR partition table")
+
+
+def test_disk_image_without_raspberry_pi_os_partitions(project: Path) -> None:
+    image = project / "plain.img"
+    with open(image, "wb") as f:
+        f.truncate(64 << 20)
+    subprocess.run(["sfdisk", "--quiet", str(image)], input=b"label: dos\nstart=2048, type=83\n", check=True)
+    result = run_pibake("build", "worker", "--image", str(image), cwd=project)
+    assert_clean_failure(result, project, "does not have Raspberry Pi OS's partitions: expected a FAT boot partition 1 "
+                                          "and a Linux root partition 2, found p1 type 0x83")
+
+
+def test_truncated_image(project: Path) -> None:
+    image = make_image(project / "cut.img")
+    os.truncate(image, image.stat().st_size - (1 << 20))
+    result = run_pibake("build", "master", "--image", str(image), cwd=project)
+    assert_clean_failure(result, project, "cut.img is truncated: its root partition ends at byte")
+
+
+def test_unreadable_compressed_image(project: Path) -> None:
+    (project / "broken.img.xz").write_bytes(b"\xfd7zXZ\x00garbage")
+    result = run_pibake("build", "master", "--image", "broken.img.xz", cwd=project,
+                        env={"XDG_CACHE_HOME": str(project / "cache")})
+    assert_clean_failure(result, project, "cannot decompress broken.img.xz")
+    assert not any((project / "cache").rglob("*.img"))
+
+
+def test_xz_image_is_decompressed_once_into_the_cache(project: Path) -> None:
+    image = make_image(project / "raspios.img")
+    subprocess.run(["xz", "-T0", "-0", str(image)], check=True)
+    env = {"XDG_CACHE_HOME": str(project / "cache")}
+    result = run_pibake("plan", "master", "--image", "raspios.img.xz", cwd=project, env=env)
+    assert result.code == 0, result.output
+    cached = list((project / "cache/pibake/images").glob("*.img"))
+    assert len(cached) == 1 and cached[0].stat().st_size == 679477248
+    assert "release bookworm, because /etc/os-release" in result.stdout
+
+
+@pytest.mark.image
+def test_not_raspberry_pi_os(project: Path) -> None:
+    image = make_image(project / "ubuntu.img", rpios=False)
+    result = run_pibake("build", "cluster", "--image", str(image), cwd=project)
+    assert_clean_failure(result, project, "the image is not Raspberry Pi OS (Ubuntu 24.04 LTS; no /etc/rpi-issue); use --force")
+
+
+@pytest.mark.image
+def test_root_file_system_too_full(project: Path) -> None:
+    image = make_image(project / "full.img", full=True)
+    result = run_pibake("build", "worker", "--count", "1", "--image", str(image), cwd=project)
+    assert_clean_failure(result, project, "worker1: the image's root file system is too full:")
+
+
+@contextmanager
+def small_disk(project: Path, size: str) -> Iterator[Path]:
+    """A project on a small tmpfs, with the earlier outputs on it."""
+    small = project / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(small)], check=True)
+    try:
+        (small / "output").mkdir()
+        for name, data in PREVIOUS.items():
+            (small / "output" / name).write_bytes(data)
+        yield small
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+
+
+def build_on(small: Path, project: Path, image: Path, role: str = "cluster") -> Result:
+    return run_pibake("build", role, "--image", str(image), "--output", str(small / "output"),
+                      "--state", str(project / "state"), cwd=project)
+
+
+def test_output_disk_fills_up_while_copying(project: Path) -> None:
+    image = make_image(project / "big.img", full=True)  # about 110 MiB of data
+    with small_disk(project, "150m") as small:
+        assert_clean_failure(build_on(small, project, image), small, "no space left on the output disk")
+
+
+def test_output_disk_without_room_to_bake(project: Path) -> None:
+    image = make_image(project / "raspios.img")
+    with small_disk(project, "16m") as small:
+        assert_clean_failure(build_on(small, project, image), small,
+                             "no space left on the output disk (" + str(small / "output") + "): ")
+
+
+@pytest.mark.image
+def test_output_disk_fills_up_while_baking(project: Path, operator_key: Path) -> None:
+    image = make_image(project / "raspios.img")
+    (project / "dataset.bin").write_bytes(os.urandom(48 << 20))
+    write_profile(project / "profiles", f"""
+        user:
+          ssh_keys: [{operator_key}]
+        workers:
+          count: 1
+          files: [{{source: ../dataset.bin, path: /srv/dataset.bin}}]
+        """)
+    # room for the copy and the room check, not for the 48 MiB file
+    with small_disk(project, "40m") as small:
+        result = build_on(small, project, image, role="worker")
+        assert_clean_failure(result, small, "worker1: no space left on the output disk")
+
+
+@pytest.mark.image
+def test_ctrl_c_leaves_earlier_outputs_intact(project: Path) -> None:
+    image = make_image(project / "raspios.img")
+    env = {**os.environ, "PIBAKE_WIFI_PASSPHRASE": WIFI_PASSPHRASE}
+    # A terminal's Ctrl-C reaches the whole process group, qemu included.
+    proc = subprocess.Popen([sys.executable, "-m", "builder", "build", "cluster", "--image", str(image)], cwd=project,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    staging = project / "output/.staging"
+    deadline = time.monotonic() + 120
+    while not (staging.is_dir() and len(list(staging.glob("*.img"))) == 3) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(3)  # into the appliance launch
+    os.killpg(proc.pid, signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 130, stderr
+    assert stderr.rstrip().splitlines()[-1] == "pibake: interrupted; finished images and earlier outputs are untouched"
+    assert "Traceback" not in stderr
+    assert {p.name: p.read_bytes() for p in (project / "output").iterdir()} == PREVIOUS

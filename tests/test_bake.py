@@ -1,0 +1,359 @@
+"""Tier 2: the real CLI bakes real images; libguestfs reads every output back.
+
+Each build launches one appliance (about 25 s without KVM), so the module
+shares one cluster build and one read-back between its tests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from builder.appliance import Appliance, Drive
+from conftest import WIFI_PASSPHRASE, Result, run_pibake, write_profile
+from rpios_image import make_image
+
+pytestmark = pytest.mark.image
+
+PASSWORD_HASH = "$6$pibaketest$0wLiEfeyG8Kb9mPPbqCf7rsR5qWnTnVGMhbG3lP6fJzQKlnqOJd9VmLk8Yz1qCZgTjDFm6h1SPWwTJ6wz2d6u."
+
+
+@dataclass
+class Baked:
+    workdir: Path
+    base: Path
+    result: Result
+    boot_dir: str
+    base_tree: dict
+    trees: dict  # hostname -> snapshot
+    files: dict  # hostname -> {path: bytes} for files the tests read
+
+    @property
+    def output(self) -> Path:
+        return self.workdir / "output"
+
+    @property
+    def state(self) -> Path:
+        return self.workdir / "state"
+
+
+READ = ("/etc/hostname", "/etc/hosts", "/etc/passwd", "/etc/shadow", "/etc/group", "/etc/gshadow", "/etc/subuid",
+        "/etc/ssh/sshd_config.d/pibake.conf", "/etc/ssh/ssh_known_hosts", "/etc/ssh/pibake/ssh_host_ed25519_key",
+        "/etc/ssh/pibake/ssh_host_ed25519_key.pub", "/etc/dnsmasq.d/pibake-cluster.conf", "/etc/pibake/cluster.hosts",
+        "/etc/sysctl.d/90-pibake-forward.conf", "/etc/iptables/rules.v4", "/etc/systemd/system/pibake-nat.service", "/etc/pibake/packages",
+        "/etc/NetworkManager/system-connections/pibake-lan.nmconnection",
+        "/etc/NetworkManager/system-connections/pibake-uplink.nmconnection",
+        "/var/lib/NetworkManager/NetworkManager.state", "/etc/dhcpcd.conf", "/etc/wpa_supplicant/wpa_supplicant.conf",
+        "/etc/sudoers.d/010_alice-nopasswd", "/etc/sudoers.d/010_pi-nopasswd")
+
+
+def read_images(base: Path, images: dict[str, Path], boot_dir: str) -> tuple[dict, dict, dict]:
+    """Snapshot the base and every image, and read the files tests look at, in one appliance."""
+    names = list(images)
+    with Appliance([Drive(base, readonly=True)] + [Drive(images[n], readonly=True) for n in names]) as a:
+        base_tree = a.snapshot(0, boot_dir)
+        trees, files = {}, {}
+        for index, name in enumerate(names, start=1):
+            trees[name] = a.snapshot(index, boot_dir)
+            a.mount(index, boot_dir, readonly=True)
+            home = next(p for p in trees[name] if re.fullmatch(r"/home/[^/]+", p))
+            wanted = READ + (f"{boot_dir}/cmdline.txt", f"{home}/.ssh/authorized_keys", f"{home}/.ssh/id_ed25519",
+                             f"{home}/.ssh/id_ed25519.pub")
+            files[name] = {p: a.read(p) for p in wanted if p in trees[name]}
+            a.g.umount_all()
+    return base_tree, trees, files
+
+
+def bake(tmp: Path, codename: str, profile: str, *args: str) -> Baked:
+    base = make_image(tmp / f"{codename}.img", codename)
+    (tmp / "profiles").mkdir()
+    write_profile(tmp / "profiles", profile)
+    result = run_pibake("build", "cluster", "--image", str(base), *args, cwd=tmp)
+    assert result.code == 0, result.output
+    boot_dir = "/boot" if codename == "bullseye" else "/boot/firmware"
+    manifest = json.loads((tmp / "output/manifest.json").read_text())
+    images = {name: tmp / "output" / entry["image"] for name, entry in manifest["nodes"].items()}
+    base_tree, trees, files = read_images(base, images, boot_dir)
+    return Baked(tmp, base, result, boot_dir, base_tree, trees, files)
+
+
+@pytest.fixture(scope="module")
+def bookworm(tmp_path_factory, operator_key: Path) -> Baked:
+    return bake(tmp_path_factory.mktemp("bookworm"), "bookworm", f"""
+        user:
+          name: alice
+          password_hash: "{PASSWORD_HASH}"
+          ssh_keys: [{operator_key}]
+        master:
+          uplink:
+            wifi: {{ssid: HomeNet, country: DE}}
+        workers:
+          count: 3
+        """)
+
+
+@pytest.fixture(scope="module")
+def bullseye(tmp_path_factory, operator_key: Path) -> Baked:
+    return bake(tmp_path_factory.mktemp("bullseye"), "bullseye", f"""
+        user:
+          ssh_keys: [{operator_key}]
+        master:
+          uplink:
+            wifi: {{ssid: HomeNet}}
+        workers:
+          count: 1
+        """)
+
+
+def text(baked: Baked, node: str, path: str) -> str:
+    return baked.files[node][path].decode()
+
+
+def entry(baked: Baked, node: str, path: str) -> tuple:
+    e = baked.trees[node][path]
+    return e["type"], oct(e["mode"]), e["uid"], e["gid"]
+
+
+def changed_paths(baked: Baked, node: str) -> set[str]:
+    before, after = baked.base_tree, baked.trees[node]
+    return {p for p in before.keys() | after.keys() if before.get(p) != after.get(p)}
+
+
+def allowed_changes(baked: Baked, node: str) -> set[str]:
+    """Paths the manifest says were touched, plus what moving a home and creating parents implies."""
+    ops = json.loads((baked.output / "manifest.json").read_text())["nodes"][node]["operations"]
+    allowed = set()
+    for op in ops:
+        allowed.add(op["path"])
+        if op["op"] == "move":
+            destination = op["summary"].removeprefix("-> ")
+            allowed |= {p for p in baked.base_tree if p.startswith(op["path"] + "/") or p == op["path"]}
+            allowed |= {p for p in baked.trees[node] if p.startswith(destination + "/") or p == destination}
+    new_dirs = {p for p, e in baked.trees[node].items() if p not in baked.base_tree and e["type"] == "dir"}
+    return allowed | {d for d in new_dirs if any(a.startswith(d + "/") for a in allowed)}
+
+
+# ------------------------------------------------------------ bookworm
+
+
+def test_build_reports_its_accelerator_and_summary(bookworm: Baked) -> None:
+    assert re.search(r"libguestfs appliance up in [\d.]+ s using (KVM|TCG)", bookworm.result.stderr)
+    assert "release: bookworm (/etc/os-release: VERSION_CODENAME=bookworm" in bookworm.result.stderr
+    lines = bookworm.result.stdout.splitlines()
+    assert lines[0].split() == ["node", "image", "size", "sha256", "hostname", "address"]
+    assert lines[1].split()[0] == "master" and lines[1].split()[-2:] == ["master", "192.168.5.1"]
+    assert lines[4].split()[-2:] == ["worker3", "192.168.5.103"]
+    assert sorted(p.name for p in bookworm.output.iterdir()) == [
+        "SHA256SUMS", "inventory.yaml", "known_hosts", "manifest.json", "master.img", "ssh_config",
+        "worker1.img", "worker2.img", "worker3.img"]
+
+
+def test_nothing_else_changed(bookworm: Baked) -> None:
+    for node in ("master", "worker1", "worker3"):
+        unexpected = changed_paths(bookworm, node) - allowed_changes(bookworm, node)
+        assert not unexpected, f"{node}: {sorted(unexpected)}"
+
+
+def test_images_stay_flashable_whole_disks(bookworm: Baked) -> None:
+    base_table = subprocess.run(["sfdisk", "-d", str(bookworm.base)], capture_output=True, text=True, check=True).stdout
+    for name in ("master", "worker2"):
+        image = bookworm.output / f"{name}.img"
+        assert image.stat().st_size == bookworm.base.stat().st_size
+        table = subprocess.run(["sfdisk", "-d", str(image)], capture_output=True, text=True, check=True).stdout
+        assert table.replace(str(image), "X") == base_table.replace(str(bookworm.base), "X")
+
+
+def test_hostname_and_hosts(bookworm: Baked) -> None:
+    for node, address in (("master", "192.168.5.1"), ("worker2", "192.168.5.102")):
+        assert text(bookworm, node, "/etc/hostname") == f"{node}\n"
+        hosts = text(bookworm, node, "/etc/hosts")
+        assert f"\n127.0.1.1\t\t{node}\n" in hosts and "raspberrypi" not in hosts
+        assert hosts.startswith("127.0.0.1\tlocalhost\n")
+        for n, a in (("master", "192.168.5.1"), ("worker1", "192.168.5.101"), ("worker3", "192.168.5.103")):
+            assert f"\n{a}\t{n}\n" in hosts
+        assert entry(bookworm, node, "/etc/hosts")[1:] == ("0o644", 0, 0)
+        assert f"{address}\t{node}" in hosts
+
+
+def test_user_renamed_without_wizard(bookworm: Baked) -> None:
+    for node in ("master", "worker1"):
+        passwd = text(bookworm, node, "/etc/passwd")
+        assert "alice:x:1000:1000:,,,:/home/alice:/bin/bash\n" in passwd and "\npi:" not in passwd
+        shadow = text(bookworm, node, "/etc/shadow")
+        assert f"alice:{PASSWORD_HASH}:19650:" in shadow
+        assert entry(bookworm, node, "/etc/shadow")[1:] == ("0o640", 0, 42)  # kept as the system has it
+        group = text(bookworm, node, "/etc/group")
+        assert "sudo:x:27:alice\n" in group and "alice:x:1000:\n" in group and ":pi\n" not in group
+        assert "alice:!::\n" in text(bookworm, node, "/etc/gshadow")
+        assert text(bookworm, node, "/etc/subuid") == "alice:100000:65536\n"
+        tree = bookworm.trees[node]
+        assert "/home/pi" not in tree
+        assert entry(bookworm, node, "/home/alice") == ("dir", "0o755", 1000, 1000)
+        assert entry(bookworm, node, "/home/alice/.bashrc")[2:] == (1000, 1000)
+        assert "/etc/systemd/system/multi-user.target.wants/userconfig.service" not in tree
+        assert "/etc/ssh/sshd_config.d/rename_user.conf" not in tree
+        assert tree["/etc/systemd/system/getty.target.wants/getty@tty1.service"]["target"] == "/lib/systemd/system/getty@.service"
+        assert "/etc/sudoers.d/010_pi-nopasswd" not in tree
+        assert text(bookworm, node, "/etc/sudoers.d/010_alice-nopasswd") == "alice ALL=(ALL) NOPASSWD: ALL\n"
+        assert entry(bookworm, node, "/etc/sudoers.d/010_alice-nopasswd")[1:] == ("0o440", 0, 0)
+
+
+def test_ssh_enabled_key_only_with_baked_host_key(bookworm: Baked, operator_key: Path) -> None:
+    cluster_pub = (bookworm.state / "keys/cluster_id_ed25519.pub").read_text().strip()
+    known = (bookworm.output / "known_hosts").read_text()
+    for node in ("master", "worker1", "worker2", "worker3"):
+        tree = bookworm.trees[node]
+        assert tree["/etc/systemd/system/multi-user.target.wants/ssh.service"]["target"] == "/lib/systemd/system/ssh.service"
+        assert tree["/etc/systemd/system/sshd.service"]["target"] == "/lib/systemd/system/ssh.service"
+        sshd = text(bookworm, node, "/etc/ssh/sshd_config.d/pibake.conf")
+        for line in ("HostKey /etc/ssh/pibake/ssh_host_ed25519_key", "PasswordAuthentication no",
+                     "KbdInteractiveAuthentication no", "PermitRootLogin no"):
+            assert f"\n{line}\n" in sshd
+        key_path = bookworm.state / f"keys/{node}_ssh_host_ed25519_key"
+        assert bookworm.files[node]["/etc/ssh/pibake/ssh_host_ed25519_key"] == key_path.read_bytes()
+        assert entry(bookworm, node, "/etc/ssh/pibake/ssh_host_ed25519_key")[1:] == ("0o600", 0, 0)
+        public = text(bookworm, node, "/etc/ssh/pibake/ssh_host_ed25519_key.pub").split()[:2]
+        address = {"master": "192.168.5.1"}.get(node, f"192.168.5.10{node[-1]}")
+        assert f"{node},{address} {' '.join(public)}\n" in known
+        assert text(bookworm, node, "/etc/ssh/ssh_known_hosts") == known
+        # no pre-placed key where first boot would delete it
+        assert not any(p.startswith("/etc/ssh/ssh_host_") for p in tree)
+        authorized = text(bookworm, node, "/home/alice/.ssh/authorized_keys").splitlines()
+        assert authorized == [operator_key.read_text().strip(), cluster_pub]
+        assert entry(bookworm, node, "/home/alice/.ssh") == ("dir", "0o700", 1000, 1000)
+        assert entry(bookworm, node, "/home/alice/.ssh/authorized_keys")[1:] == ("0o600", 1000, 1000)
+    assert bookworm.files["master"]["/home/alice/.ssh/id_ed25519"] == (bookworm.state / "keys/cluster_id_ed25519").read_bytes()
+    assert entry(bookworm, "master", "/home/alice/.ssh/id_ed25519")[1:] == ("0o600", 1000, 1000)
+    assert "/home/alice/.ssh/id_ed25519" not in bookworm.trees["worker1"]
+
+
+def test_master_gateway_configuration(bookworm: Baked) -> None:
+    dnsmasq = text(bookworm, "master", "/etc/dnsmasq.d/pibake-cluster.conf")
+    for line in ("interface=eth0", "dhcp-range=192.168.5.2,192.168.5.64,255.255.255.0,24h",
+                 "dhcp-option=option:router,192.168.5.1", "dhcp-host=worker1,192.168.5.101,24h",
+                 "dhcp-host=worker3,192.168.5.103,24h", "addn-hosts=/etc/pibake/cluster.hosts", "no-hosts"):
+        assert f"\n{line}\n" in dnsmasq
+    assert "192.168.5.102\tworker2\n" in text(bookworm, "master", "/etc/pibake/cluster.hosts")
+    assert "\nnet.ipv4.ip_forward=1\n" in text(bookworm, "master", "/etc/sysctl.d/90-pibake-forward.conf")
+    assert "\n-A POSTROUTING -s 192.168.5.0/24 -o wlan0 -j MASQUERADE\nCOMMIT\n" in text(bookworm, "master", "/etc/iptables/rules.v4")
+    tree = bookworm.trees["master"]
+    assert tree["/etc/systemd/system/multi-user.target.wants/pibake-nat.service"]["target"] == "/etc/systemd/system/pibake-nat.service"
+    assert "\nExecStart=/usr/sbin/iptables-restore /etc/iptables/rules.v4\n" in text(bookworm, "master", "/etc/systemd/system/pibake-nat.service")
+    lan = text(bookworm, "master", "/etc/NetworkManager/system-connections/pibake-lan.nmconnection")
+    assert "interface-name=eth0\n" in lan and "method=manual\naddress1=192.168.5.1/24\n" in lan
+    assert entry(bookworm, "master", "/etc/NetworkManager/system-connections/pibake-lan.nmconnection")[1:] == ("0o600", 0, 0)
+    assert text(bookworm, "master", "/etc/pibake/packages") == "dnsmasq\niptables\ntcpdump\npython3-fabric\n"
+    for node in ("worker1", "worker2"):
+        assert not any("dnsmasq" in p or "iptables" in p or "system-connections/pibake" in p for p in bookworm.trees[node])
+
+
+def test_master_wifi_uplink(bookworm: Baked) -> None:
+    keyfile_path = "/etc/NetworkManager/system-connections/pibake-uplink.nmconnection"
+    keyfile = text(bookworm, "master", keyfile_path)
+    psk = hashlib.pbkdf2_hmac("sha1", WIFI_PASSPHRASE.encode(), b"HomeNet", 4096, 32).hex()
+    assert "type=wifi\ninterface-name=wlan0\n" in keyfile and "ssid=HomeNet\n" in keyfile
+    assert f"key-mgmt=wpa-psk\npsk={psk}\n" in keyfile and WIFI_PASSPHRASE not in keyfile
+    assert entry(bookworm, "master", keyfile_path)[1:] == ("0o600", 0, 0)
+    assert "WirelessEnabled=true" in text(bookworm, "master", "/var/lib/NetworkManager/NetworkManager.state")
+    for platform in ("3f300000", "fe300000"):
+        assert f"/var/lib/systemd/rfkill/platform-{platform}.mmcnr:wlan" in bookworm.trees["master"]
+    cmdline = text(bookworm, "master", "/boot/firmware/cmdline.txt")
+    assert cmdline == ("console=serial0,115200 console=tty1 root=PARTUUID=5e3da4a0-02 rootfstype=ext4 fsck.repair=yes "
+                       "rootwait quiet init=/usr/lib/raspberrypi-sys-mods/firstboot cfg80211.ieee80211_regdom=DE\n")
+    assert "cfg80211" not in text(bookworm, "worker1", "/boot/firmware/cmdline.txt")
+
+
+def test_outputs_checksums_and_manifest(bookworm: Baked) -> None:
+    check = subprocess.run(["sha256sum", "-c", "SHA256SUMS"], cwd=bookworm.output, capture_output=True, text=True)
+    assert check.returncode == 0 and check.stdout.count(": OK") == 4
+    manifest = json.loads((bookworm.output / "manifest.json").read_text())
+    base_sha = hashlib.sha256(bookworm.base.read_bytes()).hexdigest()
+    for name, node in manifest["nodes"].items():
+        assert node["base_image"]["sha256"] == base_sha
+        assert node["sha256"] == hashlib.sha256((bookworm.output / node["image"]).read_bytes()).hexdigest()
+        assert node["release"]["codename"] == "bookworm"
+        assert any(op["path"] == "/etc/hostname" and op["op"] == "write" for op in node["operations"])
+    assert manifest["nodes"]["worker2"]["address"] == "192.168.5.102"
+    ssh_config = (bookworm.output / "ssh_config").read_text()
+    resolved = subprocess.run(["ssh", "-G", "-F", str(bookworm.output / "ssh_config"), "worker2"],
+                              capture_output=True, text=True, check=True).stdout
+    assert "hostname 192.168.5.102\n" in resolved and "user alice\n" in resolved
+    assert "stricthostkeychecking true\n" in resolved
+    assert f"userknownhostsfile {bookworm.output.resolve()}/known_hosts\n" in resolved
+    assert "HostKeyAlias worker2" in ssh_config
+    found = subprocess.run(["ssh-keygen", "-F", "worker2", "-f", str(bookworm.output / "known_hosts")],
+                           capture_output=True, text=True)
+    assert found.returncode == 0
+
+
+def test_no_secret_in_outputs_or_logs(bookworm: Baked) -> None:
+    psk = hashlib.pbkdf2_hmac("sha1", WIFI_PASSPHRASE.encode(), b"HomeNet", 4096, 32).hex()
+    private_bodies = [line for key in (bookworm.state / "keys").glob("*_key") for line in key.read_text().splitlines()[1:-1]]
+    private_bodies += (bookworm.state / "keys/cluster_id_ed25519").read_text().splitlines()[1:-1]
+    secrets = [WIFI_PASSPHRASE, psk, PASSWORD_HASH, "PRIVATE KEY", *private_bodies]
+    texts = [bookworm.result.output] + [p.read_text() for p in bookworm.output.iterdir() if p.suffix != ".img"]
+    for secret in secrets:
+        assert all(secret not in t for t in texts)
+    for key in (bookworm.state / "keys").iterdir():
+        expected = 0o644 if key.name.endswith(".pub") else 0o600
+        assert key.stat().st_mode & 0o777 == expected, key
+
+
+def test_rebuilding_one_worker_keeps_its_key_and_the_others(bookworm: Baked) -> None:
+    others = {n: (bookworm.output / f"{n}.img").stat() for n in ("master", "worker1", "worker2")}
+    before = bookworm.files["worker3"]["/etc/ssh/pibake/ssh_host_ed25519_key.pub"]
+    (bookworm.output / "worker3.img").unlink()
+    result = run_pibake("build", "worker", "--first", "3", "--count", "1", "--image", str(bookworm.base), cwd=bookworm.workdir)
+    assert result.code == 0, result.output
+    for name, st in others.items():
+        now = (bookworm.output / f"{name}.img").stat()
+        assert (now.st_ino, now.st_mtime_ns) == (st.st_ino, st.st_mtime_ns), name
+    with Appliance([Drive(bookworm.output / "worker3.img", readonly=True)]) as a:
+        a.mount(0, "/boot/firmware", readonly=True)
+        assert a.read("/etc/ssh/pibake/ssh_host_ed25519_key.pub") == before
+        assert a.read("/etc/hostname") == b"worker3\n"
+    check = subprocess.run(["sha256sum", "-c", "SHA256SUMS"], cwd=bookworm.output, capture_output=True, text=True)
+    assert check.returncode == 0 and check.stdout.count(": OK") == 4
+    assert set(json.loads((bookworm.output / "manifest.json").read_text())["nodes"]) == {"master", "worker1", "worker2", "worker3"}
+
+
+# ------------------------------------------------------------ bullseye
+
+
+def test_bullseye_uses_its_own_paths(bullseye: Baked) -> None:
+    assert "release: bullseye" in bullseye.result.stderr
+    dhcpcd = text(bullseye, "master", "/etc/dhcpcd.conf")
+    assert dhcpcd.startswith("hostname\nclientid\n")  # the image's own settings stay
+    assert dhcpcd.endswith("interface eth0\nstatic ip_address=192.168.5.1/24\nnogateway\n")
+    assert text(bullseye, "worker1", "/etc/dhcpcd.conf") == "hostname\nclientid\npersistent\noption rapid_commit\nslaac private\n"
+    wpa = text(bullseye, "master", "/etc/wpa_supplicant/wpa_supplicant.conf")
+    psk = hashlib.pbkdf2_hmac("sha1", WIFI_PASSPHRASE.encode(), b"HomeNet", 4096, 32).hex()
+    assert "country=GB\n" in wpa and f"ssid={b'HomeNet'.hex()}\n" in wpa and f"psk={psk}\n" in wpa
+    assert entry(bullseye, "master", "/etc/wpa_supplicant/wpa_supplicant.conf")[1:] == ("0o600", 0, 0)
+    assert text(bullseye, "master", "/boot/cmdline.txt").endswith(" cfg80211.ieee80211_regdom=GB\n")
+    assert not any("NetworkManager" in p for p in bullseye.trees["master"])
+    # default user pi: kept, given a login shell, no rename
+    assert "pi:x:1000:1000:,,,:/home/pi:/bin/bash\n" in text(bullseye, "master", "/etc/passwd")
+    assert "pi:*:19650:" in text(bullseye, "master", "/etc/shadow")
+    assert text(bullseye, "master", "/etc/sudoers.d/010_pi-nopasswd") == "pi ALL=(ALL) NOPASSWD: ALL\n"
+    assert entry(bullseye, "worker1", "/home/pi/.ssh/authorized_keys")[1:] == ("0o600", 1000, 1000)
+
+
+def test_bullseye_nothing_else_changed(bullseye: Baked) -> None:
+    for node in ("master", "worker1"):
+        unexpected = changed_paths(bullseye, node) - allowed_changes(bullseye, node)
+        assert not unexpected, f"{node}: {sorted(unexpected)}"
+
+
+def test_plan_reads_the_release_from_the_image(bullseye: Baked) -> None:
+    result = run_pibake("plan", "worker", "--image", str(bullseye.base), cwd=bullseye.workdir)
+    assert result.code == 0, result.output
+    assert "worker1 (worker, 192.168.5.101): release bullseye, because /etc/os-release: VERSION_CODENAME=bullseye" in result.stdout
+    assert "/boot/firmware" not in result.stdout
