@@ -93,6 +93,10 @@ def test_not_raspberry_pi_os(project: Path) -> None:
     image = make_image(project / "ubuntu.img", rpios=False)
     result = run_pibake("build", "cluster", "--image", str(image), cwd=project)
     assert_clean_failure(result, project, "the image is not Raspberry Pi OS (Ubuntu 24.04 LTS; no /etc/rpi-issue); use --force")
+    forced = run_pibake("build", "worker", "--count", "1", "--force", "--image", str(image), cwd=project)
+    assert forced.code == 0, forced.output
+    assert "release: noble (/etc/os-release: Ubuntu 24.04 LTS; forced, treated as trixie)" in forced.stderr
+    assert (project / "output/worker1.img").is_file() and (project / "output/master.img").read_bytes() == PREVIOUS["master.img"]
 
 
 @pytest.mark.image

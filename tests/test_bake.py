@@ -71,12 +71,14 @@ def read_images(base: Path, images: dict[str, Path], boot_dir: str) -> tuple[dic
     return base_tree, trees, files
 
 
-def bake(tmp: Path, codename: str, profile: str, *args: str) -> Baked:
+def bake(tmp: Path, codename: str, profile: str, commands: list[list[str]]) -> Baked:
+    """Run each `pibake build ...` command as a user would, then read every output back."""
     base = make_image(tmp / f"{codename}.img", codename)
     (tmp / "profiles").mkdir()
     write_profile(tmp / "profiles", profile)
-    result = run_pibake("build", "cluster", "--image", str(base), *args, cwd=tmp)
-    assert result.code == 0, result.output
+    for command in commands:
+        result = run_pibake("build", *command, "--image", str(base), cwd=tmp)
+        assert result.code == 0, result.output
     boot_dir = "/boot" if codename == "bullseye" else "/boot/firmware"
     manifest = json.loads((tmp / "output/manifest.json").read_text())
     images = {name: tmp / "output" / entry["image"] for name, entry in manifest["nodes"].items()}
@@ -96,7 +98,7 @@ def bookworm(tmp_path_factory, operator_key: Path) -> Baked:
             wifi: {{ssid: HomeNet, country: DE}}
         workers:
           count: 3
-        """)
+        """, [["master"], ["worker", "--count", "2"]])
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +111,11 @@ def bullseye(tmp_path_factory, operator_key: Path) -> Baked:
             wifi: {{ssid: HomeNet}}
         workers:
           count: 1
-        """)
+        """, [["cluster"]])
+
+
+def hash_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def text(baked: Baked, node: str, path: str) -> str:
@@ -148,15 +154,16 @@ def test_build_reports_its_accelerator_and_summary(bookworm: Baked) -> None:
     assert "release: bookworm (/etc/os-release: VERSION_CODENAME=bookworm" in bookworm.result.stderr
     lines = bookworm.result.stdout.splitlines()
     assert lines[0].split() == ["node", "image", "size", "sha256", "hostname", "address"]
-    assert lines[1].split()[0] == "master" and lines[1].split()[-2:] == ["master", "192.168.5.1"]
-    assert lines[4].split()[-2:] == ["worker3", "192.168.5.103"]
+    assert [line.split()[0] for line in lines[1:]] == ["worker1", "worker2"]
+    assert lines[2].split()[1:] == ["output/worker2.img", "0.63", "GiB",
+                                    hash_of(bookworm.output / "worker2.img")[:12], "worker2", "192.168.5.102"]
     assert sorted(p.name for p in bookworm.output.iterdir()) == [
         "SHA256SUMS", "inventory.yaml", "known_hosts", "manifest.json", "master.img", "ssh_config",
-        "worker1.img", "worker2.img", "worker3.img"]
+        "worker1.img", "worker2.img"]
 
 
 def test_nothing_else_changed(bookworm: Baked) -> None:
-    for node in ("master", "worker1", "worker3"):
+    for node in ("master", "worker1", "worker2"):
         unexpected = changed_paths(bookworm, node) - allowed_changes(bookworm, node)
         assert not unexpected, f"{node}: {sorted(unexpected)}"
 
@@ -208,7 +215,7 @@ def test_user_renamed_without_wizard(bookworm: Baked) -> None:
 def test_ssh_enabled_key_only_with_baked_host_key(bookworm: Baked, operator_key: Path) -> None:
     cluster_pub = (bookworm.state / "keys/cluster_id_ed25519.pub").read_text().strip()
     known = (bookworm.output / "known_hosts").read_text()
-    for node in ("master", "worker1", "worker2", "worker3"):
+    for node in ("master", "worker1", "worker2"):
         tree = bookworm.trees[node]
         assert tree["/etc/systemd/system/multi-user.target.wants/ssh.service"]["target"] == "/lib/systemd/system/ssh.service"
         assert tree["/etc/systemd/system/sshd.service"]["target"] == "/lib/systemd/system/ssh.service"
@@ -272,12 +279,12 @@ def test_master_wifi_uplink(bookworm: Baked) -> None:
 
 def test_outputs_checksums_and_manifest(bookworm: Baked) -> None:
     check = subprocess.run(["sha256sum", "-c", "SHA256SUMS"], cwd=bookworm.output, capture_output=True, text=True)
-    assert check.returncode == 0 and check.stdout.count(": OK") == 4
+    assert check.returncode == 0 and check.stdout.count(": OK") == 3
     manifest = json.loads((bookworm.output / "manifest.json").read_text())
     base_sha = hashlib.sha256(bookworm.base.read_bytes()).hexdigest()
     for name, node in manifest["nodes"].items():
         assert node["base_image"]["sha256"] == base_sha
-        assert node["sha256"] == hashlib.sha256((bookworm.output / node["image"]).read_bytes()).hexdigest()
+        assert node["sha256"] == hash_of(bookworm.output / node["image"])
         assert node["release"]["codename"] == "bookworm"
         assert any(op["path"] == "/etc/hostname" and op["op"] == "write" for op in node["operations"])
     assert manifest["nodes"]["worker2"]["address"] == "192.168.5.102"
@@ -306,22 +313,34 @@ def test_no_secret_in_outputs_or_logs(bookworm: Baked) -> None:
         assert key.stat().st_mode & 0o777 == expected, key
 
 
-def test_rebuilding_one_worker_keeps_its_key_and_the_others(bookworm: Baked) -> None:
-    others = {n: (bookworm.output / f"{n}.img").stat() for n in ("master", "worker1", "worker2")}
-    before = bookworm.files["worker3"]["/etc/ssh/pibake/ssh_host_ed25519_key.pub"]
-    (bookworm.output / "worker3.img").unlink()
+def test_adding_a_worker_later_and_rebuilding_one(bookworm: Baked) -> None:
+    def stats() -> dict:
+        return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in bookworm.output.glob("*.img")}
+
+    before = stats()
     result = run_pibake("build", "worker", "--first", "3", "--count", "1", "--image", str(bookworm.base), cwd=bookworm.workdir)
     assert result.code == 0, result.output
-    for name, st in others.items():
-        now = (bookworm.output / f"{name}.img").stat()
-        assert (now.st_ino, now.st_mtime_ns) == (st.st_ino, st.st_mtime_ns), name
-    with Appliance([Drive(bookworm.output / "worker3.img", readonly=True)]) as a:
-        a.mount(0, "/boot/firmware", readonly=True)
-        assert a.read("/etc/ssh/pibake/ssh_host_ed25519_key.pub") == before
-        assert a.read("/etc/hostname") == b"worker3\n"
+    after = stats()
+    assert {k: v for k, v in after.items() if k != "worker3.img"} == before  # nothing else touched
     check = subprocess.run(["sha256sum", "-c", "SHA256SUMS"], cwd=bookworm.output, capture_output=True, text=True)
     assert check.returncode == 0 and check.stdout.count(": OK") == 4
     assert set(json.loads((bookworm.output / "manifest.json").read_text())["nodes"]) == {"master", "worker1", "worker2", "worker3"}
+
+    # Rebuilding worker2 replaces its image but keeps its host key.
+    result = run_pibake("build", "worker", "--first", "2", "--count", "1", "--image", str(bookworm.base), cwd=bookworm.workdir)
+    assert result.code == 0, result.output
+    rebuilt = stats()
+    assert rebuilt["worker2.img"] != after["worker2.img"]
+    assert {k: v for k, v in rebuilt.items() if k != "worker2.img"} == {k: v for k, v in after.items() if k != "worker2.img"}
+    with Appliance([Drive(bookworm.output / "worker2.img", readonly=True), Drive(bookworm.output / "worker3.img", readonly=True)]) as a:
+        a.mount(0, "/boot/firmware", readonly=True)
+        assert a.read("/etc/ssh/pibake/ssh_host_ed25519_key.pub") == bookworm.files["worker2"]["/etc/ssh/pibake/ssh_host_ed25519_key.pub"]
+        a.g.umount_all()
+        a.mount(1, "/boot/firmware", readonly=True)
+        assert a.read("/etc/hostname") == b"worker3\n"
+        assert a.read("/etc/ssh/pibake/ssh_host_ed25519_key") == (bookworm.state / "keys/worker3_ssh_host_ed25519_key").read_bytes()
+    check = subprocess.run(["sha256sum", "-c", "SHA256SUMS"], cwd=bookworm.output, capture_output=True, text=True)
+    assert check.returncode == 0 and check.stdout.count(": OK") == 4
 
 
 # ------------------------------------------------------------ bullseye
