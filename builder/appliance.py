@@ -274,8 +274,3 @@ def _explain(e: RuntimeError) -> str:
     if "Input/output error" in text:
         return f"{text} (is the output disk full?)"
     return text
-
-
-def launch_for(paths: list[Path], readonly: bool) -> Appliance:
-    return Appliance([Drive(p, readonly) for p in paths])
-

@@ -6,7 +6,9 @@ rename is atomic) and only renamed into place once complete, hashed and synced.
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import shutil
 import signal
 from concurrent.futures import ThreadPoolExecutor
@@ -57,13 +59,22 @@ def _staging(output: Path) -> Iterator[Path]:
         output.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise BuildError(f"cannot create the output folder {output}: {e.strerror}") from None
-    staging = output / STAGING
-    shutil.rmtree(staging, ignore_errors=True)  # left by a killed build; never a final file
-    staging.mkdir()
+    # A lock on the folder itself: two builds into one output would share .staging.
+    lock = os.open(output, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        yield staging
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BuildError(f"another pibake build is writing to {output}; wait for it to finish") from None
+        staging = output / STAGING
+        shutil.rmtree(staging, ignore_errors=True)  # left by a killed build; never a final file
+        staging.mkdir()
+        try:
+            yield staging
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        os.close(lock)
 
 
 @contextmanager

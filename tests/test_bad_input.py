@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import subprocess
@@ -60,6 +61,17 @@ def test_disk_image_without_raspberry_pi_os_partitions(project: Path) -> None:
     result = run_pibake("build", "worker", "--image", str(image), cwd=project)
     assert_clean_failure(result, project, "does not have Raspberry Pi OS's partitions: expected a FAT boot partition 1 "
                                           "and a Linux root partition 2, found p1 type 0x83")
+
+
+def test_a_second_build_into_the_same_output_is_refused(project: Path) -> None:
+    image = make_image(project / "raspios.img")
+    fd = os.open(project / "output", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # what a running build holds
+        result = run_pibake("build", "master", "--image", str(image), cwd=project)
+    finally:
+        os.close(fd)
+    assert_clean_failure(result, project, "another pibake build is writing to output; wait for it to finish")
 
 
 def test_truncated_image(project: Path) -> None:

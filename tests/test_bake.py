@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import subprocess
 from dataclasses import dataclass
@@ -282,7 +281,7 @@ def test_outputs_checksums_and_manifest(bookworm: Baked) -> None:
     assert check.returncode == 0 and check.stdout.count(": OK") == 3
     manifest = json.loads((bookworm.output / "manifest.json").read_text())
     base_sha = hashlib.sha256(bookworm.base.read_bytes()).hexdigest()
-    for name, node in manifest["nodes"].items():
+    for node in manifest["nodes"].values():
         assert node["base_image"]["sha256"] == base_sha
         assert node["sha256"] == hash_of(bookworm.output / node["image"])
         assert node["release"]["codename"] == "bookworm"

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from builder.keys import KeyStore
-from builder.plan import Append, Delete, EditLines, Move, Symlink, Write, describe, plan_node
+from builder.plan import Append, Delete, Move, Symlink, Write, describe, plan_node
 from builder.profile import Profile, load
 from builder.release import detect, named
 from conftest import WIFI_PASSPHRASE, run_pibake, write_profile
