@@ -176,6 +176,38 @@ def test_images_stay_flashable_whole_disks(bookworm: Baked) -> None:
         assert table.replace(str(image), "X") == base_table.replace(str(bookworm.base), "X")
 
 
+def assert_every_operation_landed(baked: Baked, node: str) -> None:
+    """Each operation the manifest records is what the image holds: hash, mode, owner, target."""
+    ops = json.loads((baked.output / "manifest.json").read_text())["nodes"][node]["operations"]
+    tree = baked.trees[node]
+    last = {op["path"]: i for i, op in enumerate(ops)}
+    for i, op in enumerate(ops):
+        path, final = op["path"], last[op["path"]] == i
+        on_boot = path.startswith(baked.boot_dir + "/")
+        if op["op"] == "delete":
+            assert path not in tree or not final, path
+        elif op["op"] == "move":
+            assert path not in tree and op["summary"].removeprefix("-> ") in tree, path
+        elif op["op"] == "symlink":
+            assert tree[path] == {**tree[path], "type": "link", "target": op["summary"].removeprefix("-> ")}, path
+        elif op["op"] in ("write", "mkdir"):
+            kind = "file" if op["op"] == "write" else "dir"
+            assert tree[path]["type"] == kind, path
+            if not on_boot:
+                assert (oct(tree[path]["mode"]), f"{tree[path]['uid']}:{tree[path]['gid']}") == (oct(int(op["mode"], 8)), op["owner"]), path
+            if "sha256" in op and final:
+                assert tree[path]["sha256"] == op["sha256"], path
+        else:
+            assert tree[path]["type"] == "file", path
+    assert len(ops) > 20
+
+
+def test_every_operation_landed(bookworm: Baked, bullseye: Baked) -> None:
+    for baked, nodes in ((bookworm, ("master", "worker1", "worker2")), (bullseye, ("master", "worker1"))):
+        for node in nodes:
+            assert_every_operation_landed(baked, node)
+
+
 def test_hostname_and_hosts(bookworm: Baked) -> None:
     for node, address in (("master", "192.168.5.1"), ("worker2", "192.168.5.102")):
         assert text(bookworm, node, "/etc/hostname") == f"{node}\n"
