@@ -1,4 +1,4 @@
-# pibake: `make build IMAGE=...` bakes the cluster, `make test` runs every test.
+# pibake: `make build` bakes the cluster (IMAGE=bookworm, a date, URL or file to pin), `make test` runs every test.
 # Both install what they need first (system packages through apt, Python ones in .venv).
 
 PYTHON  ?= /usr/bin/python3
@@ -31,6 +31,11 @@ plan: venv
 
 test: venv
 	$(PYTEST) -ra
+
+# Prints a table and writes output/bench/*.json; curl is the floor's downloader.
+bench: venv
+	command -v curl >/dev/null || $(if $(filter 0,$(shell id -u)),,sudo) apt-get install -y -qq curl
+	$(VENV)/bin/python tests/bench.py
 
 test-fast: venv
 	$(PYTEST) -ra -m 'not image'

@@ -21,6 +21,7 @@ from builder.progress import bar
 
 from builder import image
 from builder.appliance import Appliance, Drive
+from builder.cache import BaseImage
 from builder.errors import BuildError
 from builder.keys import KeyStore
 from builder.outputs import BuiltImage, update_manifest, write_ssh_files
@@ -34,7 +35,7 @@ STAGING = ".staging"
 
 @dataclass(frozen=True)
 class Options:
-    image: Path
+    base: BaseImage
     output: Path
     state: Path
     force: bool = False
@@ -49,6 +50,7 @@ def plans_for(profile: Profile, nodes: tuple[Node, ...], release: Release, keys:
 
 
 def inspect_release(base: Path, force: bool) -> Release:
+    image.check_layout(base)
     with Appliance([Drive(base, readonly=True)]) as appliance:
         return appliance.release(0, force)
 
@@ -100,10 +102,12 @@ def _check_room(output: Path, images: int) -> None:
 
 
 def build(profile: Profile, nodes: tuple[Node, ...], options: Options) -> list[BuiltImage]:
-    base = image.prepare_base(options.image)
+    base = options.base.path
+    image.check_layout(base)
     keys = KeyStore(options.state)
     with ThreadPoolExecutor(max_workers=2) as pool, _staging(options.output) as staging:
-        base_sha = pool.submit(image.sha256_file, base)
+        known = options.base.sha256
+        base_sha = pool.submit(lambda: known or image.sha256_file(base))
         staged = [staging / f"{node.hostname}.img" for node in nodes]
         for node, path in bar(list(zip(nodes, staged)), desc="copy", unit="image"):
             log.debug("%s: copying %s", node.hostname, base.name)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import resource
 import signal
 import sys
 from pathlib import Path
@@ -13,21 +14,25 @@ import click
 from builder import __version__, progress
 from builder.build import Options, build, inspect_release, plans_for
 from builder.errors import BuildError, ProfileError
-from builder.image import prepare_base
 from builder.keys import KeyStore
 from builder.plan import NodePlan, describe
-from builder.profile import Profile, load
+from builder import cache
+from builder.cache import Choice, obtain, resolve
+from builder.catalog import Source, is_url, lite_images, looks_like_file
+from builder.download import get_json, session
+from builder.profile import ImageSettings, Profile, load, load_image_settings
 from builder.release import named
 
 log = logging.getLogger("builder")
 
 EPILOG = """\b
 Examples:
-  pibake build master --image 2024-10-22-raspios-bookworm-arm64-lite.img.xz
-  pibake build worker --count 5 --image raspios.img
-  pibake build worker --first 6 --count 2 --image raspios.img   # add worker6, worker7
-  pibake build cluster --image raspios.img
+  pibake build master                          # newest Raspberry Pi OS Lite, fetched and verified
+  pibake build worker --count 5
+  pibake build worker --first 6 --count 2      # add worker6 and worker7
+  pibake build cluster --image bookworm        # or trixie, 2025-05-13, a URL, a local .img.xz
   pibake plan master --release bookworm
+  pibake images                                # what the OS list offers
 """
 
 
@@ -60,6 +65,27 @@ def common_options(func: Callable[..., Any]) -> Callable[..., Any]:
     return func
 
 
+def image_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.option("--image", "image_spec", envvar="PIBAKE_IMAGE", metavar="SPEC",
+                     help="Base image: latest, bullseye|bookworm|trixie, a date (2025-05-13), family@date, "
+                          "a URL, or a local .img/.img.xz/.zip (default: the profile's image section, else latest)."),
+        click.option("--sha256", help="Expected sha256 of the file at an --image URL."),
+        click.option("--no-verify-signature", is_flag=True, help="Skip the OpenPGP signature check (not recommended)."),
+        click.option("--refresh", is_flag=True, help="Ask the OS list again even if a recent answer is cached."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _choice(settings: ImageSettings, image_spec: Optional[str], sha256: Optional[str], no_verify: bool, refresh: bool) -> Choice:
+    spec = image_spec or settings.spec
+    return Choice(spec=spec, sha256=(sha256 or (settings.sha256 if not image_spec else None)),
+                  source=Source.from_settings(settings.download_base, settings.os_list),
+                  verify_signature=settings.verify_signature and not no_verify, refresh=refresh)
+
+
 def _load(profiles: Path, role: str, first: int, count: Optional[int]) -> tuple[Profile, tuple]:
     profile = load(profiles)
     if role != "worker" and (count is not None or first != 1):
@@ -83,17 +109,19 @@ def cli() -> None:
 
 @cli.command("build", epilog=EPILOG)
 @common_options
-@click.option("--image", type=click.Path(path_type=Path), envvar="PIBAKE_IMAGE",
-              help="Base Raspberry Pi OS image (.img or .img.xz).")
+@image_options
 @click.option("--output", "-o", type=click.Path(path_type=Path), default=Path("output"), show_default=True)
 def build_command(role: str, count: Optional[int], first: int, profiles: Path, state: Optional[Path], force: bool,
-                  verbose: int, quiet: bool, image: Optional[Path], output: Path) -> None:
-    """Bake images for the master, some workers, or the whole cluster."""
+                  verbose: int, quiet: bool, image_spec: Optional[str], sha256: Optional[str], no_verify_signature: bool,
+                  refresh: bool, output: Path) -> None:
+    """Bake images for the master, some workers, or the whole cluster.
+
+    The base image is fetched, verified and cached first when needed.
+    """
     _setup_logging(verbose, quiet)
     profile, nodes = _load(profiles, role, first, count)
-    if image is None:
-        raise BuildError("no base image: pass --image PATH to a Raspberry Pi OS .img or .img.xz", exit_code=2)
-    built = build(profile, nodes, Options(image, output, _state(state, output), force))
+    base = obtain(_choice(profile.image, image_spec, sha256, no_verify_signature, refresh))
+    built = build(profile, nodes, Options(base, output, _state(state, output), force))
     if not quiet:
         _print_summary(built)
 
@@ -111,28 +139,79 @@ def _print_summary(built: list) -> None:
 
 @cli.command(epilog=EPILOG)
 @common_options
-@click.option("--image", type=click.Path(path_type=Path), envvar="PIBAKE_IMAGE",
-              help="Base image whose /etc/os-release chooses the release path.")
+@image_options
 @click.option("--release", type=click.Choice(["bullseye", "bookworm", "trixie"]),
               help="Plan for this release without reading an image.")
 @click.option("--output", "-o", type=click.Path(path_type=Path), default=Path("output"), show_default=True,
               help="Only locates the state folder.")
 def plan(role: str, count: Optional[int], first: int, profiles: Path, state: Optional[Path], force: bool,
-         verbose: int, quiet: bool, image: Optional[Path], release: Optional[str], output: Path) -> None:
+         verbose: int, quiet: bool, image_spec: Optional[str], sha256: Optional[str], no_verify_signature: bool,
+         refresh: bool, release: Optional[str], output: Path) -> None:
     """Print every file operation each node would get, touching no image.
 
-    Secrets (private keys, Wi-Fi PSK, password hashes) are shown redacted.
+    The release path comes from the base image's /etc/os-release (fetched if
+    needed), or from --release. Secrets are shown redacted.
     """
     _setup_logging(verbose, quiet)
     profile, nodes = _load(profiles, role, first, count)
     if release is not None:
         chosen = named(release)
-    elif image is not None:
-        chosen = inspect_release(prepare_base(image), force)
     else:
-        raise BuildError("pass --image PATH (its /etc/os-release picks the release) or --release NAME", exit_code=2)
+        base = obtain(_choice(profile.image, image_spec, sha256, no_verify_signature, refresh))
+        chosen = inspect_release(base.path, force)
     for node_plan in plans_for(profile, nodes, chosen, KeyStore(_state(state, output))):
         _print_plan(node_plan)
+
+
+@cli.command()
+@image_options
+@click.option("--profiles", type=click.Path(path_type=Path), default=Path("profiles"), show_default=True,
+              envvar="PIBAKE_PROFILES", help="Profile file, or folder holding cluster.yaml (its image section).")
+@click.option("-v", "--verbose", count=True)
+@click.option("-q", "--quiet", is_flag=True)
+def fetch(image_spec: Optional[str], sha256: Optional[str], no_verify_signature: bool, refresh: bool, profiles: Path,
+          verbose: int, quiet: bool) -> None:
+    """Download, verify, decompress and cache the base image; print its path."""
+    _setup_logging(verbose, quiet)
+    base = obtain(_choice(load_image_settings(profiles), image_spec, sha256, no_verify_signature, refresh))
+    click.echo(f"{base.path}  sha256 {base.sha256 or '(local file, not hashed)'}  from {base.origin}")
+
+
+@cli.command()
+@click.option("--image", "image_spec", envvar="PIBAKE_IMAGE", metavar="SPEC", help="Mark the image this spec resolves to.")
+@click.option("--profiles", type=click.Path(path_type=Path), default=Path("profiles"), show_default=True,
+              envvar="PIBAKE_PROFILES")
+def images(image_spec: Optional[str], profiles: Path) -> None:
+    """List the Raspberry Pi OS Lite (64-bit) images the OS list offers."""
+    _setup_logging(0, False)
+    choice = _choice(load_image_settings(profiles), image_spec, None, False, True)
+    http = session()
+    offered = lite_images(get_json(http, choice.source.os_list), choice.source, lambda url: get_json(http, url))
+    chosen = None if is_url(choice.spec) or looks_like_file(choice.spec) else resolve(choice, http)
+    for spec in offered:
+        mark = "*" if chosen is not None and spec.url == chosen.url else " "
+        size = f"{spec.download_size / 2**20:.0f} MiB" if spec.download_size else "?"
+        click.echo(f"{mark} {spec.release_date}  {spec.codename:<9} {size:>9}  {spec.name}  {spec.url}")
+    if chosen is not None and all(spec.url != chosen.url for spec in offered):
+        click.echo(f"* {chosen.release_date}  {chosen.codename:<9} {'':>9}  (archived)  {chosen.url}")
+
+
+@cli.group("cache")
+def cache_group() -> None:
+    """Inspect or empty the image cache ($XDG_CACHE_HOME/pibake)."""
+
+
+@cache_group.command("list")
+def cache_list() -> None:
+    """List cached downloads and decompressed images."""
+    for path, size, label in cache.entries():
+        click.echo(f"{size / 2**20:9.1f} MiB  {path}  {label}")
+
+
+@cache_group.command("clean")
+def cache_clean() -> None:
+    """Remove every cached image, download and key."""
+    click.echo(f"removed {cache.clean() / 2**20:.1f} MiB from {cache.root()}")
 
 
 def _print_plan(node_plan: NodePlan) -> None:
@@ -162,6 +241,8 @@ def main() -> None:
     signal.signal(signal.SIGINT, _on_sigint)
     try:
         cli.main(standalone_mode=False)
+        # ru_maxrss is in KiB on Linux; this process only, not xz or qemu
+        log.debug("peak RSS: %.1f MiB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     except ProfileError as e:
         click.echo(f"pibake: the profile has {len(e.problems)} problem(s):", err=True)
         for problem in e.problems:

@@ -10,8 +10,11 @@ import shlex
 import shutil
 import struct
 import subprocess
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from builder.progress import bar
 
@@ -68,11 +71,6 @@ def check_layout(path: Path) -> list[Partition]:
     return parts
 
 
-def _cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
-    return Path(base) / "pibake"
-
-
 def sha256_file(path: Path, progress: bool = False) -> str:
     digest = hashlib.sha256()
     size = path.stat().st_size
@@ -84,48 +82,64 @@ def sha256_file(path: Path, progress: bool = False) -> str:
     return digest.hexdigest()
 
 
-def prepare_base(path: Path) -> Path:
-    """A raw base image ready to copy: the file itself, or its decompressed copy in the cache."""
-    path = path.expanduser()
-    if not path.exists():
-        raise BuildError(f"image not found: {path}")
-    if not path.is_file():
-        raise BuildError(f"image is not a file: {path}")
-    if path.name.endswith(".xz"):
-        path = _decompress_xz(path)
-    check_layout(path)
-    return path
-
-
-def _decompress_xz(path: Path) -> Path:
-    """Decompress once into the cache, keyed by the compressed file's sha256."""
-    digest = sha256_file(path, progress=True)
-    target = _cache_dir() / "images" / f"{digest}.img"
-    if target.exists():
-        log.info("using decompressed image %s", target)
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.part")
-    command = ["xz", "--decompress", "--stdout", "--threads=0", str(path)]
-    log.info("$ %s > %s", shlex.join(command), tmp)
+def _chunks_from(command: list[str]) -> Iterator[bytes]:
+    log.info("$ %s", shlex.join(command))
     try:
-        with open(tmp, "wb") as out, bar(unit="B", unit_scale=True, desc=f"decompress {path.name}") as meter:
-            proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-            assert proc.stdout is not None
-            while chunk := proc.stdout.read(CHUNK):
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    except FileNotFoundError:
+        raise BuildError(f"{command[0]} is not installed (see README)") from None
+    assert proc.stdout is not None and proc.stderr is not None
+    try:
+        while chunk := proc.stdout.read(CHUNK):
+            yield chunk
+    finally:
+        proc.stdout.close()
+        stderr = proc.stderr.read().decode(errors="replace").strip()
+        if proc.wait() != 0:
+            raise BuildError(f"cannot decompress {command[-1]}: {stderr.splitlines()[-1] if stderr else 'failed'}")
+
+
+def _chunks_from_zip(path: Path) -> Iterator[bytes]:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = [m for m in archive.infolist() if m.filename.endswith(".img")]
+            if len(members) != 1:
+                raise BuildError(f"{path} holds {len(members)} .img files; expected one")
+            with archive.open(members[0]) as f:
+                while chunk := f.read(CHUNK):
+                    yield chunk
+    except (zipfile.BadZipFile, zlib.error) as e:
+        raise BuildError(f"cannot decompress {path}: {e}") from None
+
+
+def decompress(source: Path, target: Path, size: int | None = None) -> str:
+    """Stream-decompress .img.xz (all cores), .gz or .zip to `target`; return its sha256.
+
+    The hash is computed on the way, so checking the result costs no second read.
+    """
+    name = source.name
+    if name.endswith(".xz"):
+        chunks = _chunks_from(["xz", "--decompress", "--stdout", "--threads=0", str(source)])
+    elif name.endswith(".gz"):
+        chunks = _chunks_from(["gzip", "--decompress", "--stdout", str(source)])
+    elif name.endswith(".zip"):
+        chunks = _chunks_from_zip(source)
+    else:
+        raise BuildError(f"{source}: unknown compression (expected .img.xz, .img.gz or .zip)")
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.part")
+    digest = hashlib.sha256()
+    try:
+        with open(tmp, "wb") as out, bar(total=size, unit="B", unit_scale=True, desc=f"decompress {name}") as meter:
+            for chunk in chunks:
+                digest.update(chunk)
                 out.write(chunk)
                 meter.update(len(chunk))
-            stderr = proc.stderr.read().decode(errors="replace").strip() if proc.stderr else ""
-            if proc.wait() != 0:
-                raise BuildError(f"cannot decompress {path}: {stderr.splitlines()[-1] if stderr else 'xz failed'}")
         os.replace(tmp, target)
-    except FileNotFoundError:
-        raise BuildError("xz is not installed: install xz-utils to use .img.xz images") from None
     except OSError as e:
-        raise BuildError(f"cannot decompress {path} into {target.parent}: {e.strerror}") from None
+        raise BuildError(f"cannot decompress {source} into {target.parent}: {e.strerror}") from None
     finally:
         tmp.unlink(missing_ok=True)
-    return target
+    return digest.hexdigest()
 
 
 def copy_image(source: Path, target: Path) -> None:

@@ -18,6 +18,7 @@ import yaml
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.serialization import load_ssh_public_key
 
+from builder.catalog import is_url, parse_spec
 from builder.errors import BuildError, ProfileError
 
 PROFILE_NAME = "cluster.yaml"
@@ -97,6 +98,15 @@ class Workers:
 
 
 @dataclass(frozen=True)
+class ImageSettings:
+    spec: str  # latest | family | date | family@date | URL | local path
+    sha256: Optional[str]
+    os_list: Optional[str]
+    download_base: Optional[str]
+    verify_signature: bool
+
+
+@dataclass(frozen=True)
 class Profile:
     source: Path
     network: IPv4Network
@@ -104,6 +114,7 @@ class Profile:
     user: User
     master: Master
     workers: Workers
+    image: ImageSettings = ImageSettings("latest", None, None, None, True)
 
     @property
     def nodes(self) -> tuple[Node, ...]:
@@ -489,6 +500,38 @@ def _read_master(r: _Reader, network: IPv4Network) -> Master:
     return Master(Node("master", 0, hostname, address), start, end, lease, uplink, nat, wifi, packages, files)
 
 
+def _read_image(r: _Reader) -> ImageSettings:
+    kp = ("image",)
+    r.section(kp, {"release", "url", "sha256", "file", "os_list", "download_base", "verify_signature"})
+    chosen = [key for key in ("release", "url", "file") if r.raw(kp + (key,)) is not None]
+    if len(chosen) > 1:
+        r.error(kp + (chosen[1],), f"image.{chosen[0]} and image.{chosen[1]} both choose the image: keep one")
+    release = r.string(kp + ("release",), None, _check_release)
+    url = r.string(kp + ("url",), None, lambda v: None if is_url(v) else f"'{v}' is not an http(s) URL")
+    sha256 = r.string(kp + ("sha256",), None, lambda v: None if re.fullmatch(r"[0-9a-fA-F]{64}", v) else "must be 64 hex digits")
+    file_text = r.string(kp + ("file",), None)
+    spec = release or url or "latest"
+    if file_text is not None:
+        path = r.local_path(file_text)
+        if not path.is_file():
+            r.error(kp + ("file",), f"image file {path} does not exist")
+        spec = str(path)
+    if sha256 and not url:
+        r.error(kp + ("sha256",), "image.sha256 pins the file at image.url; set image.url too")
+    os_list = r.string(kp + ("os_list",), None, lambda v: None if is_url(v) else f"'{v}' is not an http(s) URL")
+    base = r.string(kp + ("download_base",), None, lambda v: None if is_url(v) else f"'{v}' is not an http(s) URL")
+    verify = r.get(kp + ("verify_signature",), bool, True)
+    return ImageSettings(spec, sha256.lower() if sha256 else None, os_list, base, verify)
+
+
+def _check_release(value: str) -> Optional[str]:
+    try:
+        parse_spec(value)
+    except BuildError as e:
+        return e.message
+    return None
+
+
 def load(path: Path) -> Profile:
     """Read and validate a profile; raise ProfileError listing every problem."""
     if path.is_dir():
@@ -501,7 +544,7 @@ def load(path: Path) -> Profile:
     r = _Reader(path, data, lines)
     if not isinstance(data, dict):
         raise ProfileError([f"{path}:1: a profile must be a mapping of sections (user, network, master, workers)"])
-    r.section((), {"user", "network", "master", "workers"})
+    r.section((), {"image", "user", "network", "master", "workers"})
     r.section(("network",), {"subnet", "interface"})
     r.section(("workers",), {"count", "hostname", "first_address", "nodes", "packages", "files"})
     subnet = str(r.raw(("network", "subnet")) or "192.168.5.0/24")
@@ -519,7 +562,22 @@ def load(path: Path) -> Profile:
     _check_addresses(r, network, master, workers)
     worker_packages = _read_packages(r, ("workers", "packages"), [])
     worker_files = _read_files(r, ("workers", "files"))
+    image = _read_image(r)
     if r.problems:
         raise ProfileError(sorted(r.problems, key=lambda p: int(p[len(str(path)) + 1 :].split(":", 1)[0])))
-    return Profile(path, network, interface, user, master, Workers(workers, worker_packages, worker_files))
+    return Profile(path, network, interface, user, master, Workers(workers, worker_packages, worker_files), image)
 
+
+
+def load_image_settings(path: Path) -> ImageSettings:
+    """Only the image section, for commands that fetch but bake nothing."""
+    if path.is_dir():
+        path = path / PROFILE_NAME
+    if not path.exists():
+        return ImageSettings("latest", None, None, None, True)
+    data, lines = _compose(path.read_text(), str(path))
+    r = _Reader(path, data if isinstance(data, dict) else {}, lines)
+    settings = _read_image(r)
+    if r.problems:
+        raise ProfileError(r.problems)
+    return settings

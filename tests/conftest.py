@@ -28,7 +28,10 @@ class Result:
 
 def run_pibake(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: int = 900) -> Result:
     """Run the real `pibake` command line, as a user would."""
-    full_env = {**os.environ, "PIBAKE_WIFI_PASSPHRASE": WIFI_PASSPHRASE, **(env or {})}
+    # Nothing may leave loopback: unless a test serves its own mirror, downloads
+    # go to a closed local port (the discard port) and fail at once.
+    full_env = {**os.environ, "PIBAKE_WIFI_PASSPHRASE": WIFI_PASSPHRASE,
+                "PIBAKE_DOWNLOAD_BASE": "http://127.0.0.1:9", **(env or {})}
     proc = subprocess.run([sys.executable, "-m", "builder", *args], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
     return Result(proc.returncode, proc.stdout, proc.stderr)

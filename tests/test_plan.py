@@ -159,13 +159,6 @@ def test_plan_command_prints_every_operation_without_secrets(operator_key: Path,
     assert not (workdir / "output").exists()
 
 
-def test_plan_command_needs_an_image_or_a_release(operator_key: Path, workdir: Path) -> None:
-    write_profile(workdir, f"user:\n  ssh_keys: [{operator_key}]\n")
-    result = run_pibake("plan", "master", "--profiles", "cluster.yaml", cwd=workdir)
-    assert result.code == 2
-    assert result.stderr.strip() == "pibake: error: pass --image PATH (its /etc/os-release picks the release) or --release NAME"
-
-
 def test_first_and_count_only_for_workers(operator_key: Path, workdir: Path) -> None:
     write_profile(workdir, f"user:\n  ssh_keys: [{operator_key}]\n")
     result = run_pibake("plan", "master", "--count", "2", "--release", "bookworm", "--profiles", "cluster.yaml", cwd=workdir)

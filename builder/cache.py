@@ -1,0 +1,294 @@
+"""Fetching base images into a content-addressed cache, verified before use.
+
+Layout under $XDG_CACHE_HOME/pibake:
+  downloads/<sha256>.<ext>   verified downloads, named by their sha256 (+ .json: origin, signature)
+  images/<sha256>.img        decompressed images, named by the compressed file's sha256 (+ .json)
+  partial/                   downloads in progress, resumable
+  keys/                      keyrings of pinned signing keys
+  resolved.json              what `latest` or a family last resolved to
+Everything lands under a temporary name and is renamed once verified; a lock
+per entry keeps two pibake processes from writing the same one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import requests
+
+from builder import catalog, download, image, signature
+from builder.catalog import ImageSpec, Source
+from builder.errors import BuildError
+
+log = logging.getLogger(__name__)
+RESOLVE_TTL = 24 * 3600  # how long `latest` or a family name is trusted without asking again
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What the user asked for, from the profile and the command line."""
+
+    spec: str = "latest"  # latest | family | date | family@date | URL | path
+    sha256: Optional[str] = None  # for a URL
+    source: Source = Source()
+    verify_signature: bool = True
+    refresh: bool = False
+
+
+@dataclass(frozen=True)
+class BaseImage:
+    path: Path  # a raw .img, ready to copy
+    sha256: Optional[str]  # of that .img, when already known
+    origin: str
+
+
+def root() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    return Path(base) / "pibake"
+
+
+@contextlib.contextmanager
+def locked(name: str) -> Iterator[None]:
+    path = root() / "locks" / f"{hashlib.sha256(name.encode()).hexdigest()[:24]}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # a second fetch of the same image waits, then finds it cached
+        yield
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+# ---------------------------------------------------------------- resolving
+
+
+def _resolve_key(choice: Choice, family: Optional[str], date: Optional[str]) -> str:
+    return f"{choice.source.os_list}|{family or 'latest'}|{date or ''}"
+
+
+def resolve(choice: Choice, http: requests.Session) -> ImageSpec:
+    """The remote image a spec names, from the OS list or the remembered answer."""
+    if catalog.is_url(choice.spec):
+        if choice.sha256 is None:
+            sidecar = download.get_text(http, choice.spec + ".sha256", missing_ok=True)
+            if sidecar is None:
+                raise BuildError(f"no sha256 for {choice.spec}: the server has no .sha256 beside it; pin one with --sha256")
+            sha = sidecar.split()[0].lower() if sidecar.split() else ""
+        else:
+            sha = choice.sha256.lower()
+        m = catalog.FILE_RE.search(choice.spec)
+        return ImageSpec(url=choice.spec, name=choice.spec.rsplit("/", 1)[-1], release_date=m[1] if m else "",
+                         codename=m[2] if m else "", sha256=sha)
+    _, family, date = catalog.parse_spec(choice.spec)
+    key = _resolve_key(choice, family, date)
+    remembered = _read_json(root() / "resolved.json").get(key)
+    fresh = remembered and (date or time.time() - remembered.get("at", 0) < RESOLVE_TTL)
+    if remembered and fresh and not choice.refresh:
+        return ImageSpec(**remembered["image"])
+    try:
+        os_list = download.get_json(http, choice.source.os_list)
+        images = catalog.lite_images(os_list, choice.source, lambda url: download.get_json(http, url))
+    except BuildError as e:
+        if remembered:
+            log.warning("cannot read the OS list (%s); using %s from the cache", e, remembered["image"]["name"])
+            return ImageSpec(**remembered["image"])
+        raise
+    found = catalog.choose(images, family, date)
+    if found is None and date:
+        found = catalog.archived(date, family, choice.source, lambda url: download.get_text(http, url, missing_ok=True))
+    if found is None:
+        raise BuildError(f"no Raspberry Pi OS Lite (64-bit) image matches '{choice.spec}' in {choice.source.os_list}"
+                         + (f" (it offers {', '.join(f'{i.codename}@{i.release_date}' for i in images)})" if images else ""))
+    return found
+
+
+def remember(choice: Choice, spec: ImageSpec) -> None:
+    if catalog.is_url(choice.spec):
+        return
+    _, family, date = catalog.parse_spec(choice.spec)
+    path = root() / "resolved.json"
+    data = _read_json(path)
+    data[_resolve_key(choice, family, date)] = {"at": time.time(), "image": asdict(spec)}
+    _write_json(path, data)
+
+
+# ---------------------------------------------------------------- fetching
+
+
+def obtain(choice: Choice) -> BaseImage:
+    """A verified raw base image for `choice`, fetched and decompressed if needed."""
+    if not catalog.is_url(choice.spec) and catalog.looks_like_file(choice.spec):
+        return local(Path(choice.spec))
+    http = download.session()
+    spec = resolve(choice, http)
+    with locked(spec.url):
+        if spec.sha256 is None:
+            spec = _with_sidecar_sha(http, spec)
+        result = _cached_image(spec) or _fetch(http, spec, choice)
+    remember(choice, spec)
+    return result
+
+
+def _with_sidecar_sha(http: requests.Session, spec: ImageSpec) -> ImageSpec:
+    sidecar = download.get_text(http, spec.url + ".sha256", missing_ok=True)
+    if not sidecar or not catalog.SHA256_RE.match(sidecar.split()[0].lower()):
+        raise BuildError(f"no sha256 for {spec.url}: neither the OS list nor a .sha256 beside it gives one")
+    return ImageSpec(**{**asdict(spec), "sha256": sidecar.split()[0].lower()})
+
+
+def _suffix(name: str) -> str:
+    for suffix in (".img.xz", ".img.gz", ".zip", ".img"):
+        if name.endswith(suffix):
+            return suffix
+    return ".img.xz"
+
+
+def _cached_image(spec: ImageSpec) -> Optional[BaseImage]:
+    path = root() / "images" / f"{spec.sha256}.img"
+    meta = _read_json(path.with_suffix(".json"))
+    if not path.exists() or not meta.get("sha256"):
+        return None
+    found = image.sha256_file(path, progress=True)
+    if found != meta["sha256"] or (spec.extract_sha256 and found != spec.extract_sha256):
+        log.warning("cached image %s is corrupted (sha256 %s, expected %s); fetching it again", path, found, meta["sha256"])
+        path.unlink()
+        return None
+    log.info("using cached %s", spec.name)
+    return BaseImage(path, found, spec.url)
+
+
+def _fetch(http: requests.Session, spec: ImageSpec, choice: Choice) -> BaseImage:
+    assert spec.sha256 is not None
+    downloads = root() / "downloads"
+    downloads.mkdir(parents=True, exist_ok=True)
+    compressed = downloads / f"{spec.sha256}{_suffix(spec.filename)}"
+    meta_path = downloads / f"{spec.sha256}.json"
+    if compressed.exists() and image.sha256_file(compressed, progress=True) != spec.sha256:
+        log.warning("cached download %s is corrupted; fetching it again", compressed)
+        compressed.unlink()
+    if not compressed.exists():
+        _download_verified(http, spec, choice, compressed)
+    elif choice.verify_signature and _read_json(meta_path).get("signature") in (None, "skipped"):
+        _check_signature(http, spec, compressed)
+    return decompress_into_cache(compressed, spec.sha256, spec.extract_sha256, spec.url, spec.extract_size)
+
+
+def _download_verified(http: requests.Session, spec: ImageSpec, choice: Choice, target: Path) -> None:
+    partial_dir = root() / "partial"
+    partial_dir.mkdir(parents=True, exist_ok=True)
+    part = partial_dir / f"{hashlib.sha256(spec.url.encode()).hexdigest()[:16]}-{spec.filename}.part"
+    download.download(http, spec.url, part, spec.download_size)
+    found = image.sha256_file(part, progress=True)
+    if found != spec.sha256:
+        part.unlink()
+        raise BuildError(f"sha256 mismatch for {spec.url}: expected {spec.sha256}, found {found}; "
+                         "the download was discarded")
+    try:
+        fingerprint = _check_signature(http, spec, part) if choice.verify_signature else "skipped"
+    except BuildError:
+        part.unlink()  # a file that fails its signature is not kept, even to resume
+        raise
+    if not choice.verify_signature:
+        log.warning("NOT checking the OpenPGP signature of %s (--no-verify-signature)", spec.url)
+    _write_json(target.with_name(f"{spec.sha256}.json"), {"url": spec.url, "name": spec.name, "release_date": spec.release_date,
+                                                          "signature": fingerprint})
+    os.replace(part, target)
+
+
+def _check_signature(http: requests.Session, spec: ImageSpec, data: Path) -> str:
+    sig_text = http_get_bytes(http, spec.url + ".sig")
+    sig = data.with_name(data.name + ".sig")
+    sig.write_bytes(sig_text)
+    try:
+        fingerprint = signature.verify(data, sig, signature.keyring(http, root() / "keys"), spec.url)
+    finally:
+        sig.unlink(missing_ok=True)
+    log.info("signature of %s: good, by pinned key %s", spec.filename, fingerprint)
+    meta_path = data.parent / f"{spec.sha256}.json"
+    if meta_path.exists():
+        _write_json(meta_path, {**_read_json(meta_path), "signature": fingerprint})
+    return fingerprint
+
+
+def http_get_bytes(http: requests.Session, url: str) -> bytes:
+    response = http.get(url, timeout=download.TIMEOUT)
+    if response.status_code == 404:
+        raise BuildError(f"{url} is missing: the image is unsigned or the mirror is incomplete; "
+                         "--no-verify-signature skips the check (not recommended)")
+    if response.status_code != 200:
+        raise BuildError(f"cannot fetch {url}: HTTP {response.status_code}")
+    return response.content
+
+
+def decompress_into_cache(compressed: Path, key: str, expected: Optional[str], origin: str,
+                          size: Optional[int] = None) -> BaseImage:
+    """Decompress once into images/<key>.img, checking the result's sha256 when one is known."""
+    images = root() / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    target = images / f"{key}.img"
+    found = image.decompress(compressed, target, size)
+    if expected and found != expected:
+        target.unlink()
+        raise BuildError(f"sha256 mismatch for the decompressed {origin}: expected {expected} (extract_sha256), "
+                         f"found {found}")
+    _write_json(target.with_suffix(".json"), {"sha256": found, "origin": origin})
+    return BaseImage(target, found, origin)
+
+
+def local(path: Path) -> BaseImage:
+    path = path.expanduser()
+    if not path.exists():
+        raise BuildError(f"image not found: {path}")
+    if not path.is_file():
+        raise BuildError(f"image is not a file: {path}")
+    if _suffix(path.name) == ".img" and not path.name.endswith((".xz", ".gz", ".zip")):
+        return BaseImage(path, None, str(path))
+    key = image.sha256_file(path, progress=True)
+    with locked(key):
+        cached = root() / "images" / f"{key}.img"
+        meta = _read_json(cached.with_suffix(".json"))
+        if cached.exists() and meta.get("sha256") and image.sha256_file(cached) == meta["sha256"]:
+            log.info("using decompressed image %s", cached)
+            return BaseImage(cached, meta["sha256"], str(path))
+        return decompress_into_cache(path, key, None, str(path))
+
+
+# ---------------------------------------------------------------- cache commands
+
+
+def entries() -> list[tuple[Path, int, str]]:
+    out = []
+    for folder in ("downloads", "images", "partial"):
+        for path in sorted((root() / folder).glob("*")):
+            if path.suffix in (".json",) or path.name.startswith("."):
+                continue
+            meta = _read_json(path.with_name(path.name.split(".")[0] + ".json"))
+            label = meta.get("name") or meta.get("origin") or meta.get("url") or ""
+            out.append((path, path.stat().st_size, label))
+    return out
+
+
+def clean() -> int:
+    freed = sum(p.stat().st_size for p in root().rglob("*") if p.is_file()) if root().exists() else 0
+    shutil.rmtree(root(), ignore_errors=True)
+    return freed

@@ -1,0 +1,147 @@
+"""HTTP downloads: streamed to disk, resumed with Range, retried with backoff.
+
+Proxies come from the environment (requests reads HTTP(S)_PROXY and NO_PROXY).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import requests
+
+from builder import __version__
+from builder.errors import BuildError
+from builder.progress import bar
+
+log = logging.getLogger(__name__)
+
+# Small enough that a dropped connection loses little: requests discards the
+# chunk it was reading when the connection breaks.
+CHUNK = 64 << 10
+ATTEMPTS = 6
+TIMEOUT = (15, 60)  # connect, read (seconds)
+
+
+class _Retry(Exception):
+    """A failure worth another attempt: connection trouble, a timeout, a 5xx."""
+
+
+def session() -> requests.Session:
+    s = requests.Session()
+    s.headers["User-Agent"] = f"pibake/{__version__}"
+    return s
+
+
+def _backoff(attempt: int) -> float:
+    return min(30.0, 0.5 * 2**attempt)
+
+
+def get_text(http: requests.Session, url: str, missing_ok: bool = False) -> Optional[str]:
+    """A small file (OS list, sidecar, key), with the same retries as a download."""
+    for attempt in range(ATTEMPTS):
+        try:
+            response = http.get(url, timeout=TIMEOUT)
+            if response.status_code == 404 and missing_ok:
+                return None
+            if response.status_code >= 500:
+                raise _Retry(f"HTTP {response.status_code}")
+            if response.status_code != 200:
+                raise BuildError(f"cannot fetch {url}: HTTP {response.status_code} {response.reason}")
+            return response.text
+        except (requests.ConnectionError, requests.Timeout, _Retry) as e:
+            if attempt == ATTEMPTS - 1:
+                raise BuildError(f"cannot fetch {url}: {_reason(e)} (tried {ATTEMPTS} times)") from None
+            log.info("fetching %s failed (%s); retrying", url, _reason(e))
+            time.sleep(_backoff(attempt))
+    raise AssertionError("unreachable")
+
+
+def get_json(http: requests.Session, url: str) -> Any:
+    text = get_text(http, url)
+    try:
+        return json.loads(text or "")
+    except ValueError as e:
+        raise BuildError(f"{url} is not valid JSON: {e}") from None
+
+
+def download(http: requests.Session, url: str, part: Path, expected_size: Optional[int] = None) -> Path:
+    """Download `url` into `part`, resuming what an earlier run left there.
+
+    A sidecar `<part>.json` remembers the validator (ETag or Last-Modified) the
+    partial bytes came with; `If-Range` makes the server send the whole file
+    again when it changed, and a server that ignores Range does the same.
+    """
+    meta_path = part.with_name(part.name + ".json")
+    for attempt in range(ATTEMPTS):
+        try:
+            _attempt(http, url, part, meta_path, expected_size)
+            meta_path.unlink(missing_ok=True)
+            return part
+        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError, _Retry) as e:
+            if attempt == ATTEMPTS - 1:
+                raise BuildError(f"cannot download {url}: {_reason(e)} (tried {ATTEMPTS} times; "
+                                 "run again to resume)") from None
+            log.info("download of %s interrupted (%s); resuming", url, _reason(e))
+            time.sleep(_backoff(attempt))
+    raise AssertionError("unreachable")
+
+
+def _attempt(http: requests.Session, url: str, part: Path, meta_path: Path, expected_size: Optional[int]) -> None:
+    meta = _read_meta(meta_path)
+    have = part.stat().st_size if part.exists() and meta.get("url") == url else 0
+    headers = {}
+    if have and meta.get("validator"):
+        headers = {"Range": f"bytes={have}-", "If-Range": meta["validator"]}
+    with http.get(url, headers=headers, stream=True, timeout=TIMEOUT) as response:
+        if response.status_code >= 500:
+            raise _Retry(f"HTTP {response.status_code}")
+        if response.status_code == 416 and have:  # nothing left to send: the file was complete
+            return
+        if response.status_code not in (200, 206):
+            raise BuildError(f"cannot download {url}: HTTP {response.status_code} {response.reason}")
+        if response.status_code == 200:
+            if have:
+                log.info("server sent %s whole (no resume: Range ignored or file changed)", url)
+            have = 0
+        log.debug("GET %s %s -> %s", url, headers.get("Range", ""), response.status_code)
+        validator = response.headers.get("ETag") or response.headers.get("Last-Modified")
+        meta_path.write_text(json.dumps({"url": url, "validator": validator}))
+        total = _total(response, have) or expected_size
+        with open(part, "r+b" if have else "wb") as f, bar(total=total, initial=have, unit="B", unit_scale=True,
+                                                           unit_divisor=1024, desc=part.name.split(".")[0][:24]) as meter:
+            f.seek(have)
+            f.truncate()
+            for chunk in response.iter_content(CHUNK):
+                f.write(chunk)
+                meter.update(len(chunk))
+        size = part.stat().st_size
+        if total is not None and size < total:
+            raise _Retry(f"connection closed after {size} of {total} bytes")
+
+
+def _total(response: requests.Response, have: int) -> Optional[int]:
+    if response.status_code == 206:
+        content_range = response.headers.get("Content-Range", "")
+        return int(content_range.rsplit("/", 1)[1]) if "/" in content_range and not content_range.endswith("*") else None
+    length = response.headers.get("Content-Length")
+    return int(length) if length and length.isdigit() else None
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _reason(e: BaseException) -> str:
+    text = str(e).strip()
+    if isinstance(e, requests.Timeout):
+        return "timed out"
+    if isinstance(e, requests.ConnectionError):
+        return "connection failed" + (f" ({text.splitlines()[0][:120]})" if text else "")
+    return text or type(e).__name__

@@ -1,0 +1,153 @@
+"""`make bench`: pibake's costs against the floor of doing the same work by hand.
+
+Fetch section: fetch + verify + decompress a Bookworm-Lite-sized fixture (about
+500 MB compressed, 2.7 GB decompressed) from a loopback server, against
+`curl URL | tee file.xz | xz -dc -T0 > file.img` plus `sha256sum` of both files,
+the same bytes through the same server, runs alternating, medians compared.
+pibake does more than the floor (it also checks an OpenPGP signature).
+
+Prints a table and writes the figures to output/bench/fetch.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from mirror import Mirror  # noqa: E402
+from test_fetch import make_signer  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+WORK = REPO / "output" / "bench"
+FIXTURE_VERSION = "1"
+IMAGE = "raspios_lite_arm64/images/raspios_lite_arm64-2025-11-24/2025-11-24-raspios-trixie-arm64-lite.img.xz"
+RAW_SIZE = 2_751_463_424  # Bookworm Lite 2025-11-24, bytes
+RANDOM_BYTES = 500 << 20  # what survives xz: about 500 MB compressed, like the real image
+RUNS = int(os.environ.get("PIBAKE_BENCH_RUNS", "3"))
+
+
+def run(command: list[str], **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(command, check=True, **kwargs)
+
+
+def fixture() -> tuple[Path, dict]:
+    """The mirror tree, made once and kept under output/bench/."""
+    root = WORK / f"fixture-{FIXTURE_VERSION}"
+    meta_path = root / "meta.json"
+    if meta_path.exists():
+        return root, json.loads(meta_path.read_text())
+    shutil.rmtree(root, ignore_errors=True)
+    target = root / "www" / IMAGE
+    target.parent.mkdir(parents=True)
+    raw = root / "raw.img"
+    print(f"making the fixture in {root} (once) ...", flush=True)
+    with open(raw, "wb") as f:
+        with open("/dev/urandom", "rb") as random:
+            for _ in range(RANDOM_BYTES >> 20):
+                f.write(random.read(1 << 20))
+                f.write(bytes(3 << 20))  # zeros between the data, as in a real image
+        f.truncate(RAW_SIZE)
+    with open(target, "wb") as out:
+        run(["xz", "-1", "-T0", "-c", str(raw)], stdout=out)
+    extract_sha = run(["sha256sum", str(raw)], capture_output=True, text=True).stdout.split()[0]
+    raw.unlink()
+    sha = run(["sha256sum", str(target)], capture_output=True, text=True).stdout.split()[0]
+    target.with_name(target.name + ".sha256").write_text(f"{sha}  {target.name}\n")
+    signer = make_signer(root / "gpg", "pibake bench signer")
+    signer.sign(target, target.with_name(target.name + ".sig"))
+    (root / "www/keys").mkdir()
+    (root / "www/keys/signing.asc").write_bytes(signer.public())
+    leaf = {"name": "Raspberry Pi OS Lite (64-bit)", "url": f"https://downloads.raspberrypi.com/{IMAGE}",
+            "extract_size": RAW_SIZE, "extract_sha256": extract_sha, "image_download_size": target.stat().st_size,
+            "release_date": "2025-11-24"}
+    (root / "www/os_list_imagingutility_v4.json").write_text(json.dumps({"os_list": [leaf]}))
+    meta = {"sha256": sha, "extract_sha256": extract_sha, "compressed": target.stat().st_size,
+            "fingerprint": signer.fingerprint}
+    meta_path.write_text(json.dumps(meta))
+    return root, meta
+
+
+def floor(url: str, scratch: Path) -> float:
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    start = time.monotonic()
+    run(["bash", "-c", f"set -o pipefail; curl -sf {url} | tee {scratch}/file.img.xz | xz -dc -T0 > {scratch}/file.img"])
+    run(["sha256sum", f"{scratch}/file.img.xz", f"{scratch}/file.img"], capture_output=True)
+    return time.monotonic() - start
+
+
+def pibake(mirror: Mirror, meta: dict, scratch: Path) -> tuple[float, float]:
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    env = {**os.environ, "XDG_CACHE_HOME": str(scratch), "PIBAKE_DOWNLOAD_BASE": mirror.base,
+           "PIBAKE_SIGNING_KEY_URL": f"{mirror.base}/keys/signing.asc", "PIBAKE_SIGNING_KEYS": meta["fingerprint"]}
+    start = time.monotonic()
+    result = run([sys.executable, "-m", "builder", "fetch", "-v", "-q"], env=env, capture_output=True, text=True)
+    seconds = time.monotonic() - start
+    rss = re.search(r"peak RSS: ([\d.]+) MiB", result.stderr)
+    if meta["extract_sha256"] not in result.stdout or rss is None:
+        raise SystemExit(f"pibake fetch did not verify the image:\n{result.stdout}{result.stderr}")
+    return seconds, float(rss[1])
+
+
+def bench_fetch() -> dict:
+    root, meta = fixture()
+    mirror = Mirror(root / "www")
+    url = f"{mirror.base}/{IMAGE}"
+    scratch = WORK / "scratch"
+    floors, pibakes, rss = [], [], []
+    try:
+        for i in range(RUNS):
+            floors.append(floor(url, scratch / "floor"))
+            seconds, peak = pibake(mirror, meta, scratch / "pibake")
+            pibakes.append(seconds)
+            rss.append(peak)
+            print(f"  run {i + 1}/{RUNS}: floor {floors[-1]:.1f} s, pibake {pibakes[-1]:.1f} s, pibake peak RSS {peak:.0f} MiB",
+                  flush=True)
+    finally:
+        mirror.stop()
+        shutil.rmtree(scratch, ignore_errors=True)
+    result = {
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "fixture": {"compressed_bytes": meta["compressed"], "decompressed_bytes": RAW_SIZE},
+        "runs": RUNS,
+        "floor_seconds": floors,
+        "pibake_seconds": pibakes,
+        "floor_median": statistics.median(floors),
+        "pibake_median": statistics.median(pibakes),
+        "ratio": statistics.median(pibakes) / statistics.median(floors),
+        "pibake_peak_rss_mib": max(rss),
+        "targets": {"ratio_at_most": 1.2, "peak_rss_mib_under": 200},
+    }
+    return result
+
+
+def main() -> None:
+    if shutil.which("curl") is None:
+        raise SystemExit("the fetch benchmark needs curl (apt-get install curl)")
+    WORK.mkdir(parents=True, exist_ok=True)
+    print(f"fetch: {RUNS} alternating runs of the floor and `pibake fetch` on loopback")
+    fetch = bench_fetch()
+    (WORK / "fetch.json").write_text(json.dumps(fetch, indent=2) + "\n")
+    print()
+    print(f"{'fetch + verify + decompress':<34}{'median s':>10}{'runs':>26}")
+    print(f"{'  floor (curl|tee|xz, sha256sum)':<34}{fetch['floor_median']:>10.1f}   {', '.join(f'{s:.1f}' for s in fetch['floor_seconds'])}")
+    print(f"{'  pibake fetch':<34}{fetch['pibake_median']:>10.1f}   {', '.join(f'{s:.1f}' for s in fetch['pibake_seconds'])}")
+    ok_ratio = fetch["ratio"] <= 1.2
+    ok_rss = fetch["pibake_peak_rss_mib"] < 200
+    print(f"  pibake / floor: {fetch['ratio']:.2f} (target <= 1.2: {'met' if ok_ratio else 'NOT met'})")
+    print(f"  pibake peak RSS: {fetch['pibake_peak_rss_mib']:.0f} MiB (target < 200: {'met' if ok_rss else 'NOT met'})")
+    print(f"  figures: {WORK / 'fetch.json'}")
+
+
+if __name__ == "__main__":
+    main()
