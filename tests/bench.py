@@ -2,7 +2,8 @@
 
 Fetch section: fetch + verify + decompress a Bookworm-Lite-sized fixture (about
 500 MB compressed, 2.7 GB decompressed) from a loopback server, against
-`curl URL | tee file.xz | xz -dc -T0 > file.img` plus `sha256sum` of both files,
+`curl URL | tee file.xz | xz -dc -T0 > file.img` plus hashing both files (with
+sha256sum, and with openssl, which is faster here),
 the same bytes through the same server, runs alternating, medians compared.
 pibake does more than the floor (it also checks an OpenPGP signature).
 
@@ -76,13 +77,19 @@ def fixture() -> tuple[Path, dict]:
     return root, meta
 
 
-def floor(url: str, scratch: Path) -> float:
+def floor(url: str, scratch: Path, hasher: list[str]) -> float:
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
     start = time.monotonic()
     run(["bash", "-c", f"set -o pipefail; curl -sf {url} | tee {scratch}/file.img.xz | xz -dc -T0 > {scratch}/file.img"])
-    run(["sha256sum", f"{scratch}/file.img.xz", f"{scratch}/file.img"], capture_output=True)
+    run([*hasher, f"{scratch}/file.img.xz", f"{scratch}/file.img"], capture_output=True)
     return time.monotonic() - start
+
+
+# The floor as stated hashes with coreutils' sha256sum, which does not use the
+# CPU's SHA instructions here; OpenSSL does, as pibake's hashlib does. The
+# strict floor uses it, and the target is judged against the faster floor.
+FLOORS = {"sha256sum": ["sha256sum"], "openssl": ["openssl", "dgst", "-sha256"]}
 
 
 def pibake(mirror: Mirror, meta: dict, scratch: Path) -> tuple[float, float]:
@@ -91,7 +98,7 @@ def pibake(mirror: Mirror, meta: dict, scratch: Path) -> tuple[float, float]:
     env = {**os.environ, "XDG_CACHE_HOME": str(scratch), "PIBAKE_DOWNLOAD_BASE": mirror.base,
            "PIBAKE_SIGNING_KEY_URL": f"{mirror.base}/keys/signing.asc", "PIBAKE_SIGNING_KEYS": meta["fingerprint"]}
     start = time.monotonic()
-    result = run([sys.executable, "-m", "builder", "fetch", "-v", "-q"], env=env, capture_output=True, text=True)
+    result = run([sys.executable, "-m", "builder", "fetch", "-v"], env=env, capture_output=True, text=True)
     seconds = time.monotonic() - start
     rss = re.search(r"peak RSS: ([\d.]+) MiB", result.stderr)
     if meta["extract_sha256"] not in result.stdout or rss is None:
@@ -104,27 +111,33 @@ def bench_fetch() -> dict:
     mirror = Mirror(root / "www")
     url = f"{mirror.base}/{IMAGE}"
     scratch = WORK / "scratch"
-    floors, pibakes, rss = [], [], []
+    floors: dict[str, list[float]] = {name: [] for name in FLOORS}
+    pibakes, rss = [], []
     try:
         for i in range(RUNS):
-            floors.append(floor(url, scratch / "floor"))
+            for name, hasher in FLOORS.items():
+                floors[name].append(floor(url, scratch / "floor", hasher))
             seconds, peak = pibake(mirror, meta, scratch / "pibake")
             pibakes.append(seconds)
             rss.append(peak)
-            print(f"  run {i + 1}/{RUNS}: floor {floors[-1]:.1f} s, pibake {pibakes[-1]:.1f} s, pibake peak RSS {peak:.0f} MiB",
-                  flush=True)
+            print(f"  run {i + 1}/{RUNS}: " + ", ".join(f"floor/{n} {v[-1]:.1f} s" for n, v in floors.items())
+                  + f", pibake {pibakes[-1]:.1f} s, pibake peak RSS {peak:.0f} MiB", flush=True)
     finally:
         mirror.stop()
         shutil.rmtree(scratch, ignore_errors=True)
+    medians = {name: statistics.median(values) for name, values in floors.items()}
+    strict = min(medians.values())
     result = {
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "fixture": {"compressed_bytes": meta["compressed"], "decompressed_bytes": RAW_SIZE},
         "runs": RUNS,
         "floor_seconds": floors,
+        "floor_medians": medians,
         "pibake_seconds": pibakes,
-        "floor_median": statistics.median(floors),
+        "floor_median": strict,
         "pibake_median": statistics.median(pibakes),
-        "ratio": statistics.median(pibakes) / statistics.median(floors),
+        "ratio": statistics.median(pibakes) / strict,
+        "ratio_vs_sha256sum_floor": statistics.median(pibakes) / medians["sha256sum"],
         "pibake_peak_rss_mib": max(rss),
         "targets": {"ratio_at_most": 1.2, "peak_rss_mib_under": 200},
     }
@@ -140,11 +153,14 @@ def main() -> None:
     (WORK / "fetch.json").write_text(json.dumps(fetch, indent=2) + "\n")
     print()
     print(f"{'fetch + verify + decompress':<34}{'median s':>10}{'runs':>26}")
-    print(f"{'  floor (curl|tee|xz, sha256sum)':<34}{fetch['floor_median']:>10.1f}   {', '.join(f'{s:.1f}' for s in fetch['floor_seconds'])}")
+    for name, values in fetch["floor_seconds"].items():
+        label = f"  floor (curl|tee|xz, {name})"
+        print(f"{label:<34}{fetch['floor_medians'][name]:>10.1f}   {', '.join(f'{s:.1f}' for s in values)}")
     print(f"{'  pibake fetch':<34}{fetch['pibake_median']:>10.1f}   {', '.join(f'{s:.1f}' for s in fetch['pibake_seconds'])}")
     ok_ratio = fetch["ratio"] <= 1.2
     ok_rss = fetch["pibake_peak_rss_mib"] < 200
-    print(f"  pibake / floor: {fetch['ratio']:.2f} (target <= 1.2: {'met' if ok_ratio else 'NOT met'})")
+    print(f"  pibake / strict floor: {fetch['ratio']:.2f} (target <= 1.2: {'met' if ok_ratio else 'NOT met'}); "
+          f"pibake / sha256sum floor: {fetch['ratio_vs_sha256sum_floor']:.2f}")
     print(f"  pibake peak RSS: {fetch['pibake_peak_rss_mib']:.0f} MiB (target < 200: {'met' if ok_rss else 'NOT met'})")
     print(f"  figures: {WORK / 'fetch.json'}")
 
