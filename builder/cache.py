@@ -89,16 +89,9 @@ def _resolve_key(choice: Choice, family: Optional[str], date: Optional[str]) -> 
 def resolve(choice: Choice, http: requests.Session) -> ImageSpec:
     """The remote image a spec names, from the OS list or the remembered answer."""
     if catalog.is_url(choice.spec):
-        if choice.sha256 is None:
-            sidecar = download.get_text(http, choice.spec + ".sha256", missing_ok=True)
-            if sidecar is None:
-                raise BuildError(f"no sha256 for {choice.spec}: the server has no .sha256 beside it; pin one with --sha256")
-            sha = sidecar.split()[0].lower() if sidecar.split() else ""
-        else:
-            sha = choice.sha256.lower()
         m = catalog.FILE_RE.search(choice.spec)
         return ImageSpec(url=choice.spec, name=choice.spec.rsplit("/", 1)[-1], release_date=m[1] if m else "",
-                         codename=m[2] if m else "", sha256=sha)
+                         codename=m[2] if m else "", sha256=choice.sha256.lower() if choice.sha256 else None)
     _, family, date = catalog.parse_spec(choice.spec)
     key = _resolve_key(choice, family, date)
     remembered = _read_json(root() / "resolved.json").get(key)
@@ -152,7 +145,7 @@ def obtain(choice: Choice) -> BaseImage:
 def _with_sidecar_sha(http: requests.Session, spec: ImageSpec) -> ImageSpec:
     sidecar = download.get_text(http, spec.url + ".sha256", missing_ok=True)
     if not sidecar or not catalog.SHA256_RE.match(sidecar.split()[0].lower()):
-        raise BuildError(f"no sha256 for {spec.url}: neither the OS list nor a .sha256 beside it gives one")
+        raise BuildError(f"no sha256 for {spec.url}: neither the OS list, a pin (--sha256) nor a .sha256 beside it gives one")
     return ImageSpec(**{**asdict(spec), "sha256": sidecar.split()[0].lower()})
 
 
@@ -216,9 +209,12 @@ def _download_verified(http: requests.Session, spec: ImageSpec, choice: Choice, 
 
 
 def _check_signature(http: requests.Session, spec: ImageSpec, data: Path) -> str:
-    sig_text = http_get_bytes(http, spec.url + ".sig")
+    signature_bytes = download.get_bytes(http, spec.url + ".sig", missing_ok=True)
+    if signature_bytes is None:
+        raise BuildError(f"{spec.url}.sig is missing: the image is unsigned or the mirror is incomplete; "
+                         "--no-verify-signature skips the check (not recommended)")
     sig = data.with_name(data.name + ".sig")
-    sig.write_bytes(sig_text)
+    sig.write_bytes(signature_bytes)
     try:
         fingerprint = signature.verify(data, sig, signature.keyring(http, root() / "keys"), spec.url)
     finally:
@@ -228,16 +224,6 @@ def _check_signature(http: requests.Session, spec: ImageSpec, data: Path) -> str
     if meta_path.exists():
         _write_json(meta_path, {**_read_json(meta_path), "signature": fingerprint})
     return fingerprint
-
-
-def http_get_bytes(http: requests.Session, url: str) -> bytes:
-    response = http.get(url, timeout=download.TIMEOUT)
-    if response.status_code == 404:
-        raise BuildError(f"{url} is missing: the image is unsigned or the mirror is incomplete; "
-                         "--no-verify-signature skips the check (not recommended)")
-    if response.status_code != 200:
-        raise BuildError(f"cannot fetch {url}: HTTP {response.status_code}")
-    return response.content
 
 
 def decompress_into_cache(compressed: Path, key: str, expected: Optional[str], origin: str,

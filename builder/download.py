@@ -41,7 +41,12 @@ def _backoff(attempt: int) -> float:
 
 
 def get_text(http: requests.Session, url: str, missing_ok: bool = False) -> Optional[str]:
-    """A small file (OS list, sidecar, key), with the same retries as a download."""
+    data = get_bytes(http, url, missing_ok)
+    return None if data is None else data.decode("utf-8", "replace")
+
+
+def get_bytes(http: requests.Session, url: str, missing_ok: bool = False) -> Optional[bytes]:
+    """A small file (OS list, sidecar, signature, key), with the same retries as a download."""
     for attempt in range(ATTEMPTS):
         try:
             response = http.get(url, timeout=TIMEOUT)
@@ -51,7 +56,7 @@ def get_text(http: requests.Session, url: str, missing_ok: bool = False) -> Opti
                 raise _Retry(f"HTTP {response.status_code}")
             if response.status_code != 200:
                 raise BuildError(f"cannot fetch {url}: HTTP {response.status_code} {response.reason}")
-            return response.text
+            return response.content
         except (requests.ConnectionError, requests.Timeout, _Retry) as e:
             if attempt == ATTEMPTS - 1:
                 raise BuildError(f"cannot fetch {url}: {_reason(e)} (tried {ATTEMPTS} times)") from None

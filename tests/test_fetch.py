@@ -10,8 +10,9 @@ import hashlib
 import json
 import shutil
 import subprocess
-import sys
 import os
+import sys
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -346,3 +347,21 @@ def test_build_fetches_then_works_offline(mirror: Mirror, published: Published, 
     assert result.code == 0, result.output
     manifest = json.loads((workdir / "output/manifest.json").read_text())
     assert manifest["nodes"]["worker1"]["base_image"]["sha256"] == published.hashes[BOOKWORM][1]
+
+
+def test_local_gz_and_zip_images_are_decompressed_and_cached(workdir: Path) -> None:
+    raw = make_image(workdir / "2025-05-13-raspios-bookworm-arm64-lite.img")
+    expected = hashlib.sha256(raw.read_bytes()).hexdigest()
+    subprocess.run(["gzip", "-1", "-k", str(raw)], check=True)
+    with zipfile.ZipFile(workdir / "image.zip", "w", zipfile.ZIP_DEFLATED, compresslevel=1) as archive:
+        archive.write(raw, raw.name)
+    env = {"XDG_CACHE_HOME": str(workdir / "cache")}
+    for name in (raw.name + ".gz", "image.zip"):
+        result = fetch(workdir, env, "--image", name)
+        assert result.code == 0, result.output
+        path, _, sha = result.stdout.split()[:3]
+        assert sha == expected and hashlib.sha256(Path(path).read_bytes()).hexdigest() == expected
+    broken = workdir / "broken.zip"
+    broken.write_bytes(b"PK\x03\x04 not really a zip")
+    assert_fails(fetch(workdir, {"XDG_CACHE_HOME": str(workdir / "cache2")}, "--image", "broken.zip"),
+                 "cannot decompress broken.zip", workdir / "cache2")
