@@ -116,6 +116,8 @@ def build(profile: Profile, nodes: tuple[Node, ...], options: Options) -> list[B
         with Appliance([Drive(p) for p in staged]) as appliance:
             release = appliance.release(0, options.force)
             log.info("release: %s (%s)", release.codename, release.reason)
+            if release.caveat:
+                log.warning("warning: %s", release.caveat)
             plans = plans_for(profile, nodes, release, keys)
             for index, plan in enumerate(bar(plans, desc="bake", unit="image")):
                 log.debug("%s: applying %d operations", plan.node.hostname, len(plan.ops))

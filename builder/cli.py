@@ -159,6 +159,8 @@ def plan(role: str, count: Optional[int], first: int, profiles: Path, state: Opt
     else:
         base = obtain(_choice(profile.image, image_spec, sha256, no_verify_signature, refresh))
         chosen = inspect_release(base.path, force)
+    if chosen.caveat:
+        log.warning("warning: %s", chosen.caveat)
     for node_plan in plans_for(profile, nodes, chosen, KeyStore(_state(state, output))):
         _print_plan(node_plan)
 

@@ -20,6 +20,11 @@ class Release:
     reason: str  # why this release was chosen, for the plan and manifest
 
     @property
+    def caveat(self) -> str:
+        """What the user must know before flashing this release, or ''."""
+        return CAVEATS.get(self.codename, "" if self.codename in KNOWN else CAVEATS["trixie"])
+
+    @property
     def variants(self) -> tuple[str, ...]:
         return (self.network,)
 
@@ -30,6 +35,13 @@ KNOWN = {
     "bullseye": ("/boot", "dhcpcd"),
     "bookworm": ("/boot/firmware", "networkmanager"),
     "trixie": ("/boot/firmware", "networkmanager"),
+}
+
+
+CAVEATS = {
+    "trixie": "Trixie configures itself with cloud-init on first boot, which pibake does not handle yet: "
+              "cloud-init's defaults may replace the hostname, user or SSH host keys baked in. "
+              "Bake Bookworm (--image bookworm) for a cluster that must come up as planned.",
 }
 
 

@@ -159,6 +159,16 @@ def test_plan_command_prints_every_operation_without_secrets(operator_key: Path,
     assert not (workdir / "output").exists()
 
 
+def test_trixie_plans_warn_about_cloud_init(operator_key: Path, workdir: Path) -> None:
+    write_profile(workdir, f"user:\n  ssh_keys: [{operator_key}]\n")
+    trixie = run_pibake("plan", "master", "--release", "trixie", "--profiles", "cluster.yaml", cwd=workdir)
+    assert trixie.code == 0
+    assert "pibake: warning: Trixie configures itself with cloud-init on first boot" in trixie.stderr
+    assert "/etc/NetworkManager/system-connections/pibake-lan.nmconnection" in trixie.stdout
+    bookworm = run_pibake("plan", "master", "--release", "bookworm", "--profiles", "cluster.yaml", cwd=workdir)
+    assert "warning" not in bookworm.stderr
+
+
 def test_first_and_count_only_for_workers(operator_key: Path, workdir: Path) -> None:
     write_profile(workdir, f"user:\n  ssh_keys: [{operator_key}]\n")
     result = run_pibake("plan", "master", "--count", "2", "--release", "bookworm", "--profiles", "cluster.yaml", cwd=workdir)
