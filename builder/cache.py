@@ -82,30 +82,20 @@ def _read_json(path: Path) -> dict:
 # ---------------------------------------------------------------- resolving
 
 
-def _resolve_key(choice: Choice, family: Optional[str], date: Optional[str]) -> str:
+def _resolve_key(choice: Choice) -> str:
+    family, date = catalog.parse_spec(choice.spec)
     return f"{choice.source.os_list}|{family or 'latest'}|{date or ''}"
 
 
-def resolve(choice: Choice, http: requests.Session) -> ImageSpec:
-    """The remote image a spec names, from the OS list or the remembered answer."""
-    if catalog.is_url(choice.spec):
-        m = catalog.FILE_RE.search(choice.spec)
-        return ImageSpec(url=choice.spec, name=choice.spec.rsplit("/", 1)[-1], release_date=m[1] if m else "",
-                         codename=m[2] if m else "", sha256=choice.sha256.lower() if choice.sha256 else None)
-    _, family, date = catalog.parse_spec(choice.spec)
-    key = _resolve_key(choice, family, date)
-    remembered = _read_json(root() / "resolved.json").get(key)
-    fresh = remembered and (date or time.time() - remembered.get("at", 0) < RESOLVE_TTL)
-    if remembered and fresh and not choice.refresh:
-        return ImageSpec(**remembered["image"])
-    try:
-        os_list = download.get_json(http, choice.source.os_list)
-        images = catalog.lite_images(os_list, choice.source, lambda url: download.get_json(http, url))
-    except BuildError as e:
-        if remembered:
-            log.warning("cannot read the OS list (%s); using %s from the cache", e, remembered["image"]["name"])
-            return ImageSpec(**remembered["image"])
-        raise
+def offered(choice: Choice, http: requests.Session) -> list[ImageSpec]:
+    """What the OS list offers now, newest first."""
+    os_list = download.get_json(http, choice.source.os_list)
+    return catalog.lite_images(os_list, choice.source, lambda url: download.get_json(http, url))
+
+
+def pick(choice: Choice, images: list[ImageSpec], http: requests.Session) -> ImageSpec:
+    """The image a release spec names among `images`, or in the server's archive."""
+    family, date = catalog.parse_spec(choice.spec)
     found = catalog.choose(images, family, date)
     if found is None and date:
         found = catalog.archived(date, family, choice.source, lambda url: download.get_text(http, url, missing_ok=True))
@@ -115,13 +105,33 @@ def resolve(choice: Choice, http: requests.Session) -> ImageSpec:
     return found
 
 
+def resolve(choice: Choice, http: requests.Session) -> ImageSpec:
+    """The remote image a spec names, from the OS list or the remembered answer."""
+    if catalog.is_url(choice.spec):
+        m = catalog.FILE_RE.search(choice.spec)
+        return ImageSpec(url=choice.spec, name=choice.spec.rsplit("/", 1)[-1], release_date=m[1] if m else "",
+                         codename=m[2] if m else "", sha256=choice.sha256.lower() if choice.sha256 else None)
+    _, date = catalog.parse_spec(choice.spec)
+    remembered = _read_json(root() / "resolved.json").get(_resolve_key(choice))
+    fresh = remembered and (date or time.time() - remembered.get("at", 0) < RESOLVE_TTL)
+    if remembered and fresh and not choice.refresh:
+        return ImageSpec(**remembered["image"])
+    try:
+        images = offered(choice, http)
+    except BuildError as e:
+        if remembered:
+            log.warning("cannot read the OS list (%s); using %s from the cache", e, remembered["image"]["name"])
+            return ImageSpec(**remembered["image"])
+        raise
+    return pick(choice, images, http)
+
+
 def remember(choice: Choice, spec: ImageSpec) -> None:
     if catalog.is_url(choice.spec):
         return
-    _, family, date = catalog.parse_spec(choice.spec)
     path = root() / "resolved.json"
     data = _read_json(path)
-    data[_resolve_key(choice, family, date)] = {"at": time.time(), "image": asdict(spec)}
+    data[_resolve_key(choice)] = {"at": time.time(), "image": asdict(spec)}
     _write_json(path, data)
 
 
@@ -137,7 +147,7 @@ def obtain(choice: Choice) -> BaseImage:
     with locked(spec.url):
         if spec.sha256 is None:
             spec = _with_sidecar_sha(http, spec)
-        result = _cached_image(spec) or _fetch(http, spec, choice)
+        result = _cached_image(spec.sha256, spec.extract_sha256, spec.url) or _fetch(http, spec, choice)
     remember(choice, spec)
     return result
 
@@ -156,18 +166,19 @@ def _suffix(name: str) -> str:
     return ".img.xz"
 
 
-def _cached_image(spec: ImageSpec) -> Optional[BaseImage]:
-    path = root() / "images" / f"{spec.sha256}.img"
+def _cached_image(key: str, expected: Optional[str], origin: str) -> Optional[BaseImage]:
+    """The decompressed image cached under `key`, re-hashed; None if absent or corrupted (then removed)."""
+    path = root() / "images" / f"{key}.img"
     meta = _read_json(path.with_suffix(".json"))
     if not path.exists() or not meta.get("sha256"):
         return None
     found = image.sha256_file(path, progress=True)
-    if found != meta["sha256"] or (spec.extract_sha256 and found != spec.extract_sha256):
-        log.warning("cached image %s is corrupted (sha256 %s, expected %s); fetching it again", path, found, meta["sha256"])
+    if found != meta["sha256"] or (expected and found != expected):
+        log.warning("cached image %s is corrupted (sha256 %s, expected %s); making it again", path, found, meta["sha256"])
         path.unlink()
         return None
-    log.info("using cached %s", spec.name)
-    return BaseImage(path, found, spec.url)
+    log.info("using cached %s", path)
+    return BaseImage(path, found, origin)
 
 
 def _fetch(http: requests.Session, spec: ImageSpec, choice: Choice) -> BaseImage:
@@ -247,16 +258,11 @@ def local(path: Path) -> BaseImage:
         raise BuildError(f"image not found: {path}")
     if not path.is_file():
         raise BuildError(f"image is not a file: {path}")
-    if _suffix(path.name) == ".img" and not path.name.endswith((".xz", ".gz", ".zip")):
-        return BaseImage(path, None, str(path))
+    if not path.name.endswith((".xz", ".gz", ".zip")):
+        return BaseImage(path, None, str(path))  # raw: used where it is
     key = image.sha256_file(path, progress=True)
     with locked(key):
-        cached = root() / "images" / f"{key}.img"
-        meta = _read_json(cached.with_suffix(".json"))
-        if cached.exists() and meta.get("sha256") and image.sha256_file(cached) == meta["sha256"]:
-            log.info("using decompressed image %s", cached)
-            return BaseImage(cached, meta["sha256"], str(path))
-        return decompress_into_cache(path, key, None, str(path))
+        return _cached_image(key, None, str(path)) or decompress_into_cache(path, key, None, str(path))
 
 
 # ---------------------------------------------------------------- cache commands

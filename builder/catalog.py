@@ -66,15 +66,15 @@ class Source:
         return url
 
 
-def parse_spec(text: str) -> tuple[str, Optional[str], Optional[str]]:
-    """`latest`, `bookworm`, `2025-05-13`, `bookworm@2025-05-13` -> (kind, family, date)."""
+def parse_spec(text: str) -> tuple[Optional[str], Optional[str]]:
+    """`latest`, `bookworm`, `2025-05-13`, `bookworm@2025-05-13` -> (family or None, date or None)."""
     family, _, date = text.partition("@")
     if DATE_RE.match(family) and not date:
         family, date = "latest", family
     if family not in ("latest", *FAMILIES) or (date and not DATE_RE.match(date)):
         raise BuildError(f"'{text}' is not an image spec: use latest, {', '.join(FAMILIES)}, a date like 2025-05-13, "
                          "family@date, a URL or a file path", exit_code=2)
-    return "release", None if family == "latest" else family, date or None
+    return None if family == "latest" else family, date or None
 
 
 def is_url(text: str) -> bool:

@@ -17,9 +17,9 @@ from builder.errors import BuildError, ProfileError
 from builder.keys import KeyStore
 from builder.plan import NodePlan, describe
 from builder import cache
-from builder.cache import Choice, obtain, resolve
-from builder.catalog import Source, is_url, lite_images, looks_like_file
-from builder.download import get_json, session
+from builder.cache import Choice, obtain
+from builder.catalog import Source, is_url, looks_like_file
+from builder.download import session
 from builder.profile import ImageSettings, Profile, load, load_image_settings
 from builder.release import named
 
@@ -188,8 +188,8 @@ def images(image_spec: Optional[str], profiles: Path) -> None:
     _setup_logging(0, False)
     choice = _choice(load_image_settings(profiles), image_spec, None, False, True)
     http = session()
-    offered = lite_images(get_json(http, choice.source.os_list), choice.source, lambda url: get_json(http, url))
-    chosen = None if is_url(choice.spec) or looks_like_file(choice.spec) else resolve(choice, http)
+    offered = cache.offered(choice, http)
+    chosen = None if is_url(choice.spec) or looks_like_file(choice.spec) else cache.pick(choice, offered, http)
     for spec in offered:
         mark = "*" if chosen is not None and spec.url == chosen.url else " "
         size = f"{spec.download_size / 2**20:.0f} MiB" if spec.download_size else "?"
