@@ -7,7 +7,7 @@ PIBAKE  := $(VENV)/bin/pibake
 PYTEST  := $(VENV)/bin/python -m pytest
 IMAGE   ?=
 
-.PHONY: all deps venv build plan test test-fast bench clean
+.PHONY: all deps venv build plan fixtures test test-fast bench clean
 
 all: build
 
@@ -29,16 +29,20 @@ build: venv
 plan: venv
 	$(PIBAKE) plan cluster $(if $(IMAGE),--image $(IMAGE))
 
-test: venv
+# The boot tests' arm64 image, built from Debian's packages once per recipe and
+# cached in ~/.cache/pibake-fixtures; the only step of `make test` that goes online.
+fixtures: venv
+	$(VENV)/bin/python tests/boot_fixture.py bookworm
+
+test: venv fixtures
 	$(PYTEST) -ra
 
 # Prints a table and writes output/bench/*.json; curl is the floor's downloader.
 bench: venv
-	command -v curl >/dev/null || $(if $(filter 0,$(shell id -u)),,sudo) apt-get install -y -qq curl
 	$(VENV)/bin/python tests/bench.py
 
 test-fast: venv
-	$(PYTEST) -ra -m 'not image'
+	$(PYTEST) -ra -m 'not image and not boot'
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -16,8 +16,10 @@ from pathlib import Path
 from typing import Iterator
 
 from builder.errors import BuildError
+from builder.facts import BaseFacts
+from builder.packages import read_inputs
 from builder.plan import Append, Delete, EditLines, Mkdir, Move, NodePlan, Op, Symlink, Write
-from builder.release import Release, detect
+from builder.release import Release
 
 try:
     import guestfs
@@ -120,14 +122,30 @@ class Appliance:
         return boot, root
 
     def release(self, index: int, force: bool = False) -> Release:
+        return self.facts(index).release(force)
+
+    def facts(self, index: int) -> BaseFacts:
+        """What the plans depend on in an image: its os-release, and what its own apt would read."""
         _, root = self.partitions(index)
         self.g.mount_ro(root, "/")
         try:
             os_release = self._read_text("/etc/os-release") if self.g.exists("/etc/os-release") else ""
             is_rpios = self.g.exists("/etc/rpi-issue")
+            apt = read_inputs(lambda p: self._resolve(p) is not None,
+                              lambda p: self.g.read_file(self._resolve(p)),
+                              lambda p: [n for n in sorted(self.g.ls(p)) if self.g.is_file(self._resolve(f"{p}/{n}") or "/")])
         finally:
             self.g.umount_all()
-        return detect(os_release, is_rpios, force)
+        return BaseFacts(os_release, is_rpios, apt)
+
+    def _resolve(self, path: str, depth: int = 0) -> str | None:
+        """Follow symlinks inside the image (the appliance would follow absolute ones outside it)."""
+        if depth > 8 or not self.g.exists(path) and not self.g.is_symlink(path):
+            return None
+        if not self.g.is_symlink(path):
+            return path
+        target = self.g.readlink(path)
+        return self._resolve(os.path.normpath(os.path.join(os.path.dirname(path), target)), depth + 1)
 
     def _read_text(self, path: str) -> str:
         return self.g.read_file(path).decode("utf-8", "surrogateescape")
@@ -153,8 +171,10 @@ class Appliance:
             # root cannot write into (it also leaves out the root reserve: conservative).
             free = stat["bavail"] * stat["frsize"]
             if free < plan.bytes_needed:
+                packages = (f" ({plan.install_room // 1024} KiB of it for the packages installed on first boot)"
+                            if plan.install_room else "")
                 raise BuildError(f"{node}: the image's root file system is too full: {free // 1024} KiB free, "
-                                 f"pibake needs about {plan.bytes_needed // 1024} KiB")
+                                 f"pibake needs about {plan.bytes_needed // 1024} KiB{packages}")
             for op in plan.ops:
                 log.debug("%s: %s %s", node, type(op).__name__.lower(), op.path)
                 try:

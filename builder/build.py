@@ -11,7 +11,7 @@ import logging
 import os
 import shutil
 import signal
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,12 +19,14 @@ from typing import Iterator
 
 from builder.progress import bar
 
-from builder import image
+from builder import image, packages
 from builder.appliance import Appliance, Drive
 from builder.cache import BaseImage
 from builder.errors import BuildError
 from builder.keys import KeyStore
-from builder.outputs import BuiltImage, update_manifest, write_ssh_files
+from builder.packages import AptInputs, Deb
+from builder.facts import BaseFacts, remembered
+from builder.outputs import BuiltImage, read_manifest, update_manifest, write_ssh_files
 from builder.plan import NodePlan, plan_node
 from builder.profile import Node, Profile
 from builder.release import Release
@@ -38,15 +40,30 @@ class Options:
     base: BaseImage
     output: Path
     state: Path
+    cache: Path
     force: bool = False
 
 
-def plans_for(profile: Profile, nodes: tuple[Node, ...], release: Release, keys: KeyStore) -> list[NodePlan]:
+def plans_for(profile: Profile, nodes: tuple[Node, ...], release: Release, keys: KeyStore,
+              debs: dict[tuple[str, ...], tuple[Deb, ...]] | None = None) -> list[NodePlan]:
     # Every node's host key exists before any plan is made: each node's
     # ssh_known_hosts lists the whole cluster.
     for node in profile.nodes:
         keys.host_key(node.hostname)
-    return [plan_node(profile, node, release, keys) for node in nodes]
+    debs = debs or {}
+    return [plan_node(profile, node, release, keys, debs.get(profile.packages(node), ())) for node in nodes]
+
+
+def stage_packages(profile: Profile, nodes: tuple[Node, ...], inputs: AptInputs, cache: Path) -> dict[tuple[str, ...], tuple[Deb, ...]]:
+    """Resolve and download, once per distinct package list, what first boot installs."""
+    lists = sorted({profile.packages(n) for n in nodes if profile.packages(n)})
+    staged = {}
+    for names in lists:
+        debs = tuple(packages.resolve(inputs, names, profile.apt_mirrors, cache))
+        size = sum(d.path.stat().st_size for d in debs)
+        log.info("packages: %s -> %d .deb file(s), %.1f MiB, staged for first boot", " ".join(names), len(debs), size / 2**20)
+        staged[names] = debs
+    return staged
 
 
 def inspect_release(base: Path, force: bool) -> Release:
@@ -101,32 +118,93 @@ def _check_room(output: Path, images: int) -> None:
                          f"baking {images} image(s) needs about {images * ROOM_PER_IMAGE >> 20} MiB more")
 
 
+def _plans(profile: Profile, nodes: tuple[Node, ...], facts: BaseFacts, options: Options, keys: KeyStore) -> list[NodePlan]:
+    release = facts.release(options.force)
+    log.info("release: %s (%s)", release.codename, release.reason)
+    if release.caveat:
+        log.warning("warning: %s", release.caveat)
+    return plans_for(profile, nodes, release, keys, stage_packages(profile, nodes, facts.apt, options.cache))
+
+
+def _unchanged(plans: list[NodePlan], base_sha: str, output: Path) -> dict[str, BuiltImage]:
+    """Nodes whose inputs match the manifest and whose image still has the recorded sha256 (re-hashed)."""
+    nodes = read_manifest(output).get("nodes", {})
+    candidates = []
+    for plan in plans:
+        entry = nodes.get(plan.node.hostname, {})
+        path = output / entry.get("image", f"{plan.node.hostname}.img")
+        if entry.get("inputs") == plan.fingerprint(base_sha) and path.is_file() and path.stat().st_size == entry.get("size"):
+            candidates.append((plan, path, entry["sha256"]))
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        hashes = list(pool.map(image.sha256_file, [path for _, path, _ in candidates]))
+    return {plan.node.hostname: BuiltImage(plan, path, sha, path.stat().st_size, skipped=True)
+            for (plan, path, sha), actual in zip(candidates, hashes) if actual == sha}
+
+
 def build(profile: Profile, nodes: tuple[Node, ...], options: Options) -> list[BuiltImage]:
     base = options.base.path
     image.check_layout(base)
     keys = KeyStore(options.state)
-    with ThreadPoolExecutor(max_workers=2) as pool, _staging(options.output) as staging:
-        known = options.base.sha256
-        base_sha = pool.submit(lambda: known or image.sha256_file(base))
+    rebuild = bool(read_manifest(options.output).get("nodes"))
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        # Hashed beside the copies unless a rebuild needs it first (a fetched base's is known).
+        base_sha = pool.submit(lambda: options.base.sha256 or image.sha256_file(base))
+        if not rebuild:
+            return _bake(profile, nodes, None, base_sha, options, keys)
+        return _rebuild(profile, nodes, base_sha.result(), options, keys)
+
+
+def _rebuild(profile: Profile, nodes: tuple[Node, ...], base_sha: str, options: Options, keys: KeyStore) -> list[BuiltImage]:
+    # The base's facts from an earlier build tell which nodes changed before
+    # anything is copied or launched.
+    facts = remembered(options.cache, base_sha)
+    skipped: dict[str, BuiltImage] = {}
+    plans: list[NodePlan] | None = None
+    if facts is not None:
+        plans = _plans(profile, nodes, facts, options, keys)
+        skipped = _unchanged(plans, base_sha, options.output)
+        for name in skipped:
+            log.info("%s: inputs and image unchanged, skipped", name)
+        plans = [p for p in plans if p.node.hostname not in skipped]
+        nodes = tuple(p.node for p in plans)
+    built = _bake(profile, nodes, plans, _done(base_sha), options, keys) if nodes else []
+    if not nodes:
+        log.info("every image is up to date; nothing to bake")
+        with _no_interrupt():
+            write_ssh_files(options.output, profile, keys)
+    by_name = {b.plan.node.hostname: b for b in [*built, *skipped.values()]}
+    return [by_name[n.hostname] for n in profile.nodes if n.hostname in by_name]
+
+
+def _done(value: str) -> Future:
+    future: Future = Future()
+    future.set_result(value)
+    return future
+
+
+def _bake(profile: Profile, nodes: tuple[Node, ...], plans: list[NodePlan] | None, base_sha: Future, options: Options,
+          keys: KeyStore) -> list[BuiltImage]:
+    base = options.base.path
+    with _staging(options.output) as staging:
         staged = [staging / f"{node.hostname}.img" for node in nodes]
         for node, path in bar(list(zip(nodes, staged)), desc="copy", unit="image"):
             log.debug("%s: copying %s", node.hostname, base.name)
             image.copy_image(base, path)
         _check_room(options.output, len(staged))
         with Appliance([Drive(p) for p in staged]) as appliance:
-            release = appliance.release(0, options.force)
-            log.info("release: %s (%s)", release.codename, release.reason)
-            if release.caveat:
-                log.warning("warning: %s", release.caveat)
-            plans = plans_for(profile, nodes, release, keys)
+            facts = appliance.facts(0)
+            if plans is None:
+                plans = _plans(profile, nodes, facts, options, keys)
             for index, plan in enumerate(bar(plans, desc="bake", unit="image")):
                 log.debug("%s: applying %d operations", plan.node.hostname, len(plan.ops))
                 appliance.apply(index, plan)
         for path in staged:
             image.fsync(path)
-        hashes = list(pool.map(image.sha256_file, staged))
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            hashes = list(pool.map(image.sha256_file, staged))
         built = [BuiltImage(plan, options.output / path.name, sha, path.stat().st_size)
                  for plan, path, sha in zip(plans, staged, hashes)]
+        facts.save(options.cache, base_sha.result())
         with _no_interrupt():
             for path, result in zip(staged, built):
                 path.replace(result.path)

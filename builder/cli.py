@@ -121,17 +121,18 @@ def build_command(role: str, count: Optional[int], first: int, profiles: Path, s
     _setup_logging(verbose, quiet)
     profile, nodes = _load(profiles, role, first, count)
     base = obtain(_choice(profile.image, image_spec, sha256, no_verify_signature, refresh))
-    built = build(profile, nodes, Options(base, output, _state(state, output), force))
+    built = build(profile, nodes, Options(base, output, _state(state, output), cache.root(), force))
     if not quiet:
         _print_summary(built)
 
 
 def _print_summary(built: list) -> None:
-    rows = [("node", "image", "size", "sha256", "hostname", "address")]
+    rows = [("node", "image", "size", "sha256", "hostname", "address", "build")]
     for b in built:
         node = b.plan.node
         label = "master" if node.role == "master" else f"worker{node.index}"
-        rows.append((label, str(b.path), f"{b.size / 2**30:.2f} GiB", b.sha256[:12], node.hostname, str(node.address)))
+        rows.append((label, str(b.path), f"{b.size / 2**30:.2f} GiB", b.sha256[:12], node.hostname, str(node.address),
+                     "unchanged" if b.skipped else "baked"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
         click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())

@@ -26,6 +26,7 @@ class BuiltImage:
     path: Path  # final location in the output folder
     sha256: str
     size: int
+    skipped: bool = False  # unchanged since the last build, left as it was
 
 
 def write_atomic(path: Path, text: str, mode: int = 0o644) -> None:
@@ -59,6 +60,7 @@ def update_manifest(output: Path, base: Path, base_sha256: str, built: list[Buil
             "image": image.path.name,
             "size": image.size,
             "sha256": image.sha256,
+            "inputs": plan.fingerprint(base_sha256),
             "base_image": {"path": str(base), "sha256": base_sha256},
             "release": {"codename": plan.release.codename, "reason": plan.release.reason},
             "operations": [describe(op) for op in plan.ops],

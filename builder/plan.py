@@ -8,6 +8,7 @@ manifest all read the same data.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 import string
@@ -16,8 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Union
 
+from builder import __version__
 from builder.errors import BuildError
 from builder.keys import KeyPair, KeyStore
+from builder.packages import STAGE_DIR, Deb
 from builder.profile import Node, Profile
 from builder.release import Release
 
@@ -88,11 +91,22 @@ class NodePlan:
     node: Node
     release: Release
     ops: tuple[Op, ...]
+    install_room: int = 0  # what the staged packages take once installed at first boot
+
+    def fingerprint(self, base_sha256: str) -> str:
+        """A hash of everything that decides this node's image: base, pibake, and every operation in full."""
+        h = hashlib.sha256(f"{__version__}\0{base_sha256}\0{self.release.codename}\0".encode())
+        for op in self.ops:
+            for name, value in vars(op).items():
+                data = value if isinstance(value, bytes) else repr(value).encode()
+                h.update(name.encode() + b"\0" + hashlib.sha256(data).digest())
+            h.update(type(op).__name__.encode() + b"\n")
+        return h.hexdigest()
 
     @property
     def bytes_needed(self) -> int:
-        """A generous estimate of the root file system space the plan uses."""
-        total = 0
+        """A generous estimate of the root file system space the plan uses, first boot included."""
+        total = self.install_room
         for op in self.ops:
             size = len(op.content) if isinstance(op, Write) else len(op.text) if isinstance(op, Append) else 0
             total += 4096 * (1 + size // 4096)
@@ -140,6 +154,7 @@ class _Context:
     node: Node
     release: Release
     keys: KeyStore
+    debs: tuple[Deb, ...] = ()
     ops: list[Op] = field(default_factory=list)
 
     @property
@@ -323,9 +338,20 @@ def configure_wifi(ctx: _Context) -> None:
 
 
 def configure_packages(ctx: _Context) -> None:
+    """List the packages for the first-boot unit and stage the .debs it installs, offline."""
     packages = ctx.profile.packages(ctx.node)
     if packages:
         ctx.ops.append(Write("/etc/pibake/packages", "".join(f"{p}\n" for p in packages).encode()))
+    if ctx.debs:
+        ctx.ops.append(Mkdir(STAGE_DIR))
+    for deb in ctx.debs:
+        ctx.ops.append(Write(f"{STAGE_DIR}/{deb.path.name}", _read_once(deb.path)))
+
+
+@functools.lru_cache(maxsize=None)
+def _read_once(path: Path) -> bytes:
+    """Every node that stages a .deb shares one copy of it in memory."""
+    return path.read_bytes()
 
 
 def configure_extra_files(ctx: _Context) -> None:
@@ -354,11 +380,12 @@ STEPS = (
 )
 
 
-def plan_node(profile: Profile, node: Node, release: Release, keys: KeyStore) -> NodePlan:
-    ctx = _Context(profile, node, release, keys)
+def plan_node(profile: Profile, node: Node, release: Release, keys: KeyStore, debs: tuple[Deb, ...] = ()) -> NodePlan:
+    """`debs`: what installing the node's packages needs (packages.resolve); none for a plan without an image."""
+    ctx = _Context(profile, node, release, keys, debs)
     for step in STEPS:
         step(ctx)
-    return NodePlan(node, release, tuple(ctx.ops))
+    return NodePlan(node, release, tuple(ctx.ops), sum(d.installed_size for d in debs))
 
 
 def known_hosts(profile: Profile, keys: KeyStore) -> str:

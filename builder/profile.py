@@ -115,6 +115,8 @@ class Profile:
     master: Master
     workers: Workers
     image: ImageSettings = ImageSettings("latest", None, None, None, True)
+    # apt source URI in the image -> URI to download from at build time
+    apt_mirrors: dict[str, str] = field(default_factory=dict)
 
     @property
     def nodes(self) -> tuple[Node, ...]:
@@ -491,7 +493,7 @@ def _read_master(r: _Reader, network: IPv4Network) -> Master:
     uplink = r.string(kp + ("uplink", "interface"), "wlan0", _check_interface) or "wlan0"
     nat = r.get(kp + ("uplink", "nat"), bool, True)
     wifi = _read_wifi(r)
-    packages = _read_packages(r, kp + ("packages",), ["dnsmasq", "iptables", "tcpdump", "python3-fabric"])
+    packages = _read_packages(r, kp + ("packages",), ["dnsmasq", "iptables", "tcpdump", "fabric"])
     if "dnsmasq" not in packages:
         r.error(kp + ("packages",), "master.packages must include dnsmasq: the master is the cluster's DHCP server")
     if nat and "iptables" not in packages:
@@ -544,7 +546,7 @@ def load(path: Path) -> Profile:
     r = _Reader(path, data, lines)
     if not isinstance(data, dict):
         raise ProfileError([f"{path}:1: a profile must be a mapping of sections (user, network, master, workers)"])
-    r.section((), {"image", "user", "network", "master", "workers"})
+    r.section((), {"image", "apt", "user", "network", "master", "workers"})
     r.section(("network",), {"subnet", "interface"})
     r.section(("workers",), {"count", "hostname", "first_address", "nodes", "packages", "files"})
     subnet = str(r.raw(("network", "subnet")) or "192.168.5.0/24")
@@ -563,9 +565,29 @@ def load(path: Path) -> Profile:
     worker_packages = _read_packages(r, ("workers", "packages"), [])
     worker_files = _read_files(r, ("workers", "files"))
     image = _read_image(r)
+    mirrors = _read_apt_mirrors(r)
     if r.problems:
         raise ProfileError(sorted(r.problems, key=lambda p: int(p[len(str(path)) + 1 :].split(":", 1)[0])))
-    return Profile(path, network, interface, user, master, Workers(workers, worker_packages, worker_files), image)
+    return Profile(path, network, interface, user, master, Workers(workers, worker_packages, worker_files), image, mirrors)
+
+
+def _read_apt_mirrors(r: _Reader) -> dict[str, str]:
+    """apt.mirrors, then PIBAKE_APT_MIRRORS ("from=to from=to") on top of it."""
+    r.section(("apt",), {"mirrors"})
+    kp = ("apt", "mirrors")
+    raw = r.get(kp, dict, {})
+    mirrors: dict[str, str] = {}
+    for old, new in raw.items():
+        if not (isinstance(old, str) and is_url(old) and isinstance(new, str) and is_url(new)):
+            r.error(kp + (old,), f"apt.mirrors maps a source URL to a mirror URL, both http(s): not {old!r}: {new!r}")
+        else:
+            mirrors[old] = new
+    for pair in os.environ.get("PIBAKE_APT_MIRRORS", "").split():
+        old, _, new = pair.partition("=")
+        if not (is_url(old) and is_url(new)):
+            raise BuildError(f"PIBAKE_APT_MIRRORS: '{pair}' is not source-URL=mirror-URL", exit_code=2)
+        mirrors[old] = new
+    return mirrors
 
 
 

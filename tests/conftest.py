@@ -11,6 +11,9 @@ from pathlib import Path
 
 import pytest
 
+import apt_repo
+from mirror import Mirror
+
 REPO = Path(__file__).resolve().parent.parent
 WIFI_PASSPHRASE = "correct horse battery staple"
 
@@ -26,15 +29,30 @@ class Result:
         return self.stdout + self.stderr
 
 
-def run_pibake(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: int = 900) -> Result:
+def run_pibake(*args: str, cwd: Path, env: dict[str, str | None] | None = None, timeout: int = 900) -> Result:
     """Run the real `pibake` command line, as a user would."""
     # Nothing may leave loopback: unless a test serves its own mirror, downloads
     # go to a closed local port (the discard port) and fail at once.
     full_env = {**os.environ, "PIBAKE_WIFI_PASSPHRASE": WIFI_PASSPHRASE,
                 "PIBAKE_DOWNLOAD_BASE": "http://127.0.0.1:9", **(env or {})}
+    full_env = {k: v for k, v in full_env.items() if v is not None}  # None unsets
     proc = subprocess.run([sys.executable, "-m", "builder", *args], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
     return Result(proc.returncode, proc.stdout, proc.stderr)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def apt_archive():
+    """The test images' apt source, deb.debian.org, answered by a signed stand-in archive on loopback."""
+    server = Mirror(apt_repo.shared())
+    old = os.environ.get("PIBAKE_APT_MIRRORS")
+    os.environ["PIBAKE_APT_MIRRORS"] = f"http://deb.debian.org/debian={server.base}/debian"
+    yield server
+    server.stop()
+    if old is None:
+        del os.environ["PIBAKE_APT_MIRRORS"]
+    else:
+        os.environ["PIBAKE_APT_MIRRORS"] = old
 
 
 @pytest.fixture(scope="session")

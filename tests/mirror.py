@@ -10,6 +10,7 @@ from __future__ import annotations
 import html
 import os
 import threading
+import urllib.parse
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -53,7 +54,7 @@ class Mirror:
         return [path for path, _ in self.requests]
 
     def _serve(self, h: BaseHTTPRequestHandler) -> None:
-        path = h.path.split("?", 1)[0]
+        path = urllib.parse.unquote(h.path.split("?", 1)[0])
         with self._lock:
             self.requests.append((path, h.headers.get("Range", "")))
             statuses = self.faults.status.get(path)

@@ -16,6 +16,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import apt_repo
+
 MIB = 1 << 20
 SECTOR = 512
 
@@ -139,6 +141,11 @@ def _root_tree(root: Path, layout: Layout, rpios: bool) -> None:
     wants.mkdir(parents=True)
     for name in ("userconfig.service", "regenerate_ssh_host_keys.service"):
         os.symlink(f"/lib/systemd/system/{name}", wants / name)
+    _write(root, "/var/lib/dpkg/status", apt_repo.dpkg_status())
+    _write(root, "/etc/apt/sources.list", f"deb http://deb.debian.org/debian {layout.codename} main\n")
+    keyring = root / "etc/apt/trusted.gpg.d" / apt_repo.KEYRING
+    keyring.parent.mkdir(parents=True, exist_ok=True)
+    keyring.write_bytes((apt_repo.shared() / apt_repo.KEYRING).read_bytes())
     _write(root, "/home/pi/.bashrc", "# ~/.bashrc\n", 0o644, (1000, 1000))
     _write(root, "/home/pi/.profile", "# ~/.profile\n", 0o644, (1000, 1000))
     os.chown(root / "home/pi", 1000, 1000)
@@ -186,26 +193,39 @@ def _fill(filesystem: Path, leave_blocks: int) -> None:
 
 
 def make_image(path: Path, codename: str = "bookworm", rpios: bool = True, root_size: int = ROOT_SIZE,
-               full: bool = False) -> Path:
+               full: bool = False, data_bytes: int = 0) -> Path:
     """Write a Raspberry Pi OS-shaped image to `path`.
 
     `full` leaves the root file system with a few dozen free blocks, too few for a bake.
+    `data_bytes` adds a file of random bytes, so the image holds as much data as a real one.
     """
     layout = LAYOUTS[codename]
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        root = Path(tmp) / "root"
+        root.mkdir()
+        _root_tree(root, layout, rpios)
+        if data_bytes:
+            (root / "opt").mkdir(exist_ok=True)
+            with open(root / "opt/data.bin", "wb") as data, open("/dev/urandom", "rb") as random:
+                for _ in range(data_bytes >> 20):
+                    data.write(random.read(1 << 20))
+        return assemble(path, layout, root, root_size, _boot_files(layout), full=full)
+
+
+def assemble(path: Path, layout: Layout, root: Path, root_size: int, boot_files: dict[str, str],
+             disk_id: str = DISK_ID, full: bool = False) -> Path:
+    """Lay out `path` as pi-gen does: MBR, FAT32 bootfs holding `boot_files`, ext4 rootfs made from `root`."""
     root_start = layout.boot_start + layout.boot_sectors
     root_sectors = root_size // SECTOR
     with open(path, "wb") as f:
         f.truncate((root_start + root_sectors) * SECTOR)
-    table = (f"label: dos\nlabel-id: {DISK_ID}\n"
+    table = (f"label: dos\nlabel-id: {disk_id}\n"
              f"start={layout.boot_start}, size={layout.boot_sectors}, type=c\n"
              f"start={root_start}, size={root_sectors}, type=83\n")
     subprocess.run(["sfdisk", "--quiet", str(path)], input=table.encode(), check=True, stdout=subprocess.DEVNULL)
     _run("mkfs.fat", "-F", "32", "-s", "4", "-n", "bootfs", f"--offset={layout.boot_start}", str(path),
          str(layout.boot_sectors * SECTOR // 1024))
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp) / "root"
-        root.mkdir()
-        _root_tree(root, layout, rpios)
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
         filesystem = Path(tmp) / "rootfs.ext4"
         _run("mkfs.ext4", "-q", "-F", "-L", "rootfs", "-O", layout.ext4_features, "-m", "0", "-b", "4096",
              "-d", str(root), str(filesystem), f"{root_size // 1024}k")
@@ -215,7 +235,7 @@ def make_image(path: Path, codename: str = "bookworm", rpios: bool = True, root_
              "conv=notrunc,sparse", "status=none")
         boot = Path(tmp) / "boot"
         boot.mkdir()
-        for name, text in _boot_files(layout).items():
+        for name, text in boot_files.items():
             (boot / name).write_text(text)
             _run("mcopy", "-i", f"{path}@@{layout.boot_start * SECTOR}", str(boot / name), f"::/{name}")
     return path

@@ -152,10 +152,10 @@ def test_build_reports_its_accelerator_and_summary(bookworm: Baked) -> None:
     assert re.search(r"libguestfs appliance up in [\d.]+ s using (KVM|TCG)", bookworm.result.stderr)
     assert "release: bookworm (/etc/os-release: VERSION_CODENAME=bookworm" in bookworm.result.stderr
     lines = bookworm.result.stdout.splitlines()
-    assert lines[0].split() == ["node", "image", "size", "sha256", "hostname", "address"]
+    assert lines[0].split() == ["node", "image", "size", "sha256", "hostname", "address", "build"]
     assert [line.split()[0] for line in lines[1:]] == ["worker1", "worker2"]
     assert lines[2].split()[1:] == ["output/worker2.img", "0.63", "GiB",
-                                    hash_of(bookworm.output / "worker2.img")[:12], "worker2", "192.168.5.102"]
+                                    hash_of(bookworm.output / "worker2.img")[:12], "worker2", "192.168.5.102", "baked"]
     assert sorted(p.name for p in bookworm.output.iterdir()) == [
         "SHA256SUMS", "inventory.yaml", "known_hosts", "manifest.json", "master.img", "ssh_config",
         "worker1.img", "worker2.img"]
@@ -287,7 +287,7 @@ def test_master_gateway_configuration(bookworm: Baked) -> None:
     lan = text(bookworm, "master", "/etc/NetworkManager/system-connections/pibake-lan.nmconnection")
     assert "interface-name=eth0\n" in lan and "method=manual\naddress1=192.168.5.1/24\n" in lan
     assert entry(bookworm, "master", "/etc/NetworkManager/system-connections/pibake-lan.nmconnection")[1:] == ("0o600", 0, 0)
-    assert text(bookworm, "master", "/etc/pibake/packages") == "dnsmasq\niptables\ntcpdump\npython3-fabric\n"
+    assert text(bookworm, "master", "/etc/pibake/packages") == "dnsmasq\niptables\ntcpdump\nfabric\n"
     for node in ("worker1", "worker2"):
         assert not any("dnsmasq" in p or "iptables" in p or "system-connections/pibake" in p for p in bookworm.trees[node])
 
@@ -357,7 +357,18 @@ def test_adding_a_worker_later_and_rebuilding_one(bookworm: Baked) -> None:
     assert check.returncode == 0 and check.stdout.count(": OK") == 4
     assert set(json.loads((bookworm.output / "manifest.json").read_text())["nodes"]) == {"master", "worker1", "worker2", "worker3"}
 
-    # Rebuilding worker2 replaces its image but keeps its host key.
+    # Building worker2 again with nothing changed: its image is checked, found unchanged, left alone.
+    result = run_pibake("build", "worker", "--first", "2", "--count", "1", "--image", str(bookworm.base), cwd=bookworm.workdir)
+    assert result.code == 0, result.output
+    assert "worker2: inputs and image unchanged, skipped" in result.stderr
+    assert "appliance" not in result.stderr
+    assert result.stdout.splitlines()[1].split()[-1] == "unchanged"
+    assert stats() == after
+
+    # A changed setting rebuilds worker2: a new image, the same host key.
+    profile = bookworm.workdir / "profiles/cluster.yaml"
+    (profile.parent / "motd").write_text("worker motd\n")
+    profile.write_text(profile.read_text().replace("workers:\n", "workers:\n  files: [{source: motd, path: /etc/motd}]\n"))
     result = run_pibake("build", "worker", "--first", "2", "--count", "1", "--image", str(bookworm.base), cwd=bookworm.workdir)
     assert result.code == 0, result.output
     rebuilt = stats()

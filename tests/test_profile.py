@@ -24,7 +24,7 @@ def test_shipped_profile_reproduces_the_reference_cluster(operator_key: Path, tm
     assert (master.node.hostname, master.node.address) == ("master", IPv4Address("192.168.5.1"))
     assert (master.dhcp_start, master.dhcp_end, master.lease) == (IPv4Address("192.168.5.2"), IPv4Address("192.168.5.64"), "24h")
     assert master.uplink == "wlan0" and master.nat is True
-    assert master.packages == ("dnsmasq", "iptables", "tcpdump", "python3-fabric")
+    assert master.packages == ("dnsmasq", "iptables", "tcpdump", "fabric")
     assert [(w.hostname, str(w.address)) for w in profile.workers.nodes] == [
         (f"worker{n}", f"192.168.5.{100 + n}") for n in range(1, 6)
     ]

@@ -1,0 +1,192 @@
+"""Tier 3: bake a master and two workers, boot them in QEMU, and check the cluster over SSH.
+
+The base image is the Raspberry Pi OS-shaped arm64 fixture that
+tests/boot_fixture.py builds from Debian's packages (`make test` builds it
+first). Its partial Debian mirror is served on 127.0.0.1, so the build
+resolves and downloads the master's packages exactly as it would from
+deb.debian.org, signatures included, and the guests themselves have no way out.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from boot_fixture import fixture_dir
+from conftest import run_pibake, write_profile
+from mirror import Mirror
+from qemu import Cluster, Ssh, wait_for
+
+pytestmark = pytest.mark.boot
+
+WORKERS = {"worker1": "192.168.5.101", "worker2": "192.168.5.102"}
+BOOT_MINUTES = 20  # three TCG guests on two cores, first boot with a package install
+
+
+@pytest.fixture(scope="module")
+def fixture() -> Path:
+    folder = fixture_dir("bookworm")
+    if not (folder / "done").exists():
+        pytest.fail(f"the boot fixture is missing: run `python3 tests/boot_fixture.py bookworm` (make test does) "
+                    f"to build {folder}")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def debian_mirror(fixture: Path):
+    mirror = Mirror(fixture / "mirror")
+    yield mirror
+    mirror.stop()
+
+
+@pytest.fixture(scope="module")
+def baked(fixture: Path, debian_mirror: Mirror, operator_key: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The user's project folder after `pibake build master` and `pibake build worker --count 2`."""
+    work = tmp_path_factory.mktemp("boot")
+    (work / "profiles").mkdir()
+    write_profile(work / "profiles", f"""
+        user:
+          name: alice
+          ssh_keys: [{operator_key}]
+        master:
+          uplink:
+            interface: eth1
+        workers:
+          count: 2
+        """)
+    env = {"PIBAKE_APT_MIRRORS": f"http://deb.debian.org/debian={debian_mirror.base}/debian",
+           "XDG_CACHE_HOME": str(work / "cache")}
+    for args in (("build", "master"), ("build", "worker", "--count", "2")):
+        result = run_pibake(*args, "--image", str(fixture / "rpios.img"), cwd=work, env=env)
+        assert result.code == 0, result.output
+    # The packages came from the loopback mirror, checked against the image's own keys.
+    assert any(p.endswith("/InRelease") for p in debian_mirror.paths())
+    assert any("/dnsmasq_" in p for p in debian_mirror.paths())
+    return work
+
+
+@pytest.fixture(scope="module")
+def cluster(baked: Path, fixture: Path, operator_key: Path):
+    output = baked / "output"
+    with Cluster(baked) as running:
+        running.add("master", output / "master.img", fixture / "vmlinuz", fixture / "initrd.img", uplink=True)
+        for name in WORKERS:
+            running.add(name, output / f"{name}.img", fixture / "vmlinuz", fixture / "initrd.img")
+        running.start()
+        ssh = Ssh(operator_key.with_suffix(""), output / "known_hosts", "alice", running.guests["master"].ssh_port)
+        try:
+            _wait_until_configured(running, ssh)
+            yield running, ssh
+        except BaseException:
+            print(_diagnose(running, ssh))
+            raise
+
+
+def _wait_until_configured(running: Cluster, ssh: Ssh) -> None:
+    deadline = time.monotonic() + BOOT_MINUTES * 60
+    ssh.wait("master", running.guests["master"], deadline)
+    wait_for(lambda: ssh.run("master", "systemctl is-system-running --wait").stdout.strip() in ("running", "degraded"),
+             deadline, "the master to finish booting")
+    for name, address in WORKERS.items():
+        ssh.wait(name, running.guests[name], deadline, address)
+
+
+def _diagnose(running: Cluster, ssh: Ssh, nodes: list[str] | None = None) -> str:
+    out = [running.report()]
+    for name, address in [("master", None), *WORKERS.items()][: len(nodes) if nodes else None]:
+        try:
+            done = ssh.run(name, "journalctl -b --no-pager -n 40 -u pibake-firstboot; systemctl --failed --no-pager",
+                           address, timeout=60)
+            out.append(f"--- {name}: first-boot journal\n{done.stdout}{done.stderr}")
+        except subprocess.TimeoutExpired:
+            out.append(f"--- {name}: unreachable over SSH")
+    return "\n".join(out)
+
+
+def _check_master(ssh: Ssh) -> None:
+    assert ssh.check("master", "hostname").strip() == "master"
+    assert "inet 192.168.5.1/24" in ssh.check("master", "ip -4 -o addr show dev eth0")
+    assert ssh.check("master", "systemctl is-active dnsmasq").strip() == "active"
+    leases = ssh.check("master", "cat /var/lib/misc/dnsmasq.leases")
+    for name, address in WORKERS.items():
+        assert f" {address} {name} " in leases, leases
+    assert ssh.check("master", "cat /proc/sys/net/ipv4/ip_forward").strip() == "1"
+    assert "-A POSTROUTING -s 192.168.5.0/24 -o eth1 -j MASQUERADE" in ssh.check("master", "sudo iptables -t nat -S POSTROUTING")
+    ssh.check("master", "tcpdump --version")
+    ssh.check("master", "fab --version")
+    for name in WORKERS:
+        # By name, with the cluster key, against the cluster's known hosts.
+        assert ssh.check("master", f"ssh -o BatchMode=yes -o StrictHostKeyChecking=yes {name} hostname").strip() == name
+
+
+def _check_node(ssh: Ssh, name: str, address: str | None) -> None:
+    assert ssh.check(name, "hostname", address).strip() == name
+    wizard = ssh.run(name, "systemctl is-enabled userconfig.service; systemctl is-active userconfig.service;"
+                           " test -e /run/userconf-wizard-pending && echo pending", address)
+    assert "enabled" not in wizard.stdout.split() and "pending" not in wizard.stdout, wizard.stdout
+    refused = subprocess.run(
+        [*ssh.argv(name, address), "-o", "PubkeyAuthentication=no", "-o", "PreferredAuthentications=password,keyboard-interactive",
+         "true"], capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0 and "Permission denied (publickey)" in refused.stderr, refused.stderr
+
+
+def test_first_boot_survives_a_power_cut(baked: Path, fixture: Path, operator_key: Path) -> None:
+    """Pull the plug while dpkg is installing; the next boot finishes the job. Runs before the cluster boots."""
+    image = baked / "power-cut.img"
+    subprocess.run(["cp", "--sparse=always", str(baked / "output/master.img"), str(image)], check=True)
+    with Cluster(baked) as running:
+        master = running.add("power-cut", image, fixture / "vmlinuz", fixture / "initrd.img", uplink=True)
+        running.start()
+        ssh = Ssh(operator_key.with_suffix(""), baked / "output/known_hosts", "alice", master.ssh_port)
+        deadline = time.monotonic() + BOOT_MINUTES * 60
+        try:
+            wait_for(lambda: "Setting up " in master.console.read_text(errors="replace"), deadline,
+                     "dpkg to start configuring packages on first boot", interval=0.5)
+            master.power_cut()
+            ssh.wait("master", master, deadline)
+            wait_for(lambda: ssh.run("master", "systemctl is-system-running --wait").stdout.strip() in ("running", "degraded"),
+                     deadline, "the master to finish booting after the power cut")
+            log = ssh.check("master", "journalctl -b --no-pager -u pibake-firstboot")
+            assert "first boot done" in log, log
+            ssh.check("master", "test -e /var/lib/pibake/firstboot.done && ! test -e /var/cache/pibake/debs")
+            assert ssh.check("master", "dpkg --audit; dpkg-query -W -f='${db:Status-Abbrev}${Package}\\n' "
+                                       "dnsmasq iptables tcpdump fabric").split() == \
+                ["ii", "dnsmasq", "ii", "fabric", "ii", "iptables", "ii", "tcpdump"]  # dpkg-query sorts
+            assert ssh.check("master", "systemctl is-active dnsmasq pibake-nat").split() == ["active", "active"]
+        except BaseException:
+            print(_diagnose(running, ssh, ["master"]))
+            raise
+    image.unlink()
+
+
+def test_cluster_configures_itself_on_first_boot(cluster) -> None:
+    running, ssh = cluster
+    _check_master(ssh)
+    for name, address in [("master", None), *WORKERS.items()]:
+        _check_node(ssh, name, address)
+        assert address is None or f"inet {address}/24" in ssh.check(name, "ip -4 -o addr show dev eth0", address)
+    log = ssh.check("master", "journalctl -b --no-pager -u pibake-firstboot")
+    assert "installing" in log and "first boot done" in log, log
+    # No network at first boot: the install used only what was staged.
+    assert "Get:" not in log, log
+
+
+def test_master_reboot_changes_nothing(cluster) -> None:
+    running, ssh = cluster
+    master = running.guests["master"]
+    key_before = ssh.check("master", "cat /etc/ssh/pibake/ssh_host_ed25519_key.pub")
+    boots = master.boots
+    ssh.run("master", "sudo systemctl reboot", timeout=60)
+    deadline = time.monotonic() + BOOT_MINUTES * 60
+    wait_for(lambda: master.boots > boots, deadline, "the master to reboot")
+    ssh.wait("master", master, deadline)
+    wait_for(lambda: ssh.run("master", "systemctl is-system-running --wait").stdout.strip() in ("running", "degraded"),
+             deadline, "the master to finish booting again")
+    assert ssh.check("master", "systemctl show -p ConditionResult --value pibake-firstboot").strip() == "no"
+    assert ssh.check("master", "systemctl is-enabled regenerate_ssh_host_keys.service || true").strip() == "disabled"
+    assert ssh.check("master", "cat /etc/ssh/pibake/ssh_host_ed25519_key.pub") == key_before
+    _check_master(ssh)
+    _check_node(ssh, "master", None)

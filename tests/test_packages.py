@@ -1,0 +1,105 @@
+"""Tier 2: first-boot packages are resolved by apt against the image, downloaded, and staged in it.
+
+The test images say they come from deb.debian.org and trust the stand-in
+archive's key (tests/apt_repo.py); PIBAKE_APT_MIRRORS points the build at that
+archive on loopback, as a user points it at a local mirror.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import apt_repo
+from builder.appliance import Appliance, Drive
+from conftest import run_pibake, write_profile
+from mirror import Mirror
+from rpios_image import make_image
+from test_bad_input import PREVIOUS, assert_clean_failure
+
+pytestmark = pytest.mark.image
+
+
+@pytest.fixture
+def project(workdir: Path, operator_key: Path) -> Path:
+    (workdir / "profiles").mkdir()
+    write_profile(workdir / "profiles", f"user:\n  ssh_keys: [{operator_key}]\nworkers:\n  count: 1\n")
+    make_image(workdir / "base.img")
+    output = workdir / "output"
+    output.mkdir()
+    for name, data in PREVIOUS.items():
+        (output / name).write_bytes(data)
+    return workdir
+
+
+def _packages(project: Path, packages: str) -> None:
+    text = (project / "profiles/cluster.yaml").read_text()
+    (project / "profiles/cluster.yaml").write_text(text + f"master:\n  packages: [{packages}]\n")
+
+
+def test_missing_packages_and_their_dependencies_are_staged(project: Path, apt_archive: Mirror) -> None:
+    result = run_pibake("build", "cluster", "--image", "base.img", cwd=project)
+    assert result.code == 0, result.output
+    assert "packages: dnsmasq iptables tcpdump fabric -> 7 .deb file(s)" in result.stderr
+    with Appliance([Drive(project / "output/master.img", readonly=True),
+                    Drive(project / "output/worker1.img", readonly=True)]) as a:
+        a.mount(0, "/boot/firmware", readonly=True)
+        staged = sorted(a.g.ls("/var/cache/pibake/debs"))
+        listed = a.read("/etc/pibake/packages").decode().split()
+        a.g.umount_all()
+        a.mount(1, "/boot/firmware", readonly=True)
+        worker_has_debs = a.g.exists("/var/cache/pibake/debs")
+        a.g.umount_all()
+    # Everything installing them needs, and nothing the image already has (libc6, python3).
+    assert staged == [f"{n}_1.0-1_arm64.deb" for n in ("dnsmasq-base", "dnsmasq", "fabric", "iptables", "libpcap0.8",
+                                                       "python3-fabric", "tcpdump")]
+    assert listed == ["dnsmasq", "iptables", "tcpdump", "fabric"]
+    assert not worker_has_debs
+    assert "/debian/dists/bookworm/InRelease" in apt_archive.paths()
+    # A second build takes the lists and .debs from the cache: no package is downloaded again.
+    before = len([p for p in apt_archive.paths() if p.endswith(".deb")])
+    result = run_pibake("build", "master", "--image", "base.img", cwd=project)
+    assert result.code == 0, result.output
+    assert len([p for p in apt_archive.paths() if p.endswith(".deb")]) == before
+
+
+def test_unknown_package(project: Path) -> None:
+    _packages(project, "dnsmasq, iptables, no-such-package")
+    result = run_pibake("build", "master", "--image", "base.img", cwd=project)
+    assert_clean_failure(result, project, "package no-such-package not found in the image's apt sources "
+                                          "(http://deb.debian.org/debian via http://127.0.0.1:")
+
+
+def test_archive_signed_by_a_key_the_image_does_not_trust(project: Path, tmp_path_factory) -> None:
+    impostor = Mirror(apt_repo.build(tmp_path_factory.mktemp("impostor")))
+    try:
+        result = run_pibake("build", "master", "--image", "base.img", cwd=project,
+                            env={"PIBAKE_APT_MIRRORS": f"http://deb.debian.org/debian={impostor.base}/debian"})
+    finally:
+        impostor.stop()
+    assert_clean_failure(result, project, "apt could not read the image's package sources")
+    assert "is not signed" in result.stderr or "NO_PUBKEY" in result.stderr, result.stderr
+
+
+def test_package_archive_unreachable(project: Path) -> None:
+    result = run_pibake("build", "master", "--image", "base.img", cwd=project,
+                        env={"PIBAKE_APT_MIRRORS": "http://deb.debian.org/debian=http://127.0.0.1:9/debian"})
+    assert_clean_failure(result, project, "package dnsmasq, iptables, tcpdump, fabric not found")
+    assert "127.0.0.1:9" in result.stderr
+
+
+def test_no_room_for_the_packages_once_installed(project: Path) -> None:
+    _packages(project, "dnsmasq, iptables, huge-package")
+    result = run_pibake("build", "master", "--image", "base.img", cwd=project)
+    assert_clean_failure(result, project, "master: the image's root file system is too full")
+    assert "first boot" in result.stderr
+
+
+def test_apt_mirrors_in_the_profile(project: Path, apt_archive: Mirror) -> None:
+    text = (project / "profiles/cluster.yaml").read_text()
+    (project / "profiles/cluster.yaml").write_text(
+        text + f"apt:\n  mirrors:\n    http://deb.debian.org/debian: {apt_archive.base}/debian\n")
+    result = run_pibake("build", "master", "--image", "base.img", cwd=project, env={"PIBAKE_APT_MIRRORS": None})
+    assert result.code == 0, result.output
+    assert "7 .deb file(s)" in result.stderr
