@@ -192,8 +192,9 @@ def _bake(profile: Profile, nodes: tuple[Node, ...], plans: list[NodePlan] | Non
             image.copy_image(base, path)
         _check_room(options.output, len(staged))
         with Appliance([Drive(p) for p in staged]) as appliance:
-            facts = appliance.facts(0)
-            if plans is None:
+            if plans is None:  # a rebuild planned from the remembered facts already
+                facts = appliance.facts(0)
+                facts.save(options.cache, base_sha.result())
                 plans = _plans(profile, nodes, facts, options, keys)
             for index, plan in enumerate(bar(plans, desc="bake", unit="image")):
                 log.debug("%s: applying %d operations", plan.node.hostname, len(plan.ops))
@@ -204,7 +205,6 @@ def _bake(profile: Profile, nodes: tuple[Node, ...], plans: list[NodePlan] | Non
             hashes = list(pool.map(image.sha256_file, staged))
         built = [BuiltImage(plan, options.output / path.name, sha, path.stat().st_size)
                  for plan, path, sha in zip(plans, staged, hashes)]
-        facts.save(options.cache, base_sha.result())
         with _no_interrupt():
             for path, result in zip(staged, built):
                 path.replace(result.path)

@@ -43,7 +43,19 @@ def dpkg_status() -> str:
 
 @functools.lru_cache(maxsize=None)
 def shared() -> Path:
-    """One archive per process, removed at exit: the images and the server must agree on its key."""
+    """The archive the test images trust: the images and the server must agree on its key.
+
+    One per process, removed at exit; or the one kept in $PIBAKE_TEST_APT_ARCHIVE,
+    made there once (the benchmark keeps its images, so it keeps their archive too).
+    """
+    kept = os.environ.get("PIBAKE_TEST_APT_ARCHIVE")
+    if kept:
+        folder = Path(kept)
+        if not (folder / KEYRING).exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True)
+            build(folder)
+        return folder
     folder = Path(tempfile.mkdtemp(prefix="pibake-apt-"))
     atexit.register(shutil.rmtree, folder, True)
     return build(folder)

@@ -7,7 +7,15 @@ sha256sum, and with openssl, which is faster here),
 the same bytes through the same server, runs alternating, medians compared.
 pibake does more than the floor (it also checks an OpenPGP signature).
 
-Prints a table and writes the figures to output/bench/fetch.json.
+Bake section (tests/bench_bake.py): `pibake build cluster` against the copy
+floor and against one appliance launch per image, at N = 6 on a base the size of
+Bookworm Lite and N = 50 on a small one, and a rebuild after one worker changes.
+
+`python tests/bench.py [fetch] [bake]` runs one section; both by default. Prints a
+table and writes the figures to output/bench/fetch.json and bake.json.
+PIBAKE_BENCH_RUNS sets the runs per measurement (3); one appliance per image at
+N = 50 takes about 20 minutes a run under TCG, so it is measured
+PIBAKE_BENCH_NAIVE_RUNS_AT_50 times (1).
 """
 
 from __future__ import annotations
@@ -144,14 +152,7 @@ def bench_fetch() -> dict:
     return result
 
 
-def main() -> None:
-    if shutil.which("curl") is None:
-        raise SystemExit("the fetch benchmark needs curl (apt-get install curl)")
-    WORK.mkdir(parents=True, exist_ok=True)
-    print(f"fetch: {RUNS} alternating runs of the floor and `pibake fetch` on loopback")
-    fetch = bench_fetch()
-    (WORK / "fetch.json").write_text(json.dumps(fetch, indent=2) + "\n")
-    print()
+def print_fetch(fetch: dict) -> None:
     print(f"{'fetch + verify + decompress':<34}{'median s':>10}{'runs':>26}")
     for name, values in fetch["floor_seconds"].items():
         label = f"  floor (curl|tee|xz, {name})"
@@ -163,6 +164,68 @@ def main() -> None:
           f"pibake / sha256sum floor: {fetch['ratio_vs_sha256sum_floor']:.2f}")
     print(f"  pibake peak RSS: {fetch['pibake_peak_rss_mib']:.0f} MiB (target < 200: {'met' if ok_rss else 'NOT met'})")
     print(f"  figures: {WORK / 'fetch.json'}")
+
+
+def bench_bake() -> dict:
+    from bench_bake import CASES, Bench, run_case, run_rebuild
+    bench = Bench(WORK)
+    naive_runs = int(os.environ.get("PIBAKE_BENCH_NAIVE_RUNS_AT_50", "1"))
+    try:
+        cases = [run_case(bench, kind, nodes, RUNS, RUNS if nodes < 50 else min(RUNS, naive_runs)) for kind, nodes in CASES]
+        rebuild = run_rebuild(bench, 50)
+    finally:
+        bench.close()
+    return {"machine": machine(), "runs": RUNS, "cases": cases, "rebuild": rebuild}
+
+
+def machine() -> dict:
+    return {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+            "kvm": os.path.exists("/dev/kvm")}
+
+
+def met(ok: bool) -> str:
+    return "met" if ok else "NOT met"
+
+
+def print_bake(bake: dict) -> None:
+    print(f"{'bake':<30}{'floor s':>9}{'naive s':>9}{'pibake s':>10}{'pib/floor':>11}{'naive/pib':>11}{'launch s':>10}{'RSS MiB':>9}")
+    for c in bake["cases"]:
+        label = f"  {c['base']}, N={c['nodes']}"
+        print(f"{label:<30}{c['floor_median']:>9.1f}{c['naive_median']:>9.1f}{c['pibake_median']:>10.1f}"
+              f"{c['pibake_over_floor']:>11.2f}{c['naive_over_pibake']:>11.1f}{c['launch_median']:>10.1f}{c['peak_rss_mib']:>9.0f}")
+    for c in bake["cases"]:
+        need = 3 if c["nodes"] < 50 else 8
+        print(f"  N={c['nodes']}: pibake - floor = {c['pibake_minus_floor']:.1f} s, allowed one launch + 1 s/node = "
+              f"{c['allowed_over_floor']:.1f} s ({met(c['pibake_minus_floor'] <= c['allowed_over_floor'])}); "
+              f"naive/pibake {c['naive_over_pibake']:.1f} (target >= {need}: {met(c['naive_over_pibake'] >= need)}); "
+              f"accelerator {c['accelerator']}")
+    big = bake["cases"][-1]
+    print(f"  peak RSS at N={big['nodes']}: {big['peak_rss_mib']:.0f} MiB (target < 200: {met(big['peak_rss_mib'] < 200)})")
+    r = bake["rebuild"]
+    print(f"  rebuild after one worker's change, N={r['nodes']}: {r['rebuild']['seconds']:.1f} s, "
+          f"{r['rebuild']['baked']} baked, {r['rebuild']['skipped']} skipped as unchanged; one copy + one launch = "
+          f"{r['allowed_seconds']:.1f} s")
+    print(f"  figures: {WORK / 'bake.json'}")
+
+
+def main() -> None:
+    sections = sys.argv[1:] or ["fetch", "bake"]
+    WORK.mkdir(parents=True, exist_ok=True)
+    if "fetch" in sections:
+        if shutil.which("curl") is None:
+            raise SystemExit("the fetch benchmark needs curl (apt-get install curl)")
+        print(f"fetch: {RUNS} alternating runs of the floor and `pibake fetch` on loopback")
+        fetch = bench_fetch()
+        (WORK / "fetch.json").write_text(json.dumps(fetch, indent=2) + "\n")
+    if "bake" in sections:
+        print(f"bake: {RUNS} alternating runs of the floor, one appliance per image, and `pibake build cluster`")
+        bake = bench_bake()
+        (WORK / "bake.json").write_text(json.dumps(bake, indent=2) + "\n")
+    print()
+    if "fetch" in sections:
+        print_fetch(fetch)
+    if "bake" in sections:
+        print_bake(bake)
 
 
 if __name__ == "__main__":
