@@ -83,11 +83,11 @@ def source_uris(inputs: AptInputs) -> list[str]:
 
 def resolve(inputs: AptInputs, names: tuple[str, ...], mirrors: dict[str, str], cache: Path) -> list[Deb]:
     """Download what installing `names` on the image needs, with everything it depends on."""
+    if STATUS not in inputs.files:
+        raise BuildError("the image has no package database (/var/lib/dpkg/status): cannot stage packages for it")
     missing = [n for n in names if not inputs.installed(n)]
     if not missing:
         return []
-    if STATUS not in inputs.files:
-        raise BuildError("the image has no package database (/var/lib/dpkg/status): cannot stage packages for it")
     if not source_uris(inputs):
         raise BuildError("the image has no apt sources (/etc/apt/sources.list*): cannot stage packages for it")
     root = cache / "apt" / _key(inputs, mirrors)
