@@ -164,7 +164,10 @@ class _Apt:
 
     def _run(self, *args: str) -> subprocess.CompletedProcess:
         log.debug("apt-get %s", " ".join(args))
-        return subprocess.run(["apt-get", "-q", *args], env=self.env, capture_output=True, text=True)
+        # stdin is closed: apt asks questions (a changed Release file, say) only on a
+        # terminal, and a build must fail with apt's message rather than wait for an answer.
+        return subprocess.run(["apt-get", "-q", *args], env=self.env, capture_output=True, text=True,
+                              stdin=subprocess.DEVNULL)
 
     def update(self) -> None:
         done = self._run("update")

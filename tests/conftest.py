@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -36,9 +37,21 @@ def run_pibake(*args: str, cwd: Path, env: dict[str, str | None] | None = None, 
     full_env = {**os.environ, "PIBAKE_WIFI_PASSPHRASE": WIFI_PASSPHRASE,
                 "PIBAKE_DOWNLOAD_BASE": "http://127.0.0.1:9", **(env or {})}
     full_env = {k: v for k, v in full_env.items() if v is not None}  # None unsets
-    proc = subprocess.run([sys.executable, "-m", "builder", *args], cwd=cwd, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
-    return Result(proc.returncode, proc.stdout, proc.stderr)
+    full_env["PYTHONFAULTHANDLER"] = "1"
+    proc = subprocess.Popen([sys.executable, "-m", "builder", *args], cwd=cwd, env=full_env, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        # SIGABRT makes the faulthandler print every thread's stack: where it hung.
+        proc.send_signal(signal.SIGABRT)
+        try:
+            stdout, stderr = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            stdout, stderr = proc.communicate()
+        pytest.fail(f"pibake {' '.join(args)} still running after {timeout} s\n{stdout}{stderr}", pytrace=False)
+    return Result(proc.returncode, stdout, stderr)
 
 
 @pytest.fixture(scope="session", autouse=True)
