@@ -9,16 +9,20 @@ from __future__ import annotations
 import logging
 import os
 import re
+import posixpath
 import shutil
+import tarfile
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from builder.errors import BuildError
 from builder.facts import BaseFacts
 from builder.packages import read_inputs
-from builder.plan import Append, Delete, EditLines, Mkdir, Move, NodePlan, Op, Symlink, Write
+from builder.plan import NodePlan
+from builder.realize import Changes, Stat, paths_read, realize
 from builder.release import Release
 
 try:
@@ -107,11 +111,16 @@ class Appliance:
 
     # ------------------------------------------------------------ layout
 
-    def partitions(self, index: int) -> tuple[str, str]:
-        """The boot (FAT) and root (ext4) partitions of drive `index`, checked."""
+    def partitions(self, index: int, check: bool = True) -> tuple[str, str]:
+        """The boot (FAT) and root (ext4) partitions of drive `index`, checked unless told not to."""
         device = self.devices[index]
         name = self.drives[index].path
-        parts = [p for p in self.g.list_partitions() if p.startswith(device)]
+        if not check:
+            return f"{device}1", f"{device}2"
+        try:
+            parts = [f"{device}{p['part_num']}" for p in sorted(self.g.part_list(device), key=lambda p: p["part_num"])]
+        except RuntimeError:  # no partition table at all
+            parts = []
         if len(parts) < 2:
             raise BuildError(f"{name}: not a Raspberry Pi OS image: expected a FAT boot partition and an ext4 root partition, found {len(parts)} partition(s)")
         boot, root = parts[0], parts[1]
@@ -162,93 +171,135 @@ class Appliance:
 
     # ------------------------------------------------------------ applying
 
-    def apply(self, index: int, plan: NodePlan) -> None:
-        node = plan.node.hostname
-        self.mount(index, plan.release.boot_dir)
+    def prepare(self, plans: list[NodePlan]) -> list[Changes]:
+        """Play every plan through against drive 0 before any copy is changed (they all start equal)."""
+        boot_dir = plans[0].release.boot_dir
+        self.mount(0, boot_dir, readonly=True)
         try:
             stat = self.g.statvfs("/")
             # bavail, not bfree: ext4 holds back clusters for its metadata that even
             # root cannot write into (it also leaves out the root reserve: conservative).
             free = stat["bavail"] * stat["frsize"]
-            if free < plan.bytes_needed:
-                packages = (f" ({plan.install_room // 1024} KiB of it for the packages installed on first boot)"
-                            if plan.install_room else "")
-                raise BuildError(f"{node}: the image's root file system is too full: {free // 1024} KiB free, "
-                                 f"pibake needs about {plan.bytes_needed // 1024} KiB{packages}")
-            for op in plan.ops:
-                log.debug("%s: %s %s", node, type(op).__name__.lower(), op.path)
-                try:
-                    self._apply(op, plan.release.boot_dir)
-                except RuntimeError as e:
-                    raise BuildError(f"{node}: cannot {type(op).__name__.lower()} {op.path}: {_explain(e)}") from None
-            self.g.sync()
+            for plan in plans:
+                if free < plan.bytes_needed:
+                    packages = (f" ({plan.install_room // 1024} KiB of it for the packages installed on first boot)"
+                                if plan.install_room else "")
+                    raise BuildError(f"{plan.node.hostname}: the image's root file system is too full: {free // 1024} KiB "
+                                     f"free, pibake needs about {plan.bytes_needed // 1024} KiB{packages}")
+            base = _BaseReader(self.g)
+            base.prefetch(paths_read(plans))
+            return [realize(plan, base) for plan in plans]
         finally:
             self.g.umount_all()
-        self._check_writes(index, node)
 
-    def _check_writes(self, index: int, node: str) -> None:
-        """Fail if the guest kernel saw a write fail: sync() does not return such errors."""
+    def apply(self, plans: list[NodePlan], changes: list[Changes], mtime: float,
+              done: Callable[[int], None] = lambda index: None, group: int = 8) -> None:
+        """Make every node's changes, drive i for plans[i], a group of nodes at a time.
+
+        A group's root file systems are mounted side by side (/n0, /n1, ...) and get
+        their files from one tar archive, so what costs is one mount per node: each
+        command run in the emulated appliance takes a fraction of a second. done(i)
+        is called once drive i is unmounted, its data handed to the host.
+        """
+        g = self.g
+        for index in range(len(plans)):
+            g.mkmountpoint(f"/n{index}")
+        try:
+            for start in range(0, len(plans), group):
+                indexes = range(start, min(len(plans), start + group))
+                self._apply_group(plans, changes, indexes, mtime)
+                for index in indexes:
+                    done(index)
+        finally:
+            g.umount_all()
+            for index in range(len(plans)):
+                g.rmmountpoint(f"/n{index}")
+
+    def _apply_group(self, plans: list[NodePlan], changes: list[Changes], indexes: range, mtime: float) -> None:
+        g = self.g
+        mounted: list[str] = []
+        node = plans[indexes[0]].node.hostname
+        step = "mount"
+        try:
+            for index in indexes:
+                node, top, change = plans[index].node.hostname, f"/n{index}", changes[index]
+                boot, root = self.partitions(index, check=False)  # copies of drive 0, checked by prepare()
+                step = "mount the root file system"
+                g.mount(root, top)
+                mounted.append(top)
+                if change.touches_boot:
+                    step = "mount the boot partition"
+                    g.mount(boot, top + plans[index].release.boot_dir)
+                    mounted.append(top + plans[index].release.boot_dir)
+                for old, new in change.moves:
+                    step = f"move {old}"
+                    g.mv(top + old, top + new)
+                for path in change.deletes:
+                    step = f"delete {path}"
+                    g.rm_f(top + path)
+            if any(changes[i].root for i in indexes):
+                node, step = ", ".join(plans[i].node.hostname for i in indexes), "write the root file systems' files"
+                with tempfile.NamedTemporaryFile(prefix="pibake-", suffix=".tar") as archive:
+                    with tarfile.open(fileobj=archive, mode="w", format=tarfile.GNU_FORMAT) as tar:
+                        for index in indexes:
+                            changes[index].add_to(tar, f"n{index}", mtime)
+                    archive.flush()
+                    try:
+                        g.tar_in(archive.name, "/")
+                    except RuntimeError as e:
+                        # tar names the member that failed: n<drive>/path
+                        which = re.search(r"\bn(\d+)/", str(e))
+                        if which and int(which[1]) in indexes:
+                            node = plans[int(which[1])].node.hostname
+                        raise
+            for index in indexes:
+                node, top, change = plans[index].node.hostname, f"/n{index}", changes[index]
+                for path in change.boot_mkdirs:
+                    step = f"mkdir {path}"
+                    g.mkdir_p(top + path)
+                for path in change.boot_deletes:
+                    step = f"delete {path}"
+                    g.rm_f(top + path)
+                for path, content in change.boot_writes.items():
+                    step = f"write {path}"
+                    g.write(top + path, content)
+                log.debug("%s: %d moved, %d deleted, %d written to the root file system, %d to the boot partition", node,
+                          len(change.moves), len(change.deletes) + len(change.boot_deletes), len(change.root),
+                          len(change.boot_writes))
+            node, step = ", ".join(plans[i].node.hostname for i in indexes), "unmount"
+            for top in reversed(mounted):
+                g.umount(top)
+            mounted.clear()
+        except RuntimeError as e:
+            raise BuildError(f"{node}: cannot {step}: {_explain(e)}") from None
+        finally:
+            if mounted:
+                g.umount_all()
+            self._check_writes({self.devices[i]: plans[i].node.hostname for i in indexes})
+
+    def _check_writes(self, nodes: dict[str, str]) -> None:
+        """Fail if the guest kernel saw a write fail: sync() does not return such errors.
+
+        `nodes` maps the devices just written to their node's name."""
         lines = self.g.dmesg().splitlines()
         new, self._dmesg_seen = lines[self._dmesg_seen :], len(lines)
-        if any("critical space allocation error" in line for line in new):
-            free = shutil.disk_usage(self.drives[index].path.parent).free
-            raise BuildError(f"{node}: no space left on the output disk ({self.drives[index].path.parent}, "
-                             f"{free >> 20} MiB free)")
+
+        def blamed(line: str) -> tuple[str, Path]:
+            dev = re.search(r"\b(?:dev|device) (sd[a-z]+|vd[a-z]+)", line)
+            device = f"/dev/{dev[1]}" if dev else ""
+            name = nodes.get(device) or next(iter(nodes.values()))
+            index = self.devices.index(device) if device in self.devices else self.devices.index(next(iter(nodes)))
+            return name, self.drives[index].path.parent
+
+        full = [line for line in new if "critical space allocation error" in line]
+        if full:
+            node, folder = blamed(full[0])
+            free = shutil.disk_usage(folder).free
+            raise BuildError(f"{node}: no space left on the output disk ({folder}, {free >> 20} MiB free)")
         failed = [line for line in new if re.search(r"I/O error|EXT4-fs error", line)]
         if failed:
+            node, _ = blamed(failed[0])
             raise BuildError(f"{node}: writing the image failed: {failed[0].split('] ', 1)[-1]}")
-
-    def _apply(self, op: Op, boot_dir: str) -> None:
-        g = self.g
-        on_boot = op.path == boot_dir or op.path.startswith(boot_dir + "/")
-        if isinstance(op, (Write, Mkdir, Symlink, Move)):
-            parent = os.path.dirname(op.path)
-            if not g.is_dir(parent):
-                g.mkdir_p(parent)
-        if isinstance(op, Write):
-            g.write(op.path, op.content)
-            if not on_boot:  # FAT has no owners or modes
-                g.chown(op.owner[0], op.owner[1], op.path)
-                g.chmod(op.mode, op.path)
-        elif isinstance(op, Mkdir):
-            g.mkdir_p(op.path)
-            if not on_boot:
-                g.chown(op.owner[0], op.owner[1], op.path)
-                g.chmod(op.mode, op.path)
-        elif isinstance(op, Symlink):
-            g.ln_sf(op.target, op.path)
-        elif isinstance(op, Delete):
-            g.rm_f(op.path)
-        elif isinstance(op, Move):
-            if not g.exists(op.path):
-                raise BuildError(f"cannot move {op.path}: it does not exist in the image")
-            g.mv(op.path, op.destination)
-        elif isinstance(op, EditLines):
-            self._edit_lines(op)
-        elif isinstance(op, Append):
-            old = self._read_text(op.path) if g.exists(op.path) else ""
-            if op.text not in old:
-                separator = "" if not old or old.endswith("\n") else "\n"
-                g.write(op.path, (old + separator + op.text).encode("utf-8", "surrogateescape"))
-
-    def _edit_lines(self, op: EditLines) -> None:
-        if not self.g.is_file(op.path, followsymlinks=True):
-            if op.required:
-                raise BuildError(f"{op.path} is missing from the image")
-            return
-        old = self._read_text(op.path)
-        pattern = re.compile(op.pattern)
-        matches = 0
-        lines = []
-        for line in old.split("\n"):
-            new, n = pattern.subn(op.replacement, line)
-            matches += n
-            lines.append(new)
-        if op.required and matches == 0:
-            raise BuildError(f"{op.path} in the image has no line matching {op.pattern}")
-        new_text = "\n".join(lines)
-        if new_text != old:
-            self.g.write(op.path, new_text.encode("utf-8", "surrogateescape"))
 
     # ------------------------------------------------------------ reading back
 
@@ -294,3 +345,48 @@ def _explain(e: RuntimeError) -> str:
     if "Input/output error" in text:
         return f"{text} (is the output disk full?)"
     return text
+
+
+class _BaseReader:
+    """The mounted base, read through the appliance with what it answered kept."""
+
+    def __init__(self, g) -> None:
+        self.g = g
+        self.stats: dict[str, Stat | None] = {}
+        self.data: dict[str, bytes] = {}
+
+    def prefetch(self, paths: set[str]) -> None:
+        """lstat many paths in one call per folder."""
+        by_folder: dict[str, list[str]] = {}
+        for path in paths:
+            by_folder.setdefault(posixpath.dirname(path), []).append(posixpath.basename(path))
+        for folder, names in sorted(by_folder.items()):
+            try:
+                found = self.g.lstatnslist(folder, names)
+            except RuntimeError:  # the folder itself is missing (or not one)
+                found = [{"st_ino": -1}] * len(names)
+            links = [n for n, st in zip(names, found) if st["st_ino"] != -1 and _kind(st["st_mode"]) == "link"]
+            targets = dict(zip(links, self.g.readlinklist(folder, links))) if links else {}
+            for name, st in zip(names, found):
+                self.stats[posixpath.join(folder, name)] = _stat(st, targets.get(name, ""))
+
+    def lstat(self, path: str) -> Stat | None:
+        if path not in self.stats:
+            try:
+                st = self.g.lstatns(path)
+            except RuntimeError:
+                self.stats[path] = None
+            else:
+                self.stats[path] = _stat(st, self.g.readlink(path) if _kind(st["st_mode"]) == "link" else "")
+        return self.stats[path]
+
+    def read(self, path: str) -> bytes:
+        if path not in self.data:
+            self.data[path] = self.g.read_file(path)
+        return self.data[path]
+
+
+def _stat(st: dict, target: str) -> Stat | None:
+    if st["st_ino"] == -1:
+        return None
+    return Stat(_kind(st["st_mode"]), st["st_mode"] & 0o7777, (st["st_uid"], st["st_gid"]), target)

@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import signal
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -176,6 +177,11 @@ def _rebuild(profile: Profile, nodes: tuple[Node, ...], base_sha: str, options: 
     return [by_name[n.hostname] for n in profile.nodes if n.hostname in by_name]
 
 
+def _finish(path: Path, start: tuple[int, object]) -> str:
+    image.fsync(path)
+    return image.sha256_file(path, start=start)
+
+
 def _done(value: str) -> Future:
     future: Future = Future()
     future.set_result(value)
@@ -185,7 +191,12 @@ def _done(value: str) -> Future:
 def _bake(profile: Profile, nodes: tuple[Node, ...], plans: list[NodePlan] | None, base_sha: Future, options: Options,
           keys: KeyStore) -> list[BuiltImage]:
     base = options.base.path
-    with _staging(options.output) as staging:
+    layout = {p.number: p.start for p in image.check_layout(base)}
+    with _staging(options.output) as staging, ThreadPoolExecutor(max_workers=2) as pool:
+        # A node's image differs from the base only from its boot partition on, or
+        # from its root partition on when the boot partition is left alone: its
+        # hash resumes from the base's at that offset.
+        prefixes = pool.submit(image.sha256_with_prefixes, base, [layout[1], layout[2]], False)
         staged = [staging / f"{node.hostname}.img" for node in nodes]
         for node, path in bar(list(zip(nodes, staged)), desc="copy", unit="image"):
             log.debug("%s: copying %s", node.hostname, base.name)
@@ -193,16 +204,28 @@ def _bake(profile: Profile, nodes: tuple[Node, ...], plans: list[NodePlan] | Non
         _check_room(options.output, len(staged))
         with Appliance([Drive(p) for p in staged]) as appliance:
             if plans is None:  # a rebuild planned from the remembered facts already
-                facts = appliance.facts(0)
-                facts.save(options.cache, base_sha.result())
+                # The base was hashed while the copies were made and the appliance came up.
+                facts = remembered(options.cache, base_sha.result())
+                if facts is None:
+                    facts = appliance.facts(0)
+                    facts.save(options.cache, base_sha.result())
                 plans = _plans(profile, nodes, facts, options, keys)
-            for index, plan in enumerate(bar(plans, desc="bake", unit="image")):
-                log.debug("%s: applying %d operations", plan.node.hostname, len(plan.ops))
-                appliance.apply(index, plan)
-        for path in staged:
-            image.fsync(path)
-        with ThreadPoolExecutor(max_workers=2) as pool:
-            hashes = list(pool.map(image.sha256_file, staged))
+            changes = appliance.prepare(plans)
+            log.debug("plans played through against the base")
+            mtime = time.time()
+            # Each image is synced and hashed while the appliance goes on with the next.
+            with bar(total=len(plans), desc="bake", unit="image") as meter:
+                hashing: dict[int, Future] = {}
+
+                def done(index: int) -> None:
+                    offset = layout[1] if changes[index].touches_boot else layout[2]
+                    hashing[index] = pool.submit(_finish, staged[index], (offset, prefixes.result()[1][offset]))
+                    meter.update()
+
+                appliance.apply(plans, changes, mtime, done)
+                log.debug("every image written; waiting for their hashes")
+                hashes = [hashing[i].result() for i in range(len(plans))]
+                log.debug("hashed")
         built = [BuiltImage(plan, options.output / path.name, sha, path.stat().st_size)
                  for plan, path, sha in zip(plans, staged, hashes)]
         with _no_interrupt():

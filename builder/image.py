@@ -71,15 +71,46 @@ def check_layout(path: Path) -> list[Partition]:
     return parts
 
 
-def sha256_file(path: Path, progress: bool = False) -> str:
-    digest = hashlib.sha256()
+def sha256_file(path: Path, progress: bool = False, start: tuple[int, "hashlib._Hash"] | None = None) -> str:
+    """The file's sha256; from `start` = (offset, state of the hash after the file's first offset bytes) if given."""
+    offset, digest = (start[0], start[1].copy()) if start else (0, hashlib.sha256())
     size = path.stat().st_size
-    with open(path, "rb") as f, bar(total=size, unit="B", unit_scale=True, desc=f"sha256 {path.name}",
-                                    leave=False, disable=True if not progress else None) as meter:
-        while chunk := f.read(CHUNK):
-            digest.update(chunk)
-            meter.update(len(chunk))
+    with open(path, "rb", buffering=0) as f, bar(total=size, unit="B", unit_scale=True, desc=f"sha256 {path.name}",
+                                                 leave=False, disable=True if not progress else None) as meter:
+        f.seek(offset)
+        meter.update(offset)
+        _feed(f, digest, size - offset, meter.update)
     return digest.hexdigest()
+
+
+def sha256_with_prefixes(path: Path, offsets: list[int], whole: bool = True) -> tuple[str | None, dict[int, "hashlib._Hash"]]:
+    """The file's sha256 (unless not `whole`) and the hash's state after each of its first `offsets` bytes.
+
+    Copies of the file that differ only after such an offset are hashed from there."""
+    digest, states, done = hashlib.sha256(), {}, 0
+    with open(path, "rb", buffering=0) as f:
+        for offset in sorted(offsets):
+            done += _feed(f, digest, offset - done)
+            states[offset] = digest.copy()
+        if whole:
+            _feed(f, digest, None)
+    return (digest.hexdigest() if whole else None), states
+
+
+def _feed(f, digest: "hashlib._Hash", count: int | None, progress=lambda n: None) -> int:
+    # One buffer, read into: a new bytes object per chunk costs page faults that,
+    # on a sparse image, are most of the time.
+    buffer = bytearray(CHUNK)
+    view = memoryview(buffer)
+    fed = 0
+    while count is None or fed < count:
+        n = f.readinto(buffer if count is None or count - fed >= CHUNK else view[: count - fed])
+        if not n:
+            break
+        digest.update(view[:n])
+        fed += n
+        progress(n)
+    return fed
 
 
 def _chunks_from(command: list[str]) -> Iterator[bytes]:
