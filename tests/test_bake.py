@@ -289,7 +289,11 @@ def test_master_gateway_configuration(bookworm: Baked) -> None:
     assert entry(bookworm, "master", "/etc/NetworkManager/system-connections/pibake-lan.nmconnection")[1:] == ("0o600", 0, 0)
     assert text(bookworm, "master", "/etc/pibake/packages") == "dnsmasq\niptables\ntcpdump\nfabric\n"
     for node in ("worker1", "worker2"):
-        assert not any("dnsmasq" in p or "iptables" in p or "system-connections/pibake" in p for p in bookworm.trees[node])
+        assert not any("dnsmasq" in p or "iptables" in p or "pibake-uplink" in p for p in bookworm.trees[node])
+        # DHCP on the cluster LAN that keeps asking until the master's server is up.
+        lan = text(bookworm, node, "/etc/NetworkManager/system-connections/pibake-lan.nmconnection")
+        assert "interface-name=eth0\n" in lan and "method=auto\n" in lan and "autoconnect-retries=0\n" in lan
+        assert entry(bookworm, node, "/etc/NetworkManager/system-connections/pibake-lan.nmconnection")[1:] == ("0o600", 0, 0)
 
 
 def test_master_wifi_uplink(bookworm: Baked) -> None:
