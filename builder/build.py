@@ -127,8 +127,9 @@ def _plans(profile: Profile, nodes: tuple[Node, ...], facts: BaseFacts, options:
     return plans_for(profile, nodes, release, keys, stage_packages(profile, nodes, facts.apt, options.cache))
 
 
-def _unchanged(plans: list[NodePlan], base_sha: str, output: Path) -> dict[str, BuiltImage]:
+def _unchanged(plans: list[NodePlan], base_sha: str, options: Options) -> dict[str, BuiltImage]:
     """Nodes whose inputs match the manifest and whose image still has the recorded sha256 (re-hashed)."""
+    output = options.output
     nodes = read_manifest(output).get("nodes", {})
     candidates = []
     for plan in plans:
@@ -136,8 +137,19 @@ def _unchanged(plans: list[NodePlan], base_sha: str, output: Path) -> dict[str, 
         path = output / entry.get("image", f"{plan.node.hostname}.img")
         if entry.get("inputs") == plan.fingerprint(base_sha) and path.is_file() and path.stat().st_size == entry.get("size"):
             candidates.append((plan, path, entry["sha256"]))
+    # Hashed in full, except for a first part proven equal to the base's, byte for
+    # byte (most of it holes in both): the hash goes on from the base's state there.
+    if not candidates:
+        return {}
+    base = options.base.path
+    offset = {p.number: p.start for p in image.check_layout(base)}[2]
+    _, states = image.sha256_with_prefixes(base, [offset], whole=False)
+
+    def sha256(path: Path) -> str:
+        return image.sha256_file(path, start=(offset, states[offset]) if image.same_prefix(path, base, offset) else None)
+
     with ThreadPoolExecutor(max_workers=2) as pool:
-        hashes = list(pool.map(image.sha256_file, [path for _, path, _ in candidates]))
+        hashes = list(pool.map(sha256, [path for _, path, _ in candidates]))
     return {plan.node.hostname: BuiltImage(plan, path, sha, path.stat().st_size, skipped=True)
             for (plan, path, sha), actual in zip(candidates, hashes) if actual == sha}
 
@@ -163,7 +175,7 @@ def _rebuild(profile: Profile, nodes: tuple[Node, ...], base_sha: str, options: 
     plans: list[NodePlan] | None = None
     if facts is not None:
         plans = _plans(profile, nodes, facts, options, keys)
-        skipped = _unchanged(plans, base_sha, options.output)
+        skipped = _unchanged(plans, base_sha, options)
         for name in skipped:
             log.info("%s: inputs and image unchanged, skipped", name)
         plans = [p for p in plans if p.node.hostname not in skipped]

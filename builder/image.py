@@ -97,6 +97,49 @@ def sha256_with_prefixes(path: Path, offsets: list[int], whole: bool = True) -> 
     return (digest.hexdigest() if whole else None), states
 
 
+def same_prefix(a: Path, b: Path, length: int) -> bool:
+    """Whether two files hold the same first `length` bytes, reading only where either has data."""
+    with open(a, "rb", buffering=0) as fa, open(b, "rb", buffering=0) as fb:
+        ranges = sorted(_data_ranges(fa.fileno(), length) + _data_ranges(fb.fileno(), length))
+        merged: list[list[int]] = []
+        for start, stop in ranges:
+            if merged and start <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], stop)
+            else:
+                merged.append([start, stop])
+        # Outside these ranges both files are holes, which read as zeros.
+        ba, bb = bytearray(CHUNK), bytearray(CHUNK)
+        for start, stop in merged:
+            fa.seek(start)
+            fb.seek(start)
+            while start < stop:
+                n = min(CHUNK, stop - start)
+                if n < CHUNK:
+                    ba, bb = bytearray(n), bytearray(n)
+                if fa.readinto(ba) != n or fb.readinto(bb) != n or ba != bb:
+                    return False
+                start += n
+    return True
+
+
+def _data_ranges(fd: int, end: int) -> list[tuple[int, int]]:
+    """The file's data (not hole) ranges below `end`; all of it where holes are not reported."""
+    ranges, pos = [], 0
+    while pos < end:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # only a hole from here on
+                break
+            raise
+        if start >= end:
+            break
+        stop = min(os.lseek(fd, start, os.SEEK_HOLE), end)
+        ranges.append((start, stop))
+        pos = stop
+    return ranges
+
+
 def _feed(f, digest: "hashlib._Hash", count: int | None, progress=lambda n: None) -> int:
     # One buffer, read into: a new bytes object per chunk costs page faults that,
     # on a sparse image, are most of the time.
