@@ -220,7 +220,7 @@ def cache_clean() -> None:
 def _print_plan(node_plan: NodePlan) -> None:
     node = node_plan.node
     click.echo(f"{node.hostname} ({node.role}, {node.address}): release {node_plan.release.codename}, "
-               f"because {node_plan.release.reason}")
+               f"because {node_plan.release.reason}; first boot: {node_plan.release.first_boot}")
     for op in node_plan.ops:
         d = describe(op)
         attrs = f"{d.get('mode', ''):>4} {d.get('owner', ''):>9}" if "mode" in d else " " * 14

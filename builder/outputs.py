@@ -62,7 +62,8 @@ def update_manifest(output: Path, base: Path, base_sha256: str, built: list[Buil
             "sha256": image.sha256,
             "inputs": plan.fingerprint(base_sha256),
             "base_image": {"path": str(base), "sha256": base_sha256},
-            "release": {"codename": plan.release.codename, "reason": plan.release.reason},
+            "release": {"codename": plan.release.codename, "reason": plan.release.reason,
+                        "first_boot": plan.release.first_boot},
             "operations": [describe(op) for op in plan.ops],
         }
     manifest = {"pibake": __version__, "nodes": dict(sorted(nodes.items()))}

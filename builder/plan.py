@@ -337,6 +337,20 @@ def configure_wifi(ctx: _Context) -> None:
                              r"\1" + f" cfg80211.ieee80211_regdom={wifi.country}"))
 
 
+def configure_cloud_init(ctx: _Context) -> None:
+    """Turn cloud-init off on releases that would run it: pibake has configured the node.
+
+    Left on, its defaults delete the SSH host keys, set the hostname and user from
+    the seed files on the boot partition and write fallback network settings, on
+    first boot and some of it on every boot. cloud-init reads this file and stops.
+    """
+    if not ctx.release.cloud_init:
+        return
+    ctx.ops.append(Write("/etc/cloud/cloud-init.disabled",
+                         b"# Written by pibake, which configured this node when it baked the image.\n"
+                         b"# Delete this file to let cloud-init run again on the next boot.\n"))
+
+
 def configure_packages(ctx: _Context) -> None:
     """List the packages for the first-boot unit and stage the .debs it installs, offline."""
     packages = ctx.profile.packages(ctx.node)
@@ -374,6 +388,7 @@ STEPS = (
     configure_ssh,
     configure_overlay,
     configure_wifi,
+    configure_cloud_init,
     configure_packages,
     configure_extra_files,
     enable_units,

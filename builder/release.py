@@ -22,7 +22,18 @@ class Release:
     @property
     def caveat(self) -> str:
         """What the user must know before flashing this release, or ''."""
-        return CAVEATS.get(self.codename, "" if self.codename in KNOWN else CAVEATS["trixie"])
+        if self.codename in KNOWN:
+            return ""
+        return f"pibake does not know {self.codename}: it is baked as Trixie is, which may not suit it"
+
+    @property
+    def first_boot(self) -> str:
+        """What configures the node on its first boot unless pibake has done it already."""
+        return FIRST_BOOT[self.codename if self.codename in KNOWN else "trixie"]
+
+    @property
+    def cloud_init(self) -> bool:
+        return self.first_boot.startswith("cloud-init")
 
     @property
     def variants(self) -> tuple[str, ...]:
@@ -38,10 +49,13 @@ KNOWN = {
 }
 
 
-CAVEATS = {
-    "trixie": "Trixie configures itself with cloud-init on first boot, which pibake does not handle yet: "
-              "cloud-init's defaults may replace the hostname, user or SSH host keys baked in. "
-              "Bake Bookworm (--image bookworm) for a cluster that must come up as planned.",
+# Bullseye and Bookworm boot once into raspberrypi-sys-mods' firstboot init (resize,
+# disk id, host keys, custom.toml); Trixie has none and hands the node to cloud-init,
+# seeded from the boot partition, with ` resize` on the kernel command line.
+FIRST_BOOT = {
+    "bullseye": "raspberrypi-sys-mods firstboot (init= on the kernel command line)",
+    "bookworm": "raspberrypi-sys-mods firstboot (init= on the kernel command line)",
+    "trixie": "cloud-init (NoCloud seeds on the boot partition); pibake turns it off",
 }
 
 

@@ -126,13 +126,18 @@ def _root_tree(root: Path, layout: Layout, rpios: bool) -> None:
     _write(root, "/etc/machine-id", "uninitialized\n", 0o444)
     _write(root, "/etc/fstab", f"proc /proc proc defaults 0 0\nPARTUUID=5e3da4a0-01 {layout.boot_dir} vfat defaults 0 2\n"
                                 "PARTUUID=5e3da4a0-02 / ext4 defaults,noatime 0 1\n")
-    _write(root, "/etc/passwd", PASSWD)
+    if layout.codename == "trixie":  # pi-gen since 2026-02: adduser --disabled-login, no passwordless sudo
+        _write(root, "/etc/passwd", PASSWD.replace("/home/pi:/bin/bash", "/home/pi:/usr/sbin/nologin"))
+        _write(root, "/etc/cloud/cloud.cfg", "# The top level settings are used as module\n# and base configuration.\n")
+    else:
+        _write(root, "/etc/passwd", PASSWD)
     _write(root, "/etc/shadow", SHADOW, 0o640, (0, 42))
     _write(root, "/etc/group", GROUP)
     _write(root, "/etc/gshadow", GSHADOW, 0o640, (0, 42))
     _write(root, "/etc/subuid", "pi:100000:65536\n")
     _write(root, "/etc/subgid", "pi:100000:65536\n")
-    _write(root, "/etc/sudoers.d/010_pi-nopasswd", "pi ALL=(ALL) NOPASSWD: ALL\n", 0o440)
+    if layout.codename != "trixie":
+        _write(root, "/etc/sudoers.d/010_pi-nopasswd", "pi ALL=(ALL) NOPASSWD: ALL\n", 0o440)
     _write(root, "/etc/ssh/sshd_config", SSHD_CONFIG)
     _write(root, "/etc/ssh/sshd_config.d/rename_user.conf", "Banner /usr/share/userconf-pi/sshd_banner\n")
     for name, text in UNITS.items():
@@ -162,6 +167,14 @@ def _root_tree(root: Path, layout: Layout, rpios: bool) -> None:
                "ctrl_interface=DIR=/var/run/wpa_supplicant GROUP=netdev\nupdate_config=1\n", 0o600)
 
 
+# pi-gen's stage2/04-cloud-init seeds for Trixie: NoCloud, everything commented out.
+CLOUD_INIT_SEEDS = {
+    "meta-data": "dsmode: local\ninstance_id: rpios-image\n",
+    "user-data": "#cloud-config\n\n# hostname: raspberrypi\n# users:\n#   - name: pi\n",
+    "network-config": "# network:\n#   version: 2\n#   ethernets:\n#     eth0:\n#       dhcp4: true\n",
+}
+
+
 def _boot_files(layout: Layout) -> dict[str, str]:
     if layout.codename == "trixie":
         tail = "rootwait resize"
@@ -171,6 +184,7 @@ def _boot_files(layout: Layout) -> dict[str, str]:
         "cmdline.txt": f"console=serial0,115200 console=tty1 root=PARTUUID=5e3da4a0-02 rootfstype=ext4 fsck.repair=yes {tail}\n",
         "config.txt": "# For more options and information see\n# http://rptl.io/configtxt\ndtparam=audio=on\narm_64bit=1\n",
         "issue.txt": "Raspberry Pi reference 2025-05-13\n",
+        **(CLOUD_INIT_SEEDS if layout.codename == "trixie" else {}),
     }
 
 

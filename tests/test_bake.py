@@ -113,6 +113,16 @@ def bullseye(tmp_path_factory, operator_key: Path) -> Baked:
         """, [["cluster"]])
 
 
+@pytest.fixture(scope="module")
+def trixie(tmp_path_factory, operator_key: Path) -> Baked:
+    return bake(tmp_path_factory.mktemp("trixie"), "trixie", f"""
+        user:
+          ssh_keys: [{operator_key}]
+        workers:
+          count: 1
+        """, [["cluster"]])
+
+
 def hash_of(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -422,3 +432,22 @@ def test_plan_reads_the_release_from_the_image(bullseye: Baked) -> None:
     assert result.code == 0, result.output
     assert "worker1 (worker, 192.168.5.101): release bullseye, because /etc/os-release: VERSION_CODENAME=bullseye" in result.stdout
     assert "/boot/firmware" not in result.stdout
+
+
+# ------------------------------------------------------------ trixie
+
+
+def test_trixie_turns_cloud_init_off_and_keeps_its_resize(trixie: Baked) -> None:
+    assert "release: trixie" in trixie.result.stderr and "warning" not in trixie.result.stderr
+    for node in ("master", "worker1"):
+        tree = trixie.trees[node]
+        assert tree["/etc/cloud/cloud-init.disabled"]["type"] == "file"
+        # pi-gen's Trixie pi has a nologin shell and no sudo rule: the profile's user gets both.
+        assert "pi:x:1000:1000:,,,:/home/pi:/bin/bash\n" in text(trixie, node, "/etc/passwd")
+        assert text(trixie, node, "/etc/sudoers.d/010_pi-nopasswd") == "pi ALL=(ALL) NOPASSWD: ALL\n"
+        # The initramfs grows the root partition when ` resize` is on the command line.
+        assert text(trixie, node, "/boot/firmware/cmdline.txt").rstrip("\n").endswith("rootwait resize")
+        unexpected = changed_paths(trixie, node) - allowed_changes(trixie, node)
+        assert not unexpected, f"{node}: {sorted(unexpected)}"
+    manifest = json.loads((trixie.output / "manifest.json").read_text())
+    assert "cloud-init" in manifest["nodes"]["master"]["release"]["first_boot"]

@@ -159,14 +159,16 @@ def test_plan_command_prints_every_operation_without_secrets(operator_key: Path,
     assert not (workdir / "output").exists()
 
 
-def test_trixie_plans_warn_about_cloud_init(operator_key: Path, workdir: Path) -> None:
+def test_trixie_plans_turn_cloud_init_off(operator_key: Path, workdir: Path) -> None:
     write_profile(workdir, f"user:\n  ssh_keys: [{operator_key}]\n")
     trixie = run_pibake("plan", "master", "--release", "trixie", "--profiles", "cluster.yaml", cwd=workdir)
-    assert trixie.code == 0
-    assert "pibake: warning: Trixie configures itself with cloud-init on first boot" in trixie.stderr
+    assert trixie.code == 0 and "warning" not in trixie.stderr, trixie.output
+    assert "release trixie, because --release trixie; first boot: cloud-init" in trixie.stdout
+    assert "/etc/cloud/cloud-init.disabled" in trixie.stdout
     assert "/etc/NetworkManager/system-connections/pibake-lan.nmconnection" in trixie.stdout
     bookworm = run_pibake("plan", "master", "--release", "bookworm", "--profiles", "cluster.yaml", cwd=workdir)
-    assert "warning" not in bookworm.stderr
+    assert "first boot: raspberrypi-sys-mods firstboot" in bookworm.stdout
+    assert "cloud-init" not in bookworm.stdout
 
 
 def test_first_and_count_only_for_workers(operator_key: Path, workdir: Path) -> None:
