@@ -35,7 +35,7 @@ fixtures: venv
 	$(VENV)/bin/python tests/boot_fixture.py bookworm
 
 test: venv fixtures
-	$(PYTEST) -ra
+	$(PYTEST) -ra --durations=20
 
 # Prints a table and writes output/bench/*.json; curl is the floor's downloader.
 bench: venv
