@@ -84,7 +84,7 @@ class _Tree:
 
     def _base_path(self, path: str) -> str:
         for old, new in reversed(self.moved):
-            if path == new or path.startswith(new + "/"):
+            if _under(path, new):
                 return old + path[len(new):]
         return path
 
@@ -92,7 +92,7 @@ class _Tree:
         if path in self.state:
             return self.state[path]
         for old, _ in self.moved:
-            if path == old or path.startswith(old + "/"):
+            if _under(path, old):
                 return _ABSENT
         return self.base.lstat(self._base_path(path)) or _ABSENT
 
@@ -111,7 +111,7 @@ class _Tree:
         return path
 
     def on_boot(self, path: str) -> bool:
-        return path == self.boot_dir or path.startswith(self.boot_dir + "/")
+        return _under(path, self.boot_dir)
 
     def write(self, path: str, content: bytes, mode: int, owner: tuple[int, int]) -> None:
         self.state[path] = Stat("file", mode, owner)
