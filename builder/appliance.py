@@ -11,13 +11,16 @@ import os
 import re
 import posixpath
 import shutil
+import signal
 import tarfile
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+from builder import cache
 from builder.errors import BuildError
 from builder.facts import BaseFacts
 from builder.packages import read_inputs
@@ -81,21 +84,35 @@ class Appliance:
         kvm_usable = os.access("/dev/kvm", os.R_OK | os.W_OK)
         try_kvm = kvm_usable and not _wants_tcg()
         g = self._handle(force_tcg=not try_kvm)
+        hung = _KvmHang(g.get_hv())
+        why_not_kvm = "" if kvm_usable else ", no /dev/kvm"
+        if try_kvm and hung.before():
+            log.info("KVM hung at launch on this machine before; using TCG (delete %s to try KVM again)", hung.memo)
+            g.close()
+            try_kvm, why_not_kvm = False, "; KVM hangs here"
+            g = self._handle(force_tcg=True)
         try:
-            g.launch()
-            self.accelerator = "KVM" if try_kvm else "TCG (software emulation" + ("" if kvm_usable else ", no /dev/kvm") + ")"
+            if try_kvm:
+                hung.watch(g)
+            else:
+                g.launch()
+            self.accelerator = "KVM" if try_kvm else f"TCG (software emulation{why_not_kvm})"
         except RuntimeError as first:
             g.close()
             if not try_kvm:
                 raise BuildError(f"cannot launch the libguestfs appliance: {_first_line(first)} (run libguestfs-test-tool)") from None
-            log.info("KVM launch failed (%s); falling back to TCG", _first_line(first))
+            if hung.seen:
+                log.info("KVM launch hung (nothing from the appliance in %d s); falling back to TCG", KVM_FIRST_WORDS)
+                hung.remember()
+            else:
+                log.info("KVM launch failed (%s); falling back to TCG", _first_line(first))
             g = self._handle(force_tcg=True)
             try:
                 g.launch()
             except RuntimeError as e:
                 g.close()
                 raise BuildError(f"cannot launch the libguestfs appliance: {_first_line(e)} (run libguestfs-test-tool)") from None
-            self.accelerator = "TCG (software emulation; KVM failed to start)"
+            self.accelerator = f"TCG (software emulation; KVM {'hung' if hung.seen else 'failed to start'})"
         self.launch_seconds = time.monotonic() - start
         log.info("libguestfs appliance up in %.1f s using %s", self.launch_seconds, self.accelerator)
         return g
@@ -343,6 +360,80 @@ class Appliance:
             elif kind == "link":
                 entry["target"] = g.readlink(path)
             yield path, entry
+
+
+# Seconds a KVM launch may take to show the appliance's first words on its console
+# (supermin's, which it prints however quiet the kernel is). A working KVM takes a
+# second or two, TCG about four; nested KVM can also hang for good in the BIOS,
+# and libguestfs would wait twenty minutes for it.
+KVM_FIRST_WORDS = 20
+
+
+class _KvmHang:
+    """Launching under KVM with a watchdog, and remembering a machine where it hangs."""
+
+    def __init__(self, hypervisor: str) -> None:
+        self.memo = cache.root() / "kvm-hangs"
+        try:
+            self.key = f"{os.uname().release} {hypervisor} {os.stat(hypervisor).st_mtime_ns}\n"
+        except OSError:
+            self.key = f"{os.uname().release} {hypervisor}\n"
+        self.seen = False
+
+    def before(self) -> bool:
+        """Whether KVM hung here before, with this host kernel and hypervisor."""
+        try:
+            return self.memo.read_text() == self.key
+        except OSError:
+            return False
+
+    def remember(self) -> None:
+        try:
+            self.memo.parent.mkdir(parents=True, exist_ok=True)
+            self.memo.write_text(self.key)
+        except OSError as e:  # only costs the wait again next time
+            log.debug("cannot write %s: %s", self.memo, e.strerror)
+
+    def watch(self, g) -> None:
+        """g.launch(), its QEMU killed if the appliance says nothing in KVM_FIRST_WORDS seconds."""
+        spoke, launched = threading.Event(), threading.Event()
+        earlier = _hypervisors()
+
+        def heard(event: int, handle: int, message: bytes | str, array: list) -> None:
+            if "supermin" in (message if isinstance(message, str) else message.decode("utf-8", "replace")):
+                spoke.set()
+
+        def watchdog() -> None:
+            if not spoke.wait(KVM_FIRST_WORDS) and not launched.is_set():
+                self.seen = True
+                for pid in _hypervisors() - earlier:
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+
+        callback = g.set_event_callback(heard, guestfs.EVENT_APPLIANCE)
+        threading.Thread(target=watchdog, name="kvm-watchdog", daemon=True).start()
+        try:
+            g.launch()
+        finally:
+            launched.set()
+            spoke.set()
+            g.delete_event_callback(callback)
+
+
+def _hypervisors() -> set[int]:
+    """QEMU processes started by this one."""
+    me, found = os.getpid(), set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        name, rest = text[text.index("(") + 1 : text.rindex(")")], text[text.rindex(")") + 2 :].split()
+        if name.startswith("qemu-system") and int(rest[1]) == me:
+            found.add(int(stat.parent.name))
+    return found
 
 
 def _disk_letters(index: int) -> str:
