@@ -131,6 +131,17 @@ class Appliance:
             pass
         return self.g.list_devices()
 
+    def reread(self, indexes: list[int]) -> None:
+        """Re-read the partition tables of drives written while the appliance was up.
+
+        The kernel also drops what it had cached of those disks, so nothing read
+        before their content was complete is used."""
+        for index in indexes:
+            try:
+                self.g.blockdev_rereadpt(self.devices[index])
+            except RuntimeError as e:
+                raise BuildError(f"{self.drives[index].path.name}: cannot read its partition table: {_first_line(e)}") from None
+
     def close(self) -> None:
         try:
             self.g.shutdown()

@@ -189,6 +189,65 @@ def _rebuild(profile: Profile, nodes: tuple[Node, ...], base_sha: str, options: 
     return [by_name[n.hostname] for n in profile.nodes if n.hostname in by_name]
 
 
+# A copy slower than this (seconds) is a real copy, not a reflink or a small sparse
+# image: the appliance is then launched while the rest are made.
+SLOW_COPY = float(os.environ.get("PIBAKE_SLOW_COPY", "0.5"))
+
+
+@contextmanager
+def _copied_and_launched(base: Path, nodes: tuple[Node, ...], staged: list[Path], output: Path) -> Iterator[Appliance]:
+    """Copy the base once per node, and launch the appliance with every copy attached.
+
+    Without KVM the launch takes tens of seconds, and so does copying a real image
+    several times over, so when copies are slow the two overlap. The copies not yet
+    made are created at their full size first, as holes (QEMU takes a disk's size
+    when it opens it), attached, and filled in by another thread without changing
+    their size; once they are complete the appliance re-reads their partition
+    tables, which also drops anything it read from them before they were. The
+    appliance stays in this thread: libguestfs keeps its error handling per thread.
+    """
+    copies = bar(list(zip(nodes, staged)), desc="copy", unit="image")
+    late: list[int] = []
+    for index, (node, path) in enumerate(copies):
+        log.debug("%s: copying %s", node.hostname, base.name)
+        start = time.monotonic()
+        image.copy_image(base, path)
+        if index + 1 < len(staged) and time.monotonic() - start > SLOW_COPY:
+            late = list(range(index + 1, len(staged)))
+            break
+    if not late:
+        _check_room(output, len(staged))
+        with Appliance([Drive(p) for p in staged]) as appliance:
+            yield appliance
+        return
+    for index in late:
+        with open(staged[index], "wb") as holes:
+            holes.truncate(base.stat().st_size)
+    log.debug("copies are slow: launching the appliance while %d more are made", len(late))
+
+    def copy_late() -> None:
+        for index in late:
+            log.debug("%s: copying %s", nodes[index].hostname, base.name)
+            image.copy_into(base, staged[index])
+            copies.update()
+        copies.close()
+
+    with ThreadPoolExecutor(max_workers=1) as copier:
+        copying = copier.submit(copy_late)
+        try:
+            appliance = Appliance([Drive(p) for p in staged])
+        except BaseException:
+            copying.exception()  # the launch's failure is the one to report, once the copies have stopped
+            raise
+        try:
+            copying.result()
+            _check_room(output, len(staged))
+            appliance.reread(late)
+            yield appliance
+        finally:
+            appliance.close()
+
+
 def _finish(path: Path, start: tuple[int, object]) -> str:
     image.fsync(path)
     return image.sha256_file(path, start=start)
@@ -210,11 +269,7 @@ def _bake(profile: Profile, nodes: tuple[Node, ...], plans: list[NodePlan] | Non
         # hash resumes from the base's at that offset.
         prefixes = pool.submit(image.sha256_with_prefixes, base, [layout[1], layout[2]], False)
         staged = [staging / f"{node.hostname}.img" for node in nodes]
-        for node, path in bar(list(zip(nodes, staged)), desc="copy", unit="image"):
-            log.debug("%s: copying %s", node.hostname, base.name)
-            image.copy_image(base, path)
-        _check_room(options.output, len(staged))
-        with Appliance([Drive(p) for p in staged]) as appliance:
+        with _copied_and_launched(base, nodes, staged, options.output) as appliance:
             if plans is None:  # a rebuild planned from the remembered facts already
                 # The base was hashed while the copies were made and the appliance came up.
                 facts = remembered(options.cache, base_sha.result())

@@ -223,11 +223,34 @@ def copy_image(source: Path, target: Path) -> None:
     result = subprocess.run(command, stderr=subprocess.PIPE, text=True)
     if result.returncode != 0:
         target.unlink(missing_ok=True)
-        if "No space left" in result.stderr:
-            free = shutil.disk_usage(target.parent).free
-            raise BuildError(f"no space left on the output disk ({target.parent}): "
-                             f"{free >> 20} MiB free, an image needs up to {_allocated(source) >> 20} MiB")
-        raise BuildError(f"cannot copy {source} to {target}: {result.stderr.strip()}")
+        _copy_failed(source, target, result.stderr.strip())
+
+
+def copy_into(source: Path, target: Path) -> None:
+    """Copy into `target`, an all-holes file of the source's size, never changing its size.
+
+    For a disk that QEMU already has open: it took the size when it opened it (cp
+    would truncate first). Data ranges only, with copy_file_range, which shares
+    extents where the file system can, as cp does."""
+    log.debug("%s: copying %s's data ranges into it", target, source)
+    try:
+        with open(source, "rb", buffering=0) as src, open(target, "r+b", buffering=0) as dst:
+            for start, stop in _data_ranges(src.fileno(), os.fstat(src.fileno()).st_size):
+                while start < stop:
+                    copied = os.copy_file_range(src.fileno(), dst.fileno(), stop - start, start, start)
+                    if copied == 0:
+                        raise OSError(errno.EIO, f"{source} ended early")
+                    start += copied
+    except OSError as e:
+        _copy_failed(source, target, e.strerror or str(e))
+
+
+def _copy_failed(source: Path, target: Path, reason: str) -> None:
+    if "No space left" in reason:
+        free = shutil.disk_usage(target.parent).free
+        raise BuildError(f"no space left on the output disk ({target.parent}): "
+                         f"{free >> 20} MiB free, an image needs up to {_allocated(source) >> 20} MiB")
+    raise BuildError(f"cannot copy {source} to {target}: {reason}")
 
 
 def _allocated(path: Path) -> int:
