@@ -29,10 +29,10 @@ build: venv
 plan: venv
 	$(PIBAKE) plan cluster $(if $(IMAGE),--image $(IMAGE))
 
-# The boot tests' arm64 image, built from Debian's packages once per recipe and
+# The boot tests' arm64 images (Bookworm and Trixie), built from Debian's packages once per recipe and
 # cached in ~/.cache/pibake-fixtures; the only step of `make test` that goes online.
 fixtures: venv
-	$(VENV)/bin/python tests/boot_fixture.py bookworm
+	$(VENV)/bin/python tests/boot_fixture.py bookworm trixie
 
 test: venv fixtures
 	$(PYTEST) -ra --durations=20
