@@ -17,8 +17,10 @@ from __future__ import annotations
 import json
 import random
 import shlex
+import shutil
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -169,26 +171,44 @@ class Cluster:
 
 @dataclass
 class Ssh:
-    """ssh to the master through its forward, and on to workers through the master, host keys checked."""
+    """ssh to the master through its forward, and on to workers through the master, host keys checked.
+
+    Connections are multiplexed: each node's first login stays open for the
+    next commands, which saves a key exchange with an emulated CPU per command.
+    A connection that dies with its guest (reboot, power cut) is made anew.
+    """
 
     identity: Path
     known_hosts: Path
     user: str
     port: int
     master: str = "master"
+    control: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="pibake-ssh-")))
 
-    def options(self, alias: str) -> list[str]:
+    def options(self, alias: str, multiplex: bool = True) -> list[str]:
+        shared = ["-o", "ControlMaster=auto", "-o", f"ControlPath={self.control}/%C", "-o", "ControlPersist=300"]
         return ["-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes", "-o", f"UserKnownHostsFile={self.known_hosts}",
                 "-o", "GlobalKnownHostsFile=/dev/null", "-o", f"HostKeyAlias={alias}", "-o", "IdentitiesOnly=yes",
                 "-o", f"IdentityFile={self.identity}", "-o", "ConnectTimeout=20", "-o", "LogLevel=ERROR",
-                "-o", "UpdateHostKeys=no"]
+                "-o", "UpdateHostKeys=no", "-o", "ServerAliveInterval=10", "-o", "ServerAliveCountMax=3",
+                *(shared if multiplex else ["-o", "ControlMaster=no", "-o", "ControlPath=none"])]
 
-    def argv(self, node: str, address: str | None = None) -> list[str]:
+    def argv(self, node: str, address: str | None = None, multiplex: bool = True) -> list[str]:
+        """The ssh command line for `node`; multiplex=False for a login of its own (an authentication check)."""
         if node == self.master:
-            return ["ssh", *self.options(node), "-p", str(self.port), f"{self.user}@127.0.0.1"]
+            return ["ssh", *self.options(node, multiplex), "-p", str(self.port), f"{self.user}@127.0.0.1"]
         jump = shlex.join(["ssh", *self.options(self.master), "-p", str(self.port), "-W", f"{address}:22",
                            f"{self.user}@127.0.0.1"])
-        return ["ssh", *self.options(node), "-o", f"ProxyCommand={jump}", f"{self.user}@{address}"]
+        # ssh expands % in a ProxyCommand: the inner ControlPath's %C must reach the inner ssh as it is.
+        jump = jump.replace("%", "%%")
+        return ["ssh", *self.options(node, multiplex), "-o", f"ProxyCommand={jump}", f"{self.user}@{address}"]
+
+    def close(self) -> None:
+        """End every shared connection."""
+        for socket_path in self.control.iterdir():
+            subprocess.run(["ssh", "-o", f"ControlPath={socket_path}", "-O", "exit", "unused"], capture_output=True,
+                           timeout=30)
+        shutil.rmtree(self.control, ignore_errors=True)
 
     def run(self, node: str, command: str, address: str | None = None, timeout: int = 120) -> subprocess.CompletedProcess:
         return subprocess.run([*self.argv(node, address), command], capture_output=True, text=True, timeout=timeout)
