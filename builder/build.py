@@ -206,16 +206,18 @@ def _copied_and_launched(base: Path, nodes: tuple[Node, ...], staged: list[Path]
     tables, which also drops anything it read from them before they were. The
     appliance stays in this thread: libguestfs keeps its error handling per thread.
     """
-    copies = bar(list(zip(nodes, staged)), desc="copy", unit="image")
+    copies = bar(total=len(staged), desc="copy", unit="image")
     late: list[int] = []
-    for index, (node, path) in enumerate(copies):
+    for index, (node, path) in enumerate(zip(nodes, staged)):
         log.debug("%s: copying %s", node.hostname, base.name)
         start = time.monotonic()
         image.copy_image(base, path)
+        copies.update()
         if index + 1 < len(staged) and time.monotonic() - start > SLOW_COPY:
             late = list(range(index + 1, len(staged)))
             break
     if not late:
+        copies.close()
         _check_room(output, len(staged))
         with Appliance([Drive(p) for p in staged]) as appliance:
             yield appliance
