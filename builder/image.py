@@ -73,14 +73,11 @@ def check_layout(path: Path) -> list[Partition]:
 
 def sha256_file(path: Path, progress: bool = False, start: tuple[int, "hashlib._Hash"] | None = None) -> str:
     """The file's sha256; from `start` = (offset, state of the hash after the file's first offset bytes) if given."""
-    offset, digest = (start[0], start[1].copy()) if start else (0, hashlib.sha256())
-    size = path.stat().st_size
-    with open(path, "rb", buffering=0) as f, bar(total=size, unit="B", unit_scale=True, desc=f"sha256 {path.name}",
-                                                 leave=False, disable=True if not progress else None) as meter:
-        f.seek(offset)
-        meter.update(offset)
-        _feed(f, digest, size - offset, meter.update)
-    return digest.hexdigest()
+    with bar(total=path.stat().st_size, unit="B", unit_scale=True, desc=f"sha256 {path.name}",
+             leave=False, disable=True if not progress else None) as meter:
+        sha, _ = _hash_sparse(path, start or (0, hashlib.sha256()), None, meter.update)
+    assert sha is not None
+    return sha
 
 
 def sha256_with_prefixes(path: Path, offsets: list[int], whole: bool = True) -> tuple[str | None, dict[int, "hashlib._Hash"]]:
@@ -122,9 +119,9 @@ def same_prefix(a: Path, b: Path, length: int) -> bool:
     return True
 
 
-def _data_ranges(fd: int, end: int) -> list[tuple[int, int]]:
-    """The file's data (not hole) ranges below `end`; all of it where holes are not reported."""
-    ranges, pos = [], 0
+def _data_ranges(fd: int, end: int, pos: int = 0) -> list[tuple[int, int]]:
+    """The file's data (not hole) ranges from `pos` to `end`; all of it where holes are not reported."""
+    ranges = []
     while pos < end:
         try:
             start = os.lseek(fd, pos, os.SEEK_DATA)
@@ -154,6 +151,74 @@ def _feed(f, digest: "hashlib._Hash", count: int | None, progress=lambda n: None
         fed += n
         progress(n)
     return fed
+
+
+_ZEROS = memoryview(bytes(CHUNK))
+
+
+def _feed_zeros(digest: "hashlib._Hash", count: int) -> None:
+    while count > 0:  # none when negative
+        digest.update(_ZEROS[: min(count, CHUNK)])
+        count -= CHUNK
+
+
+# Names what the digest covers, so that a different definition never matches an old one.
+BLOCKS_DIGEST = b"pibake non-zero 64 KiB blocks v1\n"
+BLOCK = 64 << 10
+_ZERO_BLOCK = bytes(BLOCK)
+
+
+def hash_data(path: Path, start: "tuple[int, hashlib._Hash] | None" = None) -> tuple[str | None, str]:
+    """Read only the file's data: the digest of its blocks, and its sha256 if `start` is given.
+
+    `start` = (offset, state of a sha256 after the file's first offset bytes): the
+    sha256 goes on from there. The blocks' digest covers the number and bytes of every
+    64 KiB block that is not all zeros, and the file's size. It follows the content
+    only, not which parts the file system keeps as holes, so checking it reads only
+    the data: a few MiB of a sparse image instead of all of it."""
+    sha, blocks = _hash_sparse(path, start, hashlib.sha256(BLOCKS_DIGEST))
+    assert blocks is not None
+    return sha, blocks
+
+
+def _hash_sparse(path: Path, start: "tuple[int, hashlib._Hash] | None", blocks: "hashlib._Hash | None",
+                 progress=lambda n: None) -> tuple[str | None, str | None]:
+    # Only the data ranges are read; holes are fed to the sha256 as the zeros they read as.
+    offset, digest = (start[0], start[1].copy()) if start is not None else (0, None)
+    fed = offset  # the sha256 holds the file's bytes before this
+    progress(offset)
+    buffer = bytearray(CHUNK)  # a whole number of blocks
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as f:
+        size = os.fstat(f.fileno()).st_size
+        done = 0  # the blocks before this are in the blocks' digest
+        for lo, hi in _data_ranges(f.fileno(), size, 0 if blocks is not None else offset):
+            # Whole blocks around each data range: the parts in holes read as zeros.
+            lo, hi = max(done, lo // BLOCK * BLOCK), min(size, -(-hi // BLOCK) * BLOCK)
+            f.seek(lo)
+            while lo < hi:
+                n = f.readinto(view[: min(CHUNK, hi - lo)])
+                if n != min(CHUNK, hi - lo):
+                    raise OSError(errno.EIO, f"{path} changed while it was read")
+                if blocks is not None:
+                    for at in range(0, n, BLOCK):
+                        length = min(BLOCK, n - at)
+                        if not buffer.startswith(_ZERO_BLOCK[:length], at, at + length):
+                            blocks.update(struct.pack(">Q", (lo + at) // BLOCK))
+                            blocks.update(view[at : at + length])
+                if digest is not None and lo + n > fed:
+                    _feed_zeros(digest, lo - fed)
+                    digest.update(view[max(0, fed - lo) : n])
+                    progress(lo + n - fed)
+                    fed = lo + n
+                lo += n
+            done = max(done, hi)
+        if digest is not None:
+            _feed_zeros(digest, size - fed)
+            progress(size - fed)
+        if blocks is not None:
+            blocks.update(struct.pack(">Q", size))
+    return (digest.hexdigest() if digest is not None else None), (blocks.hexdigest() if blocks is not None else None)
 
 
 def _chunks_from(command: list[str]) -> Iterator[bytes]:
