@@ -42,8 +42,14 @@ def _write_private(path: Path, data: bytes) -> None:
 class KeyStore:
     def __init__(self, state_dir: Path) -> None:
         self.dir = state_dir / "keys"
+        self._loaded: dict[str, KeyPair] = {}  # each node's plan lists every host key
 
     def _pair(self, name: str, comment: str) -> KeyPair:
+        if name not in self._loaded:
+            self._loaded[name] = self._load_or_make(name, comment)
+        return self._loaded[name]
+
+    def _load_or_make(self, name: str, comment: str) -> KeyPair:
         private_path = self.dir / name
         public_path = self.dir / f"{name}.pub"
         if private_path.exists():
