@@ -22,7 +22,7 @@ from typing import Callable, Iterator
 
 from builder import cache
 from builder.errors import BuildError
-from builder.facts import BaseFacts
+from builder.facts import BaseFacts, BaseReads
 from builder.packages import read_inputs
 from builder.plan import NodePlan
 from builder.realize import Changes, Stat, paths_read, realize
@@ -57,7 +57,9 @@ class Appliance:
         self.launch_seconds = 0.0
         self.g = self._launch()
         self.devices = self._devices()
-        self._dmesg_seen = len(self.g.dmesg().splitlines())
+        # Kernel messages before this count are not about writing: set when something is
+        # first read through the appliance (the boot's own messages are none of ours).
+        self._dmesg_seen: int | None = None
 
     def _handle(self, force_tcg: bool):
         g = guestfs.GuestFS(python_return_dict=True)
@@ -157,11 +159,15 @@ class Appliance:
     # ------------------------------------------------------------ layout
 
     def partitions(self, index: int, check: bool = True) -> tuple[str, str]:
-        """The boot (FAT) and root (ext4) partitions of drive `index`, checked unless told not to."""
+        """The boot (FAT) and root (ext4) partitions of drive `index`, checked unless told not to.
+
+        Checked is how drives are first read (facts, prepare, snapshot); written drives are not checked."""
         device = self.devices[index]
         name = self.drives[index].path
         if not check:
             return f"{device}1", f"{device}2"
+        if self._dmesg_seen is None:
+            self._dmesg_seen = len(self.g.dmesg().splitlines())
         try:
             parts = [f"{device}{p['part_num']}" for p in sorted(self.g.part_list(device), key=lambda p: p["part_num"])]
         except RuntimeError:  # no partition table at all
@@ -216,26 +222,25 @@ class Appliance:
 
     # ------------------------------------------------------------ applying
 
-    def prepare(self, plans: list[NodePlan]) -> list[Changes]:
-        """Play every plan through against drive 0 before any copy is changed (they all start equal)."""
-        boot_dir = plans[0].release.boot_dir
-        self.mount(0, boot_dir, readonly=True)
+    def prepare(self, plans: list[NodePlan], known: BaseReads | None = None) -> list[Changes]:
+        """Play every plan through against drive 0 before any copy is changed (they all start equal).
+
+        What `known` holds of the base is not read again; what is read is added to it.
+        Drive 0 is only mounted (and checked) when something is not known."""
+        reads = known if known is not None else BaseReads()
+        base = _BaseReader(self, plans[0].release.boot_dir, reads)
         try:
-            stat = self.g.statvfs("/")
-            # bavail, not bfree: ext4 holds back clusters for its metadata that even
-            # root cannot write into (it also leaves out the root reserve: conservative).
-            free = stat["bavail"] * stat["frsize"]
+            free = base.free()
             for plan in plans:
                 if free < plan.bytes_needed:
                     packages = (f" ({plan.install_room // 1024} KiB of it for the packages installed on first boot)"
                                 if plan.install_room else "")
                     raise BuildError(f"{plan.node.hostname}: the image's root file system is too full: {free // 1024} KiB "
                                      f"free, pibake needs about {plan.bytes_needed // 1024} KiB{packages}")
-            base = _BaseReader(self.g)
             base.prefetch(paths_read(plans))
             return [realize(plan, base) for plan in plans]
         finally:
-            self.g.umount_all()
+            base.close()
 
     def apply(self, plans: list[NodePlan], changes: list[Changes], mtime: float,
               done: Callable[[int], None] = lambda index: None, group: int = 8) -> None:
@@ -327,7 +332,7 @@ class Appliance:
 
         `nodes` maps the devices just written to their node's name."""
         lines = self.g.dmesg().splitlines()
-        new, self._dmesg_seen = lines[self._dmesg_seen :], len(lines)
+        new, self._dmesg_seen = lines[self._dmesg_seen or 0 :], len(lines)
 
         def blamed(line: str) -> tuple[str, Path]:
             dev = re.search(r"\b(?:dev|device) (sd[a-z]+|vd[a-z]+)", line)
@@ -476,42 +481,65 @@ def _explain(e: RuntimeError) -> str:
 
 
 class _BaseReader:
-    """The mounted base, read through the appliance with what it answered kept."""
+    """Drive 0 as the base, read through the appliance only for what `reads` does not hold yet."""
 
-    def __init__(self, g) -> None:
-        self.g = g
-        self.stats: dict[str, Stat | None] = {}
-        self.data: dict[str, bytes] = {}
+    def __init__(self, appliance: Appliance, boot_dir: str, reads: BaseReads) -> None:
+        self.appliance = appliance
+        self.boot_dir = boot_dir
+        self.reads = reads
+        self.mounted = False
+
+    def _g(self):
+        if not self.mounted:
+            self.appliance.mount(0, self.boot_dir, readonly=True)
+            self.mounted = True
+            self.reads.learned = True
+        return self.appliance.g
+
+    def close(self) -> None:
+        if self.mounted:
+            self.appliance.g.umount_all()
+            self.mounted = False
+
+    def free(self) -> int:
+        if self.reads.free is None:
+            stat = self._g().statvfs("/")
+            # bavail, not bfree: ext4 holds back clusters for its metadata that even
+            # root cannot write into (it also leaves out the root reserve: conservative).
+            self.reads.free = stat["bavail"] * stat["frsize"]
+        return self.reads.free
 
     def prefetch(self, paths: set[str]) -> None:
         """lstat many paths in one call per folder."""
         by_folder: dict[str, list[str]] = {}
-        for path in paths:
+        for path in paths - self.reads.stats.keys():
             by_folder.setdefault(posixpath.dirname(path), []).append(posixpath.basename(path))
         for folder, names in sorted(by_folder.items()):
+            g = self._g()
             try:
-                found = self.g.lstatnslist(folder, names)
+                found = g.lstatnslist(folder, names)
             except RuntimeError:  # the folder itself is missing (or not one)
                 found = [{"st_ino": -1}] * len(names)
             links = [n for n, st in zip(names, found) if st["st_ino"] != -1 and _kind(st["st_mode"]) == "link"]
-            targets = dict(zip(links, self.g.readlinklist(folder, links))) if links else {}
+            targets = dict(zip(links, g.readlinklist(folder, links))) if links else {}
             for name, st in zip(names, found):
-                self.stats[posixpath.join(folder, name)] = _stat(st, targets.get(name, ""))
+                self.reads.stats[posixpath.join(folder, name)] = _stat(st, targets.get(name, ""))
 
     def lstat(self, path: str) -> Stat | None:
-        if path not in self.stats:
+        if path not in self.reads.stats:
+            g = self._g()
             try:
-                st = self.g.lstatns(path)
+                st = g.lstatns(path)
             except RuntimeError:
-                self.stats[path] = None
+                self.reads.stats[path] = None
             else:
-                self.stats[path] = _stat(st, self.g.readlink(path) if _kind(st["st_mode"]) == "link" else "")
-        return self.stats[path]
+                self.reads.stats[path] = _stat(st, g.readlink(path) if _kind(st["st_mode"]) == "link" else "")
+        return self.reads.stats[path]
 
     def read(self, path: str) -> bytes:
-        if path not in self.data:
-            self.data[path] = self.g.read_file(path)
-        return self.data[path]
+        if path not in self.reads.data:
+            self.reads.data[path] = self._g().read_file(path)
+        return self.reads.data[path]
 
 
 def _stat(st: dict, target: str) -> Stat | None:

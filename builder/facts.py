@@ -9,11 +9,12 @@ from __future__ import annotations
 import base64
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 from builder.packages import AptInputs
+from builder.realize import Stat
 from builder.release import Release, detect
 
 
@@ -27,13 +28,8 @@ class BaseFacts:
         return detect(self.os_release, self.is_rpios, force)
 
     def save(self, cache: Path, sha256: str) -> None:
-        folder = cache / "bases"
-        folder.mkdir(parents=True, exist_ok=True)
-        data = {"os_release": self.os_release, "is_rpios": self.is_rpios,
-                "apt": {k: base64.b64encode(v).decode() for k, v in self.apt.files.items()}}
-        tmp = folder / f".{sha256}.{os.getpid()}"
-        tmp.write_text(json.dumps(data))
-        tmp.replace(folder / f"{sha256}.json")
+        _save(cache, f"{sha256}.json", {"os_release": self.os_release, "is_rpios": self.is_rpios,
+                                         "apt": {k: base64.b64encode(v).decode() for k, v in self.apt.files.items()}})
 
 
 def remembered(cache: Path, sha256: str) -> Optional[BaseFacts]:
@@ -43,3 +39,40 @@ def remembered(cache: Path, sha256: str) -> Optional[BaseFacts]:
         return BaseFacts(data["os_release"], bool(data["is_rpios"]), apt)
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+@dataclass
+class BaseReads:
+    """What plans have read from a base: lstat answers (None: absent), file contents, and
+    its root file system's free space. Remembered by the base's sha256, a rebuild's plans
+    are played through without mounting the base; what is not known yet is read then."""
+    stats: dict[str, Optional[Stat]] = field(default_factory=dict)
+    data: dict[str, bytes] = field(default_factory=dict)
+    free: Optional[int] = None
+    learned: bool = False  # read something new since loaded
+
+    @staticmethod
+    def remembered(cache: Path, sha256: str) -> "BaseReads":
+        try:
+            saved = json.loads((cache / "bases" / f"{sha256}.reads.json").read_text())
+            stats = {path: None if st is None else Stat(st["kind"], st["mode"], tuple(st["owner"]), st["target"])
+                     for path, st in saved["stats"].items()}
+            return BaseReads(stats, {k: base64.b64decode(v) for k, v in saved["data"].items()}, saved["free"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return BaseReads()
+
+    def save(self, cache: Path, sha256: str) -> None:
+        stats = {path: None if st is None else {"kind": st.kind, "mode": st.mode, "owner": st.owner, "target": st.target}
+                 for path, st in self.stats.items()}
+        # The base's own files (its /etc/shadow, say): readable by this user only.
+        _save(cache, f"{sha256}.reads.json", {"stats": stats, "free": self.free,
+                                               "data": {k: base64.b64encode(v).decode() for k, v in self.data.items()}})
+
+
+def _save(cache: Path, name: str, data: dict) -> None:
+    folder = cache / "bases"
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{name}.{os.getpid()}"
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+        f.write(json.dumps(data))
+    tmp.replace(folder / name)
