@@ -16,7 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from builder.progress import bar
 
@@ -26,7 +26,7 @@ from builder.cache import BaseImage
 from builder.errors import BuildError
 from builder.keys import KeyStore
 from builder.packages import AptInputs, Deb
-from builder.facts import BaseFacts, remembered
+from builder.facts import BaseFacts, BaseReads, remembered
 from builder.outputs import BuiltImage, read_manifest, update_manifest, write_ssh_files
 from builder.plan import NodePlan, plan_node
 from builder.profile import Node, Profile
@@ -119,69 +119,126 @@ def _check_room(output: Path, images: int) -> None:
                          f"baking {images} image(s) needs about {images * ROOM_PER_IMAGE >> 20} MiB more")
 
 
-def _plans(profile: Profile, nodes: tuple[Node, ...], facts: BaseFacts, options: Options, keys: KeyStore) -> list[NodePlan]:
+def staged_before(profile: Profile, nodes: tuple[Node, ...], inputs: AptInputs, cache: Path) -> dict[tuple[str, ...], tuple[Deb, ...]] | None:
+    """stage_packages()'s last answer, if every part of it is still in the cache."""
+    staged = {}
+    for names in {profile.packages(n) for n in nodes if profile.packages(n)}:
+        debs = packages.resolved_before(inputs, names, profile.apt_mirrors, cache)
+        if debs is None:
+            return None
+        staged[names] = tuple(debs)
+    return staged
+
+
+def _plans(profile: Profile, nodes: tuple[Node, ...], facts: BaseFacts, options: Options, keys: KeyStore,
+           debs: dict[tuple[str, ...], tuple[Deb, ...]] | None = None) -> list[NodePlan]:
     release = facts.release(options.force)
     log.info("release: %s (%s)", release.codename, release.reason)
     if release.caveat:
         log.warning("warning: %s", release.caveat)
-    return plans_for(profile, nodes, release, keys, stage_packages(profile, nodes, facts.apt, options.cache))
+    if debs is None:
+        debs = stage_packages(profile, nodes, facts.apt, options.cache)
+    return plans_for(profile, nodes, release, keys, debs)
 
 
-def _unchanged(plans: list[NodePlan], base_sha: str, options: Options) -> dict[str, BuiltImage]:
-    """Nodes whose inputs match the manifest and whose image still has the recorded sha256 (re-hashed)."""
-    output = options.output
-    nodes = read_manifest(output).get("nodes", {})
-    candidates = []
-    for plan in plans:
-        entry = nodes.get(plan.node.hostname, {})
-        path = output / entry.get("image", f"{plan.node.hostname}.img")
-        if entry.get("inputs") == plan.fingerprint(base_sha) and path.is_file() and path.stat().st_size == entry.get("size"):
-            candidates.append((plan, path, entry["sha256"]))
-    # Hashed in full, except for a first part proven equal to the base's, byte for
-    # byte (most of it holes in both): the hash goes on from the base's state there.
-    if not candidates:
-        return {}
-    base = options.base.path
+def _image_unchanged(path: Path, entry: dict, base: Path) -> bool:
+    """Whether the image's content is still what its manifest entry recorded."""
+    if "blocks_sha256" in entry:
+        # Reads only the image's data: the digest of its non-zero blocks.
+        return image.hash_data(path)[1] == entry["blocks_sha256"]
+    # An older manifest: hashed in full, from the base's state where its first part is the base's.
+    log.debug("%s: hashing it in full", path.name)
     offset = {p.number: p.start for p in image.check_layout(base)}[2]
-    _, states = image.sha256_with_prefixes(base, [offset], whole=False)
+    state = image.sha256_with_prefixes(base, [offset], whole=False)[1][offset]
+    return image.sha256_file(path, start=(offset, state) if image.same_prefix(path, base, offset) else None) == entry.get("sha256")
 
-    def sha256(path: Path) -> str:
-        return image.sha256_file(path, start=(offset, states[offset]) if image.same_prefix(path, base, offset) else None)
 
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        hashes = list(pool.map(sha256, [path for _, path, _ in candidates]))
-    return {plan.node.hostname: BuiltImage(plan, path, sha, path.stat().st_size, skipped=True)
-            for (plan, path, sha), actual in zip(candidates, hashes) if actual == sha}
+class _WrongGuess(Exception):
+    """What a rebuild went on with (the base's sha256, the packages apt chose) turned out otherwise."""
+
+
+def _guessed_sha(manifest: dict, base: Path) -> str | None:
+    """The base's sha256 as an earlier build recorded it, if the file looks the same."""
+    st = base.stat()
+    for entry in manifest.values():
+        recorded = entry.get("base_image") or {}
+        if (recorded.get("path"), recorded.get("size"), recorded.get("mtime_ns")) == (str(base), st.st_size, st.st_mtime_ns):
+            return recorded.get("sha256")
+    return None
 
 
 def build(profile: Profile, nodes: tuple[Node, ...], options: Options) -> list[BuiltImage]:
     base = options.base.path
     image.check_layout(base)
     keys = KeyStore(options.state)
-    rebuild = bool(read_manifest(options.output).get("nodes"))
+    manifest = read_manifest(options.output).get("nodes", {})
     with ThreadPoolExecutor(max_workers=1) as pool:
-        # Hashed beside the copies unless a rebuild needs it first (a fetched base's is known).
+        # Hashed beside the copies, or, in a rebuild, beside planning and launching
+        # (a fetched base's is known).
         base_sha = pool.submit(lambda: options.base.sha256 or image.sha256_file(base))
-        if not rebuild:
+        if not manifest:
             return _bake(profile, nodes, None, base_sha, options, keys)
-        return _rebuild(profile, nodes, base_sha.result(), options, keys)
+        # A rebuild goes on with the sha256 recorded for a base that looks unchanged,
+        # and keeps nothing before the hash confirms it.
+        guess = options.base.sha256 or _guessed_sha(manifest, base)
+        if guess is not None:
+            try:
+                return _rebuild(profile, nodes, guess, base_sha, options, keys, guess_packages=True)
+            except _WrongGuess as e:
+                log.info("%s; planning again", e)
+        return _rebuild(profile, nodes, base_sha.result(), base_sha, options, keys, guess_packages=False)
 
 
-def _rebuild(profile: Profile, nodes: tuple[Node, ...], base_sha: str, options: Options, keys: KeyStore) -> list[BuiltImage]:
+def _rebuild(profile: Profile, nodes: tuple[Node, ...], sha: str, base_sha: Future, options: Options,
+             keys: KeyStore, guess_packages: bool) -> list[BuiltImage]:
+    """Bake the nodes whose inputs or image changed since the last build, taking the base's sha256 to be `sha`.
+
+    With `guess_packages`, the packages staged last time are planned with while apt
+    resolves them again; like the sha256, they are confirmed before anything is kept."""
     # The base's facts from an earlier build tell which nodes changed before
     # anything is copied or launched.
-    facts = remembered(options.cache, base_sha)
+    facts = remembered(options.cache, sha)
+    if facts is None:
+        if base_sha.result() != sha:
+            raise _WrongGuess("the base image's content changed since the last build")
+        return _bake(profile, nodes, None, base_sha, options, keys)
+    debs = staged_before(profile, nodes, facts.apt, options.cache) if guess_packages else None
+    plans = _plans(profile, nodes, facts, options, keys, debs)
+    entries = read_manifest(options.output).get("nodes", {})
+    candidates, changed = [], []
+    for plan in plans:
+        entry = entries.get(plan.node.hostname, {})
+        path = options.output / entry.get("image", f"{plan.node.hostname}.img")
+        if entry.get("inputs") == plan.fingerprint(sha) and path.is_file() and path.stat().st_size == entry.get("size"):
+            candidates.append((plan, path, entry))
+        else:
+            changed.append(plan)
     skipped: dict[str, BuiltImage] = {}
-    plans: list[NodePlan] | None = None
-    if facts is not None:
-        plans = _plans(profile, nodes, facts, options, keys)
-        skipped = _unchanged(plans, base_sha, options)
-        for name in skipped:
-            log.info("%s: inputs and image unchanged, skipped", name)
-        plans = [p for p in plans if p.node.hostname not in skipped]
-        nodes = tuple(p.node for p in plans)
-    built = _bake(profile, nodes, plans, _done(base_sha), options, keys) if nodes else []
-    if not nodes:
+    # The images that may be unchanged are checked while the others are baked.
+    with ThreadPoolExecutor(max_workers=1) as checker:
+        resolved = checker.submit(stage_packages, profile, nodes, facts.apt, options.cache) if debs is not None else None
+        checks = [checker.submit(_image_unchanged, path, entry, options.base.path) for _, path, entry in candidates]
+
+        def checked() -> None:
+            if base_sha.result() != sha:
+                raise _WrongGuess("the base image's content changed since the last build")
+            if resolved is not None and resolved.result() != debs:
+                raise _WrongGuess("apt chose other packages than last time")
+            for (plan, path, entry), check in zip(candidates, checks):
+                if check.result():
+                    log.info("%s: inputs and image unchanged, skipped", plan.node.hostname)
+                    skipped[plan.node.hostname] = BuiltImage(plan, path, entry["sha256"], path.stat().st_size, skipped=True)
+
+        built = _bake(profile, _nodes(changed), changed, _done(sha), options, keys, checked) if changed else []
+        if not changed:
+            checked()
+    # Changed since it was built (by hand, say): baked now, in a round of its own.
+    again = [plan for plan, _, _ in candidates if plan.node.hostname not in skipped]
+    for plan in again:
+        log.info("%s: image changed since it was built; baking it again", plan.node.hostname)
+    if again:
+        built += _bake(profile, _nodes(again), again, _done(sha), options, keys)
+    if not built:
         log.info("every image is up to date; nothing to bake")
         with _no_interrupt():
             write_ssh_files(options.output, profile, keys)
@@ -250,9 +307,11 @@ def _copied_and_launched(base: Path, nodes: tuple[Node, ...], staged: list[Path]
             appliance.close()
 
 
-def _finish(path: Path, start: tuple[int, object]) -> str:
+def _finish(path: Path, offset: int, state: object) -> tuple[str, str]:
     image.fsync(path)
-    return image.sha256_file(path, start=start)
+    sha, blocks = image.hash_data(path, (offset, state))
+    assert sha is not None
+    return sha, blocks
 
 
 def _done(value: str) -> Future:
@@ -261,8 +320,13 @@ def _done(value: str) -> Future:
     return future
 
 
+def _nodes(plans: list[NodePlan]) -> tuple[Node, ...]:
+    return tuple(plan.node for plan in plans)
+
+
 def _bake(profile: Profile, nodes: tuple[Node, ...], plans: list[NodePlan] | None, base_sha: Future, options: Options,
-          keys: KeyStore) -> list[BuiltImage]:
+          keys: KeyStore, before_keeping: Callable[[], None] = lambda: None) -> list[BuiltImage]:
+    """Bake `nodes` from copies of the base; `before_keeping` may still refuse the result (by raising)."""
     base = options.base.path
     layout = {p.number: p.start for p in image.check_layout(base)}
     with _staging(options.output) as staging, ThreadPoolExecutor(max_workers=2) as pool:
@@ -279,8 +343,11 @@ def _bake(profile: Profile, nodes: tuple[Node, ...], plans: list[NodePlan] | Non
                     facts = appliance.facts(0)
                     facts.save(options.cache, base_sha.result())
                 plans = _plans(profile, nodes, facts, options, keys)
-            changes = appliance.prepare(plans)
-            log.debug("plans played through against the base")
+            reads = BaseReads.remembered(options.cache, base_sha.result())
+            changes = appliance.prepare(plans, reads)
+            if reads.learned:
+                reads.save(options.cache, base_sha.result())
+            log.debug("plans played through against the base%s", "" if reads.learned else ", all of it known from earlier builds")
             mtime = time.time()
             # Each image is synced and hashed while the appliance goes on with the next.
             with bar(total=len(plans), desc="bake", unit="image") as meter:
@@ -288,15 +355,16 @@ def _bake(profile: Profile, nodes: tuple[Node, ...], plans: list[NodePlan] | Non
 
                 def done(index: int) -> None:
                     offset = layout[1] if changes[index].touches_boot else layout[2]
-                    hashing[index] = pool.submit(_finish, staged[index], (offset, prefixes.result()[1][offset]))
+                    hashing[index] = pool.submit(_finish, staged[index], offset, prefixes.result()[1][offset])
                     meter.update()
 
                 appliance.apply(plans, changes, mtime, done)
                 log.debug("every image written; waiting for their hashes")
                 hashes = [hashing[i].result() for i in range(len(plans))]
                 log.debug("hashed")
-        built = [BuiltImage(plan, options.output / path.name, sha, path.stat().st_size)
-                 for plan, path, sha in zip(plans, staged, hashes)]
+        built = [BuiltImage(plan, options.output / path.name, sha, path.stat().st_size, blocks_sha256=blocks)
+                 for plan, path, (sha, blocks) in zip(plans, staged, hashes)]
+        before_keeping()
         with _no_interrupt():
             for path, result in zip(staged, built):
                 path.replace(result.path)

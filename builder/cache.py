@@ -66,17 +66,18 @@ def locked(name: str) -> Iterator[None]:
         yield
 
 
-def _write_json(path: Path, data: dict) -> None:
+def write_json(path: Path, data: dict) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n")
     os.replace(tmp, path)
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
+    return data if isinstance(data, dict) else {}
 
 
 # ---------------------------------------------------------------- resolving
@@ -112,7 +113,7 @@ def resolve(choice: Choice, http: requests.Session) -> ImageSpec:
         return ImageSpec(url=choice.spec, name=choice.spec.rsplit("/", 1)[-1], release_date=m[1] if m else "",
                          codename=m[2] if m else "", sha256=choice.sha256.lower() if choice.sha256 else None)
     _, date = catalog.parse_spec(choice.spec)
-    remembered = _read_json(root() / "resolved.json").get(_resolve_key(choice))
+    remembered = read_json(root() / "resolved.json").get(_resolve_key(choice))
     fresh = remembered and (date or time.time() - remembered.get("at", 0) < RESOLVE_TTL)
     if remembered and fresh and not choice.refresh:
         return ImageSpec(**remembered["image"])
@@ -130,9 +131,9 @@ def remember(choice: Choice, spec: ImageSpec) -> None:
     if catalog.is_url(choice.spec):
         return
     path = root() / "resolved.json"
-    data = _read_json(path)
+    data = read_json(path)
     data[_resolve_key(choice)] = {"at": time.time(), "image": asdict(spec)}
-    _write_json(path, data)
+    write_json(path, data)
 
 
 # ---------------------------------------------------------------- fetching
@@ -169,7 +170,7 @@ def _suffix(name: str) -> str:
 def _cached_image(key: str, expected: Optional[str], origin: str) -> Optional[BaseImage]:
     """The decompressed image cached under `key`, re-hashed; None if absent or corrupted (then removed)."""
     path = root() / "images" / f"{key}.img"
-    meta = _read_json(path.with_suffix(".json"))
+    meta = read_json(path.with_suffix(".json"))
     if not path.exists() or not meta.get("sha256"):
         return None
     found = image.sha256_file(path, progress=True)
@@ -192,7 +193,7 @@ def _fetch(http: requests.Session, spec: ImageSpec, choice: Choice) -> BaseImage
         compressed.unlink()
     if not compressed.exists():
         _download_verified(http, spec, choice, compressed)
-    elif choice.verify_signature and _read_json(meta_path).get("signature") in (None, "skipped"):
+    elif choice.verify_signature and read_json(meta_path).get("signature") in (None, "skipped"):
         _check_signature(http, spec, compressed)
     return decompress_into_cache(compressed, spec.sha256, spec.extract_sha256, spec.url, spec.extract_size)
 
@@ -214,7 +215,7 @@ def _download_verified(http: requests.Session, spec: ImageSpec, choice: Choice, 
         raise
     if not choice.verify_signature:
         log.warning("NOT checking the OpenPGP signature of %s (--no-verify-signature)", spec.url)
-    _write_json(target.with_name(f"{spec.sha256}.json"), {"url": spec.url, "name": spec.name, "release_date": spec.release_date,
+    write_json(target.with_name(f"{spec.sha256}.json"), {"url": spec.url, "name": spec.name, "release_date": spec.release_date,
                                                           "signature": fingerprint})
     os.replace(part, target)
 
@@ -233,7 +234,7 @@ def _check_signature(http: requests.Session, spec: ImageSpec, data: Path) -> str
     log.info("signature of %s: good, by pinned key %s", spec.filename, fingerprint)
     meta_path = data.parent / f"{spec.sha256}.json"
     if meta_path.exists():
-        _write_json(meta_path, {**_read_json(meta_path), "signature": fingerprint})
+        write_json(meta_path, {**read_json(meta_path), "signature": fingerprint})
     return fingerprint
 
 
@@ -248,7 +249,7 @@ def decompress_into_cache(compressed: Path, key: str, expected: Optional[str], o
         target.unlink()
         raise BuildError(f"sha256 mismatch for the decompressed {origin}: expected {expected} (extract_sha256), "
                          f"found {found}")
-    _write_json(target.with_suffix(".json"), {"sha256": found, "origin": origin})
+    write_json(target.with_suffix(".json"), {"sha256": found, "origin": origin})
     return BaseImage(target, found, origin)
 
 
@@ -274,7 +275,7 @@ def entries() -> list[tuple[Path, int, str]]:
         for path in sorted((root() / folder).glob("*")):
             if path.suffix in (".json",) or path.name.startswith("."):
                 continue
-            meta = _read_json(path.with_name(path.name.split(".")[0] + ".json"))
+            meta = read_json(path.with_name(path.name.split(".")[0] + ".json"))
             label = meta.get("name") or meta.get("origin") or meta.get("url") or ""
             out.append((path, path.stat().st_size, label))
     return out

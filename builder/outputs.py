@@ -27,6 +27,7 @@ class BuiltImage:
     sha256: str
     size: int
     skipped: bool = False  # unchanged since the last build, left as it was
+    blocks_sha256: str = ""  # the digest of its non-zero blocks: see image.hash_data
 
 
 def write_atomic(path: Path, text: str, mode: int = 0o644) -> None:
@@ -51,6 +52,7 @@ def update_manifest(output: Path, base: Path, base_sha256: str, built: list[Buil
     manifest = read_manifest(output)
     nodes = {name: entry for name, entry in manifest.get("nodes", {}).items()
              if (output / entry.get("image", "")).is_file()}
+    base_stat = base.stat()
     for image in built:
         plan = image.plan
         nodes[plan.node.hostname] = {
@@ -60,8 +62,11 @@ def update_manifest(output: Path, base: Path, base_sha256: str, built: list[Buil
             "image": image.path.name,
             "size": image.size,
             "sha256": image.sha256,
+            # Lets a rebuild check the image by reading its data only, not its holes.
+            "blocks_sha256": image.blocks_sha256,
             "inputs": plan.fingerprint(base_sha256),
-            "base_image": {"path": str(base), "sha256": base_sha256},
+            # Size and mtime let a rebuild start from this sha256 while it checks it.
+            "base_image": {"path": str(base), "sha256": base_sha256, "size": base_stat.st_size, "mtime_ns": base_stat.st_mtime_ns},
             "release": {"codename": plan.release.codename, "reason": plan.release.reason,
                         "first_boot": plan.release.first_boot},
             "operations": [describe(op) for op in plan.ops],

@@ -21,6 +21,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from builder.cache import read_json, write_json
 from builder.errors import BuildError
 
 log = logging.getLogger(__name__)
@@ -102,7 +103,37 @@ def resolve(inputs: AptInputs, names: tuple[str, ...], mirrors: dict[str, str], 
         lost = [filename for _, filename in wanted if not (archives / filename).is_file()]
         if lost:
             raise BuildError(f"apt reported success but did not download {', '.join(lost)}")
-        return [Deb(name, archives / filename, _installed_size(archives / filename)) for name, filename in wanted]
+        debs = [Deb(name, archives / filename, _installed_size(archives / filename)) for name, filename in wanted]
+        memo = read_json(root / RESOLVED)
+        memo[_question(inputs, missing)] = [[d.name, d.path.name, d.installed_size] for d in debs]
+        write_json(root / RESOLVED, memo)
+        return debs
+
+
+RESOLVED = "resolved.json"  # resolve()'s last answers, by question
+
+
+def resolved_before(inputs: AptInputs, names: tuple[str, ...], mirrors: dict[str, str], cache: Path) -> list[Deb] | None:
+    """resolve()'s last answer for the same image and names, if its .debs are still in the cache.
+
+    Not checked against the archive: what may have changed there since is for resolve() to say."""
+    if STATUS not in inputs.files:
+        return None
+    missing = [n for n in names if not inputs.installed(n)]
+    if not missing:
+        return []
+    root = cache / "apt" / _key(inputs, mirrors)
+    answer = read_json(root / RESOLVED).get(_question(inputs, missing))
+    try:
+        debs = [Deb(name, root / "var/cache/apt/archives" / filename, int(size)) for name, filename, size in answer]
+    except (TypeError, ValueError):
+        return None
+    return debs if all(d.path.is_file() for d in debs) else None
+
+
+def _question(inputs: AptInputs, missing: list[str]) -> str:
+    # What is installed already decides the answer too (the lists are shared without it).
+    return hashlib.sha256(inputs.files[STATUS]).hexdigest()[:16] + " " + " ".join(missing)
 
 
 def _key(inputs: AptInputs, mirrors: dict[str, str]) -> str:

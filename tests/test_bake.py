@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import subprocess
 from dataclasses import dataclass
@@ -423,6 +424,78 @@ def test_adding_a_worker_later_and_rebuilding_one(bookworm: Baked) -> None:
         assert a.read("/etc/ssh/pibake/ssh_host_ed25519_key") == (bookworm.state / "keys/worker3_ssh_host_ed25519_key").read_bytes()
     check = subprocess.run(["sha256sum", "-c", "SHA256SUMS"], cwd=bookworm.output, capture_output=True, text=True)
     assert check.returncode == 0 and check.stdout.count(": OK") == 4
+
+
+def _poke(path: Path, offset_from_end: int) -> None:
+    """Change one byte near the end of an image, where its root file system has free blocks; keep its mtime."""
+    st = path.stat()
+    with open(path, "r+b") as f:
+        f.seek(st.st_size - offset_from_end)
+        old = f.read(1)
+        f.seek(st.st_size - offset_from_end)
+        f.write(bytes([old[0] ^ 0x5A]))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_rebuild_confirms_what_it_went_on_with(tmp_path: Path, operator_key: Path) -> None:
+    """A rebuild starts from what the last build recorded (the base's sha256, apt's answer, each
+    image's digest) and checks all of it: whatever turns out otherwise is baked again, never kept."""
+    base = make_image(tmp_path / "base.img", "bookworm")
+    (tmp_path / "profiles").mkdir()
+    write_profile(tmp_path / "profiles", f"""
+        user:
+          ssh_keys: [{operator_key}]
+        master:
+          uplink:
+            wifi: {{ssid: HomeNet}}
+        workers:
+          count: 1
+        """)
+    output = tmp_path / "output"
+
+    def build() -> Result:
+        result = run_pibake("build", "cluster", "--image", str(base), "-v", cwd=tmp_path, env={"XDG_CACHE_HOME": str(tmp_path / "cache")})
+        assert result.code == 0, result.output
+        check = subprocess.run(["sha256sum", "-c", "SHA256SUMS"], cwd=output, capture_output=True, text=True)
+        assert check.returncode == 0 and check.stdout.count(": OK") == 2, check.stdout
+        return result
+
+    def built(result: Result) -> dict[str, str]:
+        return dict(re.findall(r"^(\S+)\s+output/\S+\.img .* (baked|unchanged)$", result.stdout, re.M))
+
+    def stats() -> dict:
+        return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in output.glob("*.img")}
+
+    build()
+    # worker1's image is changed by hand; master's entry is from a manifest without blocks' digests.
+    _poke(output / "worker1.img", 3 * 4096)
+    manifest = json.loads((output / "manifest.json").read_text())
+    del manifest["nodes"]["master"]["blocks_sha256"]
+    (output / "manifest.json").write_text(json.dumps(manifest))
+    result = build()
+    assert "worker1: image changed since it was built; baking it again" in result.stderr
+    assert "master.img: hashing it in full" in result.stderr
+    assert built(result) == {"master": "unchanged", "worker1": "baked"}
+    assert "blocks_sha256" in json.loads((output / "manifest.json").read_text())["nodes"]["worker1"]
+
+    # apt's answer as recorded is not what apt says now: the master planned with it is not kept.
+    memo = next((tmp_path / "cache/pibake/apt").glob("*/resolved.json"))
+    answers = json.loads(memo.read_text())
+    memo.write_text(json.dumps({question: debs[:-1] for question, debs in answers.items()}))
+    before = stats()
+    result = build()
+    assert "apt chose other packages than last time; planning again" in result.stderr
+    assert result.stderr.count("libguestfs appliance up") == 1  # the master was baked, then thrown away
+    assert built(result) == {"master": "unchanged", "worker1": "unchanged"} and stats() == before
+    assert json.loads(memo.read_text()) == answers  # apt's own answer, recorded again
+
+    # The base changed in place (its size and mtime kept): every node is baked from the new one.
+    _poke(base, 5 * 4096)
+    result = build()
+    assert "the base image's content changed since the last build; planning again" in result.stderr
+    assert built(result) == {"master": "baked", "worker1": "baked"}
+    new_sha = hashlib.sha256(base.read_bytes()).hexdigest()
+    assert {e["base_image"]["sha256"] for e in json.loads((output / "manifest.json").read_text())["nodes"].values()} == {new_sha}
 
 
 # ------------------------------------------------------------ bullseye
