@@ -257,15 +257,13 @@ class Appliance:
         try:
             for start in range(0, len(plans), group):
                 indexes = range(start, min(len(plans), start + group))
-                self._apply_group(plans, changes, indexes, mtime)
-                for index in indexes:
-                    done(index)
-        finally:
-            g.umount_all()
+                self._apply_group(plans, changes, indexes, mtime, done)
+        finally:  # each group unmounts what it mounted, also when it fails
             for index in range(len(plans)):
                 g.rmmountpoint(f"/n{index}")
 
-    def _apply_group(self, plans: list[NodePlan], changes: list[Changes], indexes: range, mtime: float) -> None:
+    def _apply_group(self, plans: list[NodePlan], changes: list[Changes], indexes: range, mtime: float,
+                     done: Callable[[int], None]) -> None:
         g = self.g
         mounted: list[str] = []
         node = plans[indexes[0]].node.hostname
@@ -320,6 +318,8 @@ class Appliance:
             for top in reversed(mounted):
                 g.umount(top)
             mounted.clear()
+            for index in indexes:  # the host can go on with them while the kernel's log is read
+                done(index)
         except RuntimeError as e:
             raise BuildError(f"{node}: cannot {step}: {_explain(e)}") from None
         finally:

@@ -307,9 +307,10 @@ def _copied_and_launched(base: Path, nodes: tuple[Node, ...], staged: list[Path]
             appliance.close()
 
 
-def _finish(path: Path, offset: int, state: object) -> tuple[str, str]:
-    image.fsync(path)
+def _finish(path: Path, offset: int, state: object, pool: ThreadPoolExecutor) -> tuple[str, str]:
+    synced = pool.submit(image.fsync, path)  # the disk writes while the page cache is read
     sha, blocks = image.hash_data(path, (offset, state))
+    synced.result()
     assert sha is not None
     return sha, blocks
 
@@ -329,7 +330,8 @@ def _bake(profile: Profile, nodes: tuple[Node, ...], plans: list[NodePlan] | Non
     """Bake `nodes` from copies of the base; `before_keeping` may still refuse the result (by raising)."""
     base = options.base.path
     layout = {p.number: p.start for p in image.check_layout(base)}
-    with _staging(options.output) as staging, ThreadPoolExecutor(max_workers=2) as pool:
+    with _staging(options.output) as staging, ThreadPoolExecutor(max_workers=2) as pool, \
+            ThreadPoolExecutor(max_workers=1) as syncer:
         # A node's image differs from the base only from its boot partition on, or
         # from its root partition on when the boot partition is left alone: its
         # hash resumes from the base's at that offset.
@@ -355,7 +357,7 @@ def _bake(profile: Profile, nodes: tuple[Node, ...], plans: list[NodePlan] | Non
 
                 def done(index: int) -> None:
                     offset = layout[1] if changes[index].touches_boot else layout[2]
-                    hashing[index] = pool.submit(_finish, staged[index], offset, prefixes.result()[1][offset])
+                    hashing[index] = pool.submit(_finish, staged[index], offset, prefixes.result()[1][offset], syncer)
                     meter.update()
 
                 appliance.apply(plans, changes, mtime, done)
