@@ -109,9 +109,8 @@ def bookworm(tmp_path_factory, operator_key: Path) -> Baked:
         env={"PIBAKE_SLOW_COPY": "0"})
 
 
-@pytest.fixture(scope="module")
-def bullseye(tmp_path_factory, operator_key: Path) -> Baked:
-    return bake(tmp_path_factory.mktemp("bullseye"), "bullseye", f"""
+def master_and_one_worker(operator_key: Path) -> str:
+    return f"""
         user:
           ssh_keys: [{operator_key}]
         master:
@@ -119,7 +118,12 @@ def bullseye(tmp_path_factory, operator_key: Path) -> Baked:
             wifi: {{ssid: HomeNet}}
         workers:
           count: 1
-        """, [["cluster"]])
+        """
+
+
+@pytest.fixture(scope="module")
+def bullseye(tmp_path_factory, operator_key: Path) -> Baked:
+    return bake(tmp_path_factory.mktemp("bullseye"), "bullseye", master_and_one_worker(operator_key), [["cluster"]])
 
 
 # A hypervisor whose KVM launches hang in the BIOS for good, as nested KVM can:
@@ -442,15 +446,7 @@ def test_rebuild_confirms_what_it_went_on_with(tmp_path: Path, operator_key: Pat
     image's digest) and checks all of it: whatever turns out otherwise is baked again, never kept."""
     base = make_image(tmp_path / "base.img", "bookworm")
     (tmp_path / "profiles").mkdir()
-    write_profile(tmp_path / "profiles", f"""
-        user:
-          ssh_keys: [{operator_key}]
-        master:
-          uplink:
-            wifi: {{ssid: HomeNet}}
-        workers:
-          count: 1
-        """)
+    write_profile(tmp_path / "profiles", master_and_one_worker(operator_key))
     output = tmp_path / "output"
 
     def build() -> Result:
