@@ -330,8 +330,9 @@ def _bake(profile: Profile, nodes: tuple[Node, ...], plans: list[NodePlan] | Non
     """Bake `nodes` from copies of the base; `before_keeping` may still refuse the result (by raising)."""
     base = options.base.path
     layout = {p.number: p.start for p in image.check_layout(base)}
-    with _staging(options.output) as staging, ThreadPoolExecutor(max_workers=2) as pool, \
-            ThreadPoolExecutor(max_workers=1) as syncer:
+    # The syncer outlives the pool: hashing tasks wait for its fsyncs.
+    with _staging(options.output) as staging, ThreadPoolExecutor(max_workers=1) as syncer, \
+            ThreadPoolExecutor(max_workers=2) as pool:
         # A node's image differs from the base only from its boot partition on, or
         # from its root partition on when the boot partition is left alone: its
         # hash resumes from the base's at that offset.
@@ -347,8 +348,6 @@ def _bake(profile: Profile, nodes: tuple[Node, ...], plans: list[NodePlan] | Non
                 plans = _plans(profile, nodes, facts, options, keys)
             reads = BaseReads.remembered(options.cache, base_sha.result())
             changes = appliance.prepare(plans, reads)
-            if reads.learned:
-                reads.save(options.cache, base_sha.result())
             log.debug("plans played through against the base%s", "" if reads.learned else ", all of it known from earlier builds")
             mtime = time.time()
             # Each image is synced and hashed while the appliance goes on with the next.
@@ -367,6 +366,8 @@ def _bake(profile: Profile, nodes: tuple[Node, ...], plans: list[NodePlan] | Non
         built = [BuiltImage(plan, options.output / path.name, sha, path.stat().st_size, blocks_sha256=blocks)
                  for plan, path, (sha, blocks) in zip(plans, staged, hashes)]
         before_keeping()
+        if reads.learned:  # saved once the base is known to be the one `base_sha` names
+            reads.save(options.cache, base_sha.result())
         with _no_interrupt():
             for path, result in zip(staged, built):
                 path.replace(result.path)

@@ -473,6 +473,10 @@ def test_rebuild_confirms_what_it_went_on_with(tmp_path: Path, operator_key: Pat
     assert "master.img: hashing it in full" in result.stderr
     assert built(result) == {"master": "unchanged", "worker1": "baked"}
     assert "blocks_sha256" in json.loads((output / "manifest.json").read_text())["nodes"]["worker1"]
+    # What the plans read from the base was remembered by the first build, readable by this user only.
+    assert "plans played through against the base, all of it known from earlier builds" in result.stderr
+    reads = list((tmp_path / "cache/pibake/bases").glob("*.reads.json"))
+    assert len(reads) == 1 and reads[0].stat().st_mode & 0o777 == 0o600
 
     # apt's answer as recorded is not what apt says now: the master planned with it is not kept.
     memo = next((tmp_path / "cache/pibake/apt").glob("*/resolved.json"))
