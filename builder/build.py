@@ -141,16 +141,24 @@ def _plans(profile: Profile, nodes: tuple[Node, ...], facts: BaseFacts, options:
     return plans_for(profile, nodes, release, keys, debs)
 
 
-def _image_unchanged(path: Path, entry: dict, base: Path) -> bool:
-    """Whether the image's content is still what its manifest entry recorded."""
-    if "blocks_sha256" in entry:
-        # Reads only the image's data: the digest of its non-zero blocks.
-        return image.hash_data(path)[1] == entry["blocks_sha256"]
-    # An older manifest: hashed in full, from the base's state where its first part is the base's.
-    log.debug("%s: hashing it in full", path.name)
-    offset = {p.number: p.start for p in image.check_layout(base)}[2]
-    state = image.sha256_with_prefixes(base, [offset], whole=False)[1][offset]
-    return image.sha256_file(path, start=(offset, state) if image.same_prefix(path, base, offset) else None) == entry.get("sha256")
+class _ImageCheck:
+    """Whether an image's content is still what its manifest entry recorded."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.prefix: tuple[int, object] | None = None  # (root partition's offset, the base's sha256 state there)
+
+    def __call__(self, path: Path, entry: dict) -> bool:
+        if "blocks_sha256" in entry:
+            # Reads only the image's data: the digest of its non-zero blocks.
+            return image.hash_data(path)[1] == entry["blocks_sha256"]
+        # An older manifest: hashed in full, from the base's state where its first part is the base's.
+        log.debug("%s: hashing it in full", path.name)
+        if self.prefix is None:  # once for all such images
+            offset = {p.number: p.start for p in image.check_layout(self.base)}[2]
+            self.prefix = (offset, image.sha256_with_prefixes(self.base, [offset], whole=False)[1][offset])
+        same = image.same_prefix(path, self.base, self.prefix[0])
+        return image.sha256_file(path, start=self.prefix if same else None) == entry.get("sha256")
 
 
 class _WrongGuess(Exception):
@@ -183,13 +191,14 @@ def build(profile: Profile, nodes: tuple[Node, ...], options: Options) -> list[B
         guess = options.base.sha256 or _guessed_sha(manifest, base)
         if guess is not None:
             try:
-                return _rebuild(profile, nodes, guess, base_sha, options, keys, guess_packages=True)
+                return _rebuild(profile, nodes, manifest, guess, base_sha, options, keys, guess_packages=True)
             except _WrongGuess as e:
                 log.info("%s; planning again", e)
-        return _rebuild(profile, nodes, base_sha.result(), base_sha, options, keys, guess_packages=False)
+        # Nothing was kept: the manifest is as it was.
+        return _rebuild(profile, nodes, manifest, base_sha.result(), base_sha, options, keys, guess_packages=False)
 
 
-def _rebuild(profile: Profile, nodes: tuple[Node, ...], sha: str, base_sha: Future, options: Options,
+def _rebuild(profile: Profile, nodes: tuple[Node, ...], entries: dict, sha: str, base_sha: Future, options: Options,
              keys: KeyStore, guess_packages: bool) -> list[BuiltImage]:
     """Bake the nodes whose inputs or image changed since the last build, taking the base's sha256 to be `sha`.
 
@@ -204,7 +213,6 @@ def _rebuild(profile: Profile, nodes: tuple[Node, ...], sha: str, base_sha: Futu
         return _bake(profile, nodes, None, base_sha, options, keys)
     debs = staged_before(profile, nodes, facts.apt, options.cache) if guess_packages else None
     plans = _plans(profile, nodes, facts, options, keys, debs)
-    entries = read_manifest(options.output).get("nodes", {})
     candidates, changed = [], []
     for plan in plans:
         entry = entries.get(plan.node.hostname, {})
@@ -217,7 +225,8 @@ def _rebuild(profile: Profile, nodes: tuple[Node, ...], sha: str, base_sha: Futu
     # The images that may be unchanged are checked while the others are baked.
     with ThreadPoolExecutor(max_workers=1) as checker:
         resolved = checker.submit(stage_packages, profile, nodes, facts.apt, options.cache) if debs is not None else None
-        checks = [checker.submit(_image_unchanged, path, entry, options.base.path) for _, path, entry in candidates]
+        check = _ImageCheck(options.base.path)  # one thread: its state is computed once
+        checks = [checker.submit(check, path, entry) for _, path, entry in candidates]
 
         def checked() -> None:
             if base_sha.result() != sha:
