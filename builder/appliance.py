@@ -116,7 +116,7 @@ class Appliance:
                 raise BuildError(f"cannot launch the libguestfs appliance: {_first_line(e)} (run libguestfs-test-tool)") from None
             self.accelerator = f"TCG (software emulation; KVM {'hung' if hung.seen else 'failed to start'})"
         self.launch_seconds = time.monotonic() - start
-        log.info("libguestfs appliance up in %.1f s using %s", self.launch_seconds, self.accelerator)
+        log.info("libguestfs appliance up in %.2f s using %s", self.launch_seconds, self.accelerator)
         return g
 
     def _devices(self) -> list[str]:
@@ -212,13 +212,13 @@ class Appliance:
 
     def mount(self, index: int, boot_dir: str, readonly: bool = False) -> None:
         boot, root = self.partitions(index)
-        mount = self.g.mount_ro if readonly else self.g.mount
-        mount(root, "/")
+        options = "ro" if readonly else ""
+        self.g.mount_vfs(options, "ext4", root, "/")
         if not self.g.is_dir(boot_dir):
             if readonly:
                 raise BuildError(f"{self.drives[index].path}: {boot_dir} is missing from the root file system")
             self.g.mkdir_p(boot_dir)
-        mount(boot, boot_dir)
+        self.g.mount_vfs(options, "vfat", boot, boot_dir)
 
     # ------------------------------------------------------------ applying
 
@@ -272,12 +272,13 @@ class Appliance:
             for index in indexes:
                 node, top, change = plans[index].node.hostname, f"/n{index}", changes[index]
                 boot, root = self.partitions(index, check=False)  # copies of drive 0, checked by prepare()
+                # Naming the type spares mount(8) probing the partition: a tenth of a second under TCG.
                 step = "mount the root file system"
-                g.mount(root, top)
+                g.mount_vfs("", "ext4", root, top)
                 mounted.append(top)
                 if change.touches_boot:
                     step = "mount the boot partition"
-                    g.mount(boot, top + plans[index].release.boot_dir)
+                    g.mount_vfs("", "vfat", boot, top + plans[index].release.boot_dir)
                     mounted.append(top + plans[index].release.boot_dir)
                 for old, new in change.moves:
                     step = f"move {old}"
@@ -314,9 +315,10 @@ class Appliance:
                 log.debug("%s: %d moved, %d deleted, %d written to the root file system, %d to the boot partition", node,
                           len(change.moves), len(change.deletes) + len(change.boot_deletes), len(change.root),
                           len(change.boot_writes))
+            # Only this group is mounted. umount_all runs umount(8) as umount does, but
+            # costs a third of it in this libguestfs (0.07 s against 0.22 s under TCG).
             node, step = ", ".join(plans[i].node.hostname for i in indexes), "unmount"
-            for top in reversed(mounted):
-                g.umount(top)
+            g.umount_all()
             mounted.clear()
             for index in indexes:  # the host can go on with them while the kernel's log is read
                 done(index)
