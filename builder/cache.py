@@ -22,13 +22,14 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator, Optional
-
-import requests
+from typing import TYPE_CHECKING, Iterator, Optional
 
 from builder import catalog, download, image, signature
 from builder.catalog import ImageSpec, Source
 from builder.errors import BuildError
+
+if TYPE_CHECKING:
+    import requests
 
 log = logging.getLogger(__name__)
 RESOLVE_TTL = 24 * 3600  # how long `latest` or a family name is trusted without asking again

@@ -14,11 +14,13 @@ import shlex
 import subprocess
 import tempfile
 from pathlib import Path
-
-import requests
+from typing import TYPE_CHECKING
 
 from builder.download import get_text
 from builder.errors import BuildError
+
+if TYPE_CHECKING:
+    import requests
 
 log = logging.getLogger(__name__)
 
