@@ -280,18 +280,27 @@ def configure_overlay(ctx: _Context) -> None:
     for layer in ("common", ctx.node.role):
         roots = [OVERLAYS / layer] + [OVERLAYS / layer / f"+{v}" for v in ctx.release.variants]
         for root in roots:
-            for source in sorted(p for p in root.rglob("*") if p.is_file()):
-                relative = source.relative_to(root)
-                if relative.parts[0].startswith("+"):
-                    continue
-                ctx.ops.append(_overlay_op(ctx, source, relative, values))
+            for source, relative, text, executable in _overlay_files(root):
+                ctx.ops.append(_overlay_op(ctx, source, relative, text, executable, values))
 
 
-def _overlay_op(ctx: _Context, source: Path, relative: Path, values: dict[str, str]) -> Op:
+@functools.lru_cache(maxsize=None)
+def _overlay_files(root: Path) -> tuple[tuple[Path, Path, str, bool], ...]:
+    """Each file under an overlay folder but its +variant folders: (path, path under root, text, executable).
+
+    Read once per run: every node of a role has the same ones."""
+    files = []
+    for source in sorted(p for p in root.rglob("*") if p.is_file()):
+        relative = source.relative_to(root)
+        if not relative.parts[0].startswith("+"):
+            files.append((source, relative, source.read_text(), bool(source.stat().st_mode & 0o100)))
+    return tuple(files)
+
+
+def _overlay_op(ctx: _Context, source: Path, relative: Path, text: str, executable: bool, values: dict[str, str]) -> Op:
     target = "/" + relative.as_posix()
     if relative.parts[0] == "@boot":
         target = ctx.release.boot_dir + "/" + Path(*relative.parts[1:]).as_posix()
-    text = source.read_text()
     for suffix in (".tmpl", ".append"):
         if target.endswith(suffix):
             target = target[: -len(suffix)]
@@ -302,7 +311,7 @@ def _overlay_op(ctx: _Context, source: Path, relative: Path, values: dict[str, s
     if source.name.endswith(".append"):
         return Append(target, text)
     # NetworkManager ignores keyfiles that are not root-owned 0600.
-    mode = 0o600 if "/system-connections/" in target else 0o755 if source.stat().st_mode & 0o100 else 0o644
+    mode = 0o600 if "/system-connections/" in target else 0o755 if executable else 0o644
     return Write(target, text.encode(), mode)
 
 
