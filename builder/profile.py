@@ -154,8 +154,9 @@ class Profile:
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
-def _compose(text: str, name: str) -> tuple[Any, dict[KeyPath, int]]:
-    """Parse YAML keeping the line of every key, for `file:line` messages."""
+def _compose(text: str, name: str) -> tuple[Any, dict[KeyPath, int], dict[KeyPath, str]]:
+    """Parse YAML keeping the line of every key, for `file:line` messages, and the text of
+    every unquoted scalar that YAML turned into something else (0644, NO, 1:30)."""
     loader = _Loader(text)
     try:
         try:
@@ -166,6 +167,7 @@ def _compose(text: str, name: str) -> tuple[Any, dict[KeyPath, int]]:
             problem = getattr(e, "problem", None) or str(e)
             raise ProfileError([f"{where}: not valid YAML: {problem}"]) from None
         lines: dict[KeyPath, int] = {}
+        texts: dict[KeyPath, str] = {}
         problems: list[str] = []
 
         def build(node: yaml.Node, path: KeyPath) -> Any:
@@ -181,23 +183,27 @@ def _compose(text: str, name: str) -> tuple[Any, dict[KeyPath, int]]:
                 return out
             if isinstance(node, yaml.SequenceNode):
                 return [build(item, path + (i,)) for i, item in enumerate(node.value)]
-            return loader.construct_object(node)
+            value = loader.construct_object(node)
+            if not node.style and value is not None and not isinstance(value, str):  # plain, unquoted
+                texts[path] = node.value
+            return value
 
         data = build(root, ()) if root is not None else {}
     finally:
         loader.dispose()
     if problems:
         raise ProfileError(problems)
-    return data, lines
+    return data, lines, texts
 
 
 class _Reader:
     """Typed access to the parsed YAML that records problems instead of raising."""
 
-    def __init__(self, path: Path, data: Any, lines: dict[KeyPath, int]) -> None:
+    def __init__(self, path: Path, data: Any, lines: dict[KeyPath, int], texts: dict[KeyPath, str]) -> None:
         self.path = path
         self.data = data
         self.lines = lines
+        self.texts = texts  # what was typed, where YAML 1.1 read a number or a boolean
         self.problems: list[str] = []
 
     def where(self, keypath: KeyPath) -> str:
@@ -234,6 +240,9 @@ class _Reader:
         value = self.raw(keypath)
         if value is None:
             return default
+        if kind is str and keypath in self.texts:
+            # A setting that is text means what was typed: 0644, not 420; NO (Norway), not false.
+            return self.texts[keypath]
         if kind is int and isinstance(value, bool) or not isinstance(value, kind):
             self.error(keypath, f"{_dotted(keypath)} must be {_kind_name(kind)}, not {_kind_name(type(value))} ({value!r})")
             return default
@@ -351,7 +360,7 @@ def _read_files(r: _Reader, keypath: KeyPath) -> tuple[ExtraFile, ...]:
         source_text = r.string(kp + ("source",), None)
         dest = r.string(kp + ("path",), None, lambda v: None if v.startswith("/") and ".." not in v.split("/") else
                         f"'{v}' must be an absolute path inside the image")
-        mode_text = str(r.raw(kp + ("mode",)) or "0644")
+        mode = _read_mode(r, kp + ("mode",))
         owner = r.string(kp + ("owner",), "root:root") or "root:root"
         if source_text is None or dest is None:
             r.error(kp, f"{_dotted(kp)} needs both source and path")
@@ -359,15 +368,25 @@ def _read_files(r: _Reader, keypath: KeyPath) -> tuple[ExtraFile, ...]:
         source = r.local_path(source_text)
         if not source.is_file() or not os.access(source, os.R_OK):
             r.error(kp + ("source",), f"cannot read {source}")
-        if not re.fullmatch(r"0?[0-7]{3,4}", mode_text):
-            r.error(kp + ("mode",), f"mode '{mode_text}' must be octal, like \"0644\"")
-            mode_text = "0644"
         uid_gid = _owner_ids(owner)
         if uid_gid is None:
             r.error(kp + ("owner",), f"owner '{owner}' must be root, USER (the login user) or UID:GID")
             uid_gid = (0, 0)
-        out.append(ExtraFile(source, dest, int(mode_text, 8), *uid_gid))
+        out.append(ExtraFile(source, dest, mode, *uid_gid))
     return tuple(out)
+
+
+def _read_mode(r: _Reader, keypath: KeyPath) -> int:
+    """A file mode as written, quoted or not: 0644, 644, "0644" and 0o644 are all rw-r--r--."""
+    value = r.raw(keypath)
+    if value is None:
+        return 0o644
+    text = r.texts.get(keypath, value if isinstance(value, str) else None)
+    if text is None or not re.fullmatch(r"(0o?)?[0-7]{3,4}", text):
+        shown = text if text is not None else _kind_name(type(value))
+        r.error(keypath, f"{_dotted(keypath)}: '{shown}' is not an octal file mode like 0644 or 0600")
+        return 0o644
+    return int(text.removeprefix("0o"), 8)
 
 
 def _owner_ids(owner: str) -> Optional[tuple[int, int]]:
@@ -493,9 +512,8 @@ def _read_master(r: _Reader, network: IPv4Network) -> Master:
     address = r.address(kp + ("address",), str(network.network_address + 1)) or IPv4Address(0)
     start = r.address(kp + ("dhcp", "start"), str(network.network_address + 2)) or IPv4Address(0)
     end = r.address(kp + ("dhcp", "end"), str(network.network_address + 64)) or IPv4Address(0)
-    lease = str(r.raw(kp + ("dhcp", "lease")) or "24h")
-    if not LEASE_RE.match(lease):
-        r.error(kp + ("dhcp", "lease"), f"lease '{lease}' must be a number with an optional unit s, m, h, d or w, or 'infinite'")
+    lease = r.string(kp + ("dhcp", "lease"), "24h", lambda v: None if LEASE_RE.match(v) else
+                     f"lease '{v}' must be a number with an optional unit s, m, h, d or w, or 'infinite'") or "24h"
     uplink = r.string(kp + ("uplink", "interface"), "wlan0", _check_interface) or "wlan0"
     nat = r.get(kp + ("uplink", "nat"), bool, True)
     wifi = _read_wifi(r)
@@ -548,14 +566,14 @@ def load(path: Path) -> Profile:
         text = path.read_text()
     except OSError as e:
         raise BuildError(f"cannot read profile {path}: {e.strerror}", exit_code=2) from None
-    data, lines = _compose(text, str(path))
-    r = _Reader(path, data, lines)
+    data, lines, texts = _compose(text, str(path))
+    r = _Reader(path, data, lines, texts)
     if not isinstance(data, dict):
         raise ProfileError([f"{path}:1: a profile must be a mapping of sections (user, network, master, workers)"])
     r.section((), {"image", "apt", "user", "network", "master", "workers"})
     r.section(("network",), {"subnet", "interface"})
     r.section(("workers",), {"count", "hostname", "first_address", "nodes", "packages", "files"})
-    subnet = str(r.raw(("network", "subnet")) or "192.168.5.0/24")
+    subnet = r.string(("network", "subnet"), "192.168.5.0/24") or "192.168.5.0/24"
     try:
         network = IPv4Network(subnet)
     except ValueError as e:
@@ -603,8 +621,8 @@ def load_image_settings(path: Path) -> ImageSettings:
         path = path / PROFILE_NAME
     if not path.exists():
         return ImageSettings("latest", None, None, None, True)
-    data, lines = _compose(path.read_text(), str(path))
-    r = _Reader(path, data if isinstance(data, dict) else {}, lines)
+    data, lines, texts = _compose(path.read_text(), str(path))
+    r = _Reader(path, data if isinstance(data, dict) else {}, lines, texts)
     settings = _read_image(r)
     if r.problems:
         raise ProfileError(r.problems)

@@ -164,3 +164,60 @@ def test_cli_missing_profile_is_one_clear_line(workdir: Path) -> None:
     result = run_pibake("plan", "master", "--release", "bookworm", "--profiles", "nope.yaml", cwd=workdir)
     assert result.code == 2
     assert result.stderr.strip() == "pibake: error: cannot read profile nope.yaml: No such file or directory"
+
+
+@pytest.mark.parametrize("written, expected", [
+    ("0644", 0o644), ("644", 0o644), ('"0644"', 0o644), ("'644'", 0o644), ("0600", 0o600), ("0640", 0o640),
+    ("0755", 0o755), ("0o640", 0o640), ("1777", 0o1777), ("0400", 0o400), ("420", 0o420),
+])
+def test_file_mode_means_what_was_written_quoted_or_not(operator_key: Path, tmp_path: Path, written: str,
+                                                       expected: int) -> None:
+    (tmp_path / "motd").write_text("hello\n")
+    path = write_profile(tmp_path, f"user:\n  ssh_keys: [{operator_key}]\nworkers:\n  files:\n"
+                                   f"    - source: motd\n      path: /etc/motd\n      mode: {written}\n")
+    assert load(path).workers.files[0].mode == expected
+
+
+@pytest.mark.parametrize("written", ["0x1a4", "0888", "999", "12", "rw-r--r--", "true", "6.44", "[1]", "07777777", "-644"])
+def test_file_mode_that_is_not_octal_is_refused_with_its_line(operator_key: Path, tmp_path: Path, written: str) -> None:
+    (tmp_path / "motd").write_text("hello\n")
+    path = write_profile(tmp_path, f"user:\n  ssh_keys: [{operator_key}]\nworkers:\n  files:\n"
+                                   f"    - source: motd\n      path: /etc/motd\n      mode: {written}\n")
+    with pytest.raises(ProfileError) as raised:
+        load(path)
+    assert len(raised.value.problems) == 1, raised.value.problems
+    assert raised.value.problems[0].startswith(f"{path}:7: workers.files[0].mode: "), raised.value.problems
+    assert "octal" in raised.value.problems[0]
+
+
+def test_numbers_and_booleans_typed_where_text_is_meant_keep_their_text(operator_key: Path, tmp_path: Path,
+                                                                         monkeypatch) -> None:
+    monkeypatch.setenv("PIBAKE_WIFI_PASSPHRASE", WIFI_PASSPHRASE)
+    # YAML 1.1 reads NO as false, 0600 as 384 and 1:30 as 90: a setting that is text means what was typed.
+    path = write_profile(tmp_path, f"""
+        user:
+          ssh_keys: [{operator_key}]
+        master:
+          dhcp:
+            lease: 0600
+          uplink:
+            wifi: {{ssid: 1:30, country: NO}}
+        workers:
+          hostname: 0{{n}}
+          nodes:
+            - {{mac: 10:20:30:40:50:59}}
+        """)
+    profile = load(path)
+    assert profile.master.lease == "0600"
+    assert (profile.master.wifi.ssid, profile.master.wifi.country) == ("1:30", "NO")
+    assert profile.workers.nodes[0].mac == "10:20:30:40:50:59"
+
+
+def test_cli_plan_shows_an_unquoted_mode_as_written(operator_key: Path, workdir: Path) -> None:
+    (workdir / "token").write_text("not much of a secret\n")
+    write_profile(workdir, f"user:\n  ssh_keys: [{operator_key}]\nworkers:\n  count: 1\n  files:\n"
+                           "    - {source: token, path: /etc/token, mode: 0600, owner: USER}\n")
+    result = run_pibake("plan", "worker", "--release", "bookworm", "--profiles", "cluster.yaml", cwd=workdir)
+    assert result.code == 0, result.output
+    line = next(line for line in result.stdout.splitlines() if "/etc/token" in line)
+    assert line.split()[2:4] == ["0600", "1000:1000"], line
