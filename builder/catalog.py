@@ -7,18 +7,18 @@ exact URL (with its sha256), or a local file.
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 from urllib.parse import urljoin
 
+from builder import environment, release
 from builder.errors import BuildError
 
 OFFICIAL_BASE = "https://downloads.raspberrypi.com"
 OS_LIST_NAME = "os_list_imagingutility_v4.json"
-FAMILIES = ("bullseye", "bookworm", "trixie")
+FAMILIES = release.NAMES
 # <date>-raspios-<codename>-arm64-lite.img.xz, as every Lite arm64 release is named
 FILE_RE = re.compile(r"(\d{4}-\d{2}-\d{2})-raspios-([a-z]+)-arm64-lite\.(img\.xz|zip|img\.gz|img)$")
 DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
@@ -52,8 +52,8 @@ class Source:
 
     @classmethod
     def from_settings(cls, download_base: Optional[str], os_list_url: Optional[str]) -> "Source":
-        base = (os.environ.get("PIBAKE_DOWNLOAD_BASE") or download_base or OFFICIAL_BASE).rstrip("/")
-        return cls(base, os.environ.get("PIBAKE_OS_LIST") or os_list_url)
+        base = (environment.download_base() or download_base or OFFICIAL_BASE).rstrip("/")
+        return cls(base, environment.os_list() or os_list_url)
 
     @property
     def os_list(self) -> str:

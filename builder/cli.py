@@ -21,7 +21,7 @@ from builder.cache import Choice, obtain
 from builder.catalog import Source, is_url, looks_like_file
 from builder.download import session
 from builder.profile import ImageSettings, Profile, load, load_image_settings
-from builder.release import named
+from builder.release import NAMES, named
 
 log = logging.getLogger("builder")
 
@@ -68,7 +68,7 @@ def common_options(func: Callable[..., Any]) -> Callable[..., Any]:
 def image_options(func: Callable[..., Any]) -> Callable[..., Any]:
     options = [
         click.option("--image", "image_spec", envvar="PIBAKE_IMAGE", metavar="SPEC",
-                     help="Base image: latest, bullseye|bookworm|trixie, a date (2025-05-13), family@date, "
+                     help=f"Base image: latest, {'|'.join(NAMES)}, a date (2025-05-13), family@date, "
                           "a URL, or a local .img/.img.xz/.zip (default: the profile's image section, else latest)."),
         click.option("--sha256", help="Expected sha256 of the file at an --image URL."),
         click.option("--no-verify-signature", is_flag=True, help="Skip the OpenPGP signature check (not recommended)."),
@@ -141,7 +141,7 @@ def _print_summary(built: list) -> None:
 @cli.command(epilog=EPILOG)
 @common_options
 @image_options
-@click.option("--release", type=click.Choice(["bullseye", "bookworm", "trixie"]),
+@click.option("--release", type=click.Choice(NAMES),
               help="Plan for this release without reading an image.")
 @click.option("--output", "-o", type=click.Path(path_type=Path), default=Path("output"), show_default=True,
               help="Only locates the state folder.")

@@ -40,6 +40,8 @@ class Release:
         return (self.network,)
 
 
+# Every release pibake knows, oldest first: the one list that the CLI, the image
+# catalog and the plans take release names from.
 # Bullseye: dhcpcd and /boot. Bookworm changed both (NetworkManager, /boot/firmware);
 # Trixie keeps Bookworm's layout.
 KNOWN = {
@@ -50,13 +52,17 @@ KNOWN = {
 
 
 # Bullseye and Bookworm boot once into raspberrypi-sys-mods' firstboot init (resize,
-# disk id, host keys, custom.toml); Trixie has none and hands the node to cloud-init,
-# seeded from the boot partition, with ` resize` on the kernel command line.
+# disk id, host keys, custom.toml), which reboots; Trixie has none: its initramfs
+# resizes and changes the disk id (` resize` on the kernel command line), with no
+# reboot, and the node is handed to cloud-init, seeded from the boot partition.
 FIRST_BOOT = {
     "bullseye": "raspberrypi-sys-mods firstboot (init= on the kernel command line)",
     "bookworm": "raspberrypi-sys-mods firstboot (init= on the kernel command line)",
     "trixie": "cloud-init (NoCloud seeds on the boot partition); pibake turns it off",
 }
+
+
+NAMES = tuple(KNOWN)
 
 
 def parse_os_release(text: str) -> dict[str, str]:
