@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from builder import cache
+from builder import cache, environment
 from builder.errors import BuildError
 from builder.facts import BaseFacts, BaseReads
 from builder.packages import read_inputs
@@ -40,10 +40,6 @@ log = logging.getLogger(__name__)
 class Drive:
     path: Path
     readonly: bool = False
-
-
-def _wants_tcg() -> bool:
-    return "force_tcg" in os.environ.get("LIBGUESTFS_BACKEND_SETTINGS", "")
 
 
 class Appliance:
@@ -84,7 +80,7 @@ class Appliance:
     def _launch(self):
         start = time.monotonic()
         kvm_usable = os.access("/dev/kvm", os.R_OK | os.W_OK)
-        try_kvm = kvm_usable and not _wants_tcg()
+        try_kvm = kvm_usable and not environment.force_tcg()
         g = self._handle(force_tcg=not try_kvm)
         hung = _KvmHang(g.get_hv())
         why_not_kvm = "" if kvm_usable else ", no /dev/kvm"

@@ -20,7 +20,7 @@ from typing import Callable, Iterator
 
 from builder.progress import bar
 
-from builder import image, packages
+from builder import environment, image, packages
 from builder.appliance import Appliance, Drive
 from builder.cache import BaseImage
 from builder.errors import BuildError
@@ -255,11 +255,6 @@ def _rebuild(profile: Profile, nodes: tuple[Node, ...], entries: dict, sha: str,
     return [by_name[n.hostname] for n in profile.nodes if n.hostname in by_name]
 
 
-# A copy slower than this (seconds) is a real copy, not a reflink or a small sparse
-# image: the appliance is then launched while the rest are made.
-SLOW_COPY = float(os.environ.get("PIBAKE_SLOW_COPY", "0.5"))
-
-
 @contextmanager
 def _copied_and_launched(base: Path, nodes: tuple[Node, ...], staged: list[Path], output: Path) -> Iterator[Appliance]:
     """Copy the base once per node, and launch the appliance with every copy attached.
@@ -273,13 +268,16 @@ def _copied_and_launched(base: Path, nodes: tuple[Node, ...], staged: list[Path]
     appliance stays in this thread: libguestfs keeps its error handling per thread.
     """
     copies = bar(total=len(staged), desc="copy", unit="image")
+    # A copy slower than this (seconds) is a real copy, not a reflink or a small sparse
+    # image: the appliance is then launched while the rest are made.
+    slow = environment.slow_copy()
     late: list[int] = []
     for index, (node, path) in enumerate(zip(nodes, staged)):
         log.debug("%s: copying %s", node.hostname, base.name)
         start = time.monotonic()
         image.copy_image(base, path)
         copies.update()
-        if index + 1 < len(staged) and time.monotonic() - start > SLOW_COPY:
+        if index + 1 < len(staged) and time.monotonic() - start > slow:
             late = list(range(index + 1, len(staged)))
             break
     if not late:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
-import json
 import logging
 import os
 import shutil
@@ -24,9 +23,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Optional
 
-from builder import catalog, download, image, signature
+from builder import catalog, environment, download, image, signature
 from builder.catalog import ImageSpec, Source
 from builder.errors import BuildError
+from builder.files import read_json, write_json
 
 if TYPE_CHECKING:
     import requests
@@ -54,8 +54,7 @@ class BaseImage:
 
 
 def root() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
-    return Path(base) / "pibake"
+    return environment.cache_home() / "pibake"
 
 
 @contextlib.contextmanager
@@ -65,20 +64,6 @@ def locked(name: str) -> Iterator[None]:
     with open(path, "w") as f:
         fcntl.flock(f, fcntl.LOCK_EX)  # a second fetch of the same image waits, then finds it cached
         yield
-
-
-def write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
-def read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 # ---------------------------------------------------------------- resolving
@@ -149,7 +134,13 @@ def obtain(choice: Choice) -> BaseImage:
     with locked(spec.url):
         if spec.sha256 is None:
             spec = _with_sidecar_sha(http, spec)
-        result = _cached_image(spec.sha256, spec.extract_sha256, spec.url) or _fetch(http, spec, choice)
+        result = _cached_image(spec.sha256, spec.extract_sha256, spec.url)
+        if result is not None and choice.verify_signature and not _signature_checked(spec.sha256):
+            # Fetched once with --no-verify-signature: this run checks signatures.
+            log.info("%s was cached without checking its signature; checking it now", spec.filename)
+            result = _check_cached(http, spec, result)
+        if result is None:
+            result = _fetch(http, spec, choice)
     remember(choice, spec)
     return result
 
@@ -183,6 +174,24 @@ def _cached_image(key: str, expected: Optional[str], origin: str) -> Optional[Ba
     return BaseImage(path, found, origin)
 
 
+def _signature_checked(key: str) -> bool:
+    return read_json(root() / "images" / f"{key}.json").get("signature") not in (None, "skipped")
+
+
+def _check_cached(http: requests.Session, spec: ImageSpec, cached: BaseImage) -> Optional[BaseImage]:
+    """Check the signature of a cached image's download, or None when that download is gone.
+
+    A bad or missing signature raises; the entry stays for runs that skip the check."""
+    assert spec.sha256 is not None
+    compressed = root() / "downloads" / f"{spec.sha256}{_suffix(spec.filename)}"
+    if not compressed.exists() or image.sha256_file(compressed, progress=True) != spec.sha256:
+        return None
+    fingerprint = _check_signature(http, spec, compressed)
+    meta = cached.path.with_suffix(".json")
+    write_json(meta, {**read_json(meta), "signature": fingerprint})
+    return cached
+
+
 def _fetch(http: requests.Session, spec: ImageSpec, choice: Choice) -> BaseImage:
     assert spec.sha256 is not None
     downloads = root() / "downloads"
@@ -196,7 +205,8 @@ def _fetch(http: requests.Session, spec: ImageSpec, choice: Choice) -> BaseImage
         _download_verified(http, spec, choice, compressed)
     elif choice.verify_signature and read_json(meta_path).get("signature") in (None, "skipped"):
         _check_signature(http, spec, compressed)
-    return decompress_into_cache(compressed, spec.sha256, spec.extract_sha256, spec.url, spec.extract_size)
+    return decompress_into_cache(compressed, spec.sha256, spec.extract_sha256, spec.url, spec.extract_size,
+                                 read_json(meta_path).get("signature"))
 
 
 def _download_verified(http: requests.Session, spec: ImageSpec, choice: Choice, target: Path) -> None:
@@ -240,8 +250,10 @@ def _check_signature(http: requests.Session, spec: ImageSpec, data: Path) -> str
 
 
 def decompress_into_cache(compressed: Path, key: str, expected: Optional[str], origin: str,
-                          size: Optional[int] = None) -> BaseImage:
-    """Decompress once into images/<key>.img, checking the result's sha256 when one is known."""
+                          size: Optional[int] = None, signature: Optional[str] = None) -> BaseImage:
+    """Decompress once into images/<key>.img, checking the result's sha256 when one is known.
+
+    `signature`: the signing key's fingerprint, or "skipped"; None for a local file."""
     images = root() / "images"
     images.mkdir(parents=True, exist_ok=True)
     target = images / f"{key}.img"
@@ -250,7 +262,7 @@ def decompress_into_cache(compressed: Path, key: str, expected: Optional[str], o
         target.unlink()
         raise BuildError(f"sha256 mismatch for the decompressed {origin}: expected {expected} (extract_sha256), "
                          f"found {found}")
-    write_json(target.with_suffix(".json"), {"sha256": found, "origin": origin})
+    write_json(target.with_suffix(".json"), {"sha256": found, "origin": origin, "signature": signature})
     return BaseImage(target, found, origin)
 
 

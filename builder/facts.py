@@ -7,12 +7,11 @@ which nodes changed before copying or launching anything.
 from __future__ import annotations
 
 import base64
-import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from builder.files import read_json, write_json
 from builder.packages import AptInputs
 from builder.realize import Stat
 from builder.release import Release, detect
@@ -34,7 +33,7 @@ class BaseFacts:
 
 def remembered(cache: Path, sha256: str) -> Optional[BaseFacts]:
     try:
-        data = json.loads((cache / "bases" / f"{sha256}.json").read_text())
+        data = read_json(cache / "bases" / f"{sha256}.json")
         apt = AptInputs({k: base64.b64decode(v) for k, v in data["apt"].items()})
         return BaseFacts(data["os_release"], bool(data["is_rpios"]), apt)
     except (OSError, ValueError, KeyError, TypeError):
@@ -54,7 +53,7 @@ class BaseReads:
     @staticmethod
     def remembered(cache: Path, sha256: str) -> "BaseReads":
         try:
-            saved = json.loads((cache / "bases" / f"{sha256}.reads.json").read_text())
+            saved = read_json(cache / "bases" / f"{sha256}.reads.json")
             stats = {path: None if st is None else Stat(st["kind"], st["mode"], tuple(st["owner"]), st["target"])
                      for path, st in saved["stats"].items()}
             return BaseReads(stats, {k: base64.b64decode(v) for k, v in saved["data"].items()}, saved["free"])
@@ -72,7 +71,4 @@ class BaseReads:
 def _save(cache: Path, name: str, data: dict) -> None:
     folder = cache / "bases"
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{name}.{os.getpid()}"
-    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
-        f.write(json.dumps(data))
-    tmp.replace(folder / name)
+    write_json(folder / name, data, 0o600, indent=None)

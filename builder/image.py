@@ -6,10 +6,8 @@ import errno
 import hashlib
 import logging
 import os
-import shlex
 import shutil
 import struct
-import subprocess
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -18,6 +16,7 @@ from typing import Iterator
 
 from builder.progress import bar
 
+from builder import run
 from builder.errors import BuildError
 
 log = logging.getLogger(__name__)
@@ -222,20 +221,9 @@ def _hash_sparse(path: Path, start: "tuple[int, hashlib._Hash] | None", blocks: 
 
 
 def _chunks_from(command: list[str]) -> Iterator[bytes]:
-    log.info("$ %s", shlex.join(command))
-    try:
-        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    except FileNotFoundError:
-        raise BuildError(f"{command[0]} is not installed (see README)") from None
-    assert proc.stdout is not None and proc.stderr is not None
-    try:
-        while chunk := proc.stdout.read(CHUNK):
+    with run.stream(command, what=f"cannot decompress {command[-1]}") as out:
+        while chunk := out.read(CHUNK):
             yield chunk
-    finally:
-        proc.stdout.close()
-        stderr = proc.stderr.read().decode(errors="replace").strip()
-        if proc.wait() != 0:
-            raise BuildError(f"cannot decompress {command[-1]}: {stderr.splitlines()[-1] if stderr else 'failed'}")
 
 
 def _chunks_from_zip(path: Path) -> Iterator[bytes]:
@@ -283,12 +271,10 @@ def decompress(source: Path, target: Path, size: int | None = None) -> str:
 
 def copy_image(source: Path, target: Path) -> None:
     """Copy as the file system allows at its fastest: reflink, else sparse."""
-    command = ["cp", "--reflink=auto", "--sparse=always", str(source), str(target)]
-    log.debug("$ %s", shlex.join(command))
-    result = subprocess.run(command, stderr=subprocess.PIPE, text=True)
+    result = run.run(["cp", "--reflink=auto", "--sparse=always", str(source), str(target)], check=False)
     if result.returncode != 0:
         target.unlink(missing_ok=True)
-        _copy_failed(source, target, result.stderr.strip())
+        _copy_failed(source, target, run.text(result.stderr).strip())
 
 
 def copy_into(source: Path, target: Path) -> None:

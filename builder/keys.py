@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from builder.errors import BuildError
+from builder.files import write_file
 
 
 @dataclass(frozen=True)
@@ -27,16 +28,23 @@ def _generate(comment: str) -> KeyPair:
     private = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
     )
-    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-    return KeyPair(private, f"{public.decode()} {comment}")
+    return KeyPair(private, f"{_public_text(key)} {comment}")
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+def _public_text(key: Ed25519PrivateKey) -> str:
+    """"ssh-ed25519 AAAA...", without a comment."""
+    return key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
+
+
+def _write_pair(private_path: Path, public_path: Path, pair: KeyPair) -> None:
+    """Write both halves, then rename them into place, the public one first.
+
+    A crash before the second rename leaves a public key alone, which the next run
+    replaces with a new pair; never a private key the next run cannot use."""
+    private_tmp = write_file(private_path, pair.private, 0o600, rename=False)
+    public_tmp = write_file(public_path, (pair.public + "\n").encode(), 0o644, rename=False)
+    os.replace(public_tmp, public_path)
+    os.replace(private_tmp, private_path)
 
 
 class KeyStore:
@@ -54,19 +62,27 @@ class KeyStore:
         public_path = self.dir / f"{name}.pub"
         if private_path.exists():
             try:
-                key = serialization.load_ssh_private_key(private_path.read_bytes(), password=None)
-                public = public_path.read_text().strip()
+                private = private_path.read_bytes()
+                key = serialization.load_ssh_private_key(private, password=None)
             except (OSError, ValueError) as e:
                 raise BuildError(f"cannot reuse key {private_path}: {e}; move it away to make a new one") from None
             if private_path.stat().st_mode & 0o077:
                 os.chmod(private_path, 0o600)
             if not isinstance(key, Ed25519PrivateKey):
                 raise BuildError(f"{private_path} is not an ed25519 key")
-            return KeyPair(private_path.read_bytes(), public)
+            public = f"{_public_text(key)} {comment}"
+            try:
+                recorded = public_path.read_text().strip()
+            except OSError:
+                recorded = ""
+            if recorded.split()[:2] != public.split()[:2]:
+                # Missing or not this key's: the private key is what the nodes serve.
+                write_file(public_path, (public + "\n").encode(), 0o644)
+                recorded = public
+            return KeyPair(private, recorded)
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         pair = _generate(comment)
-        _write_private(private_path, pair.private)
-        public_path.write_text(pair.public + "\n")
+        _write_pair(private_path, public_path, pair)
         return pair
 
     def host_key(self, hostname: str) -> KeyPair:

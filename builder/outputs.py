@@ -6,13 +6,13 @@ Each file is written to a temporary name and renamed, so a reader never sees hal
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
 from builder import __version__
+from builder.files import read_json, write_file
 from builder.keys import KeyStore
 from builder.plan import NodePlan, describe, known_hosts
 from builder.profile import Profile
@@ -30,21 +30,12 @@ class BuiltImage:
     blocks_sha256: str = ""  # the digest of its non-zero blocks: see image.hash_data
 
 
-def write_atomic(path: Path, text: str, mode: int = 0o644) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def write_atomic(path: Path, text: str) -> None:
+    write_file(path, text, sync=True)
 
 
 def read_manifest(output: Path) -> dict:
-    try:
-        return json.loads((output / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return {}
+    return read_json(output / MANIFEST)
 
 
 def update_manifest(output: Path, base: Path, base_sha256: str, built: list[BuiltImage]) -> dict:

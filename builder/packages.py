@@ -21,7 +21,8 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from builder.cache import read_json, write_json
+from builder.files import read_json, write_json
+from builder import run
 from builder.errors import BuildError
 
 log = logging.getLogger(__name__)
@@ -147,8 +148,18 @@ def _key(inputs: AptInputs, mirrors: dict[str, str]) -> str:
 
 
 def _installed_size(deb: Path) -> int:
-    out = subprocess.run(["dpkg-deb", "--field", str(deb), "Installed-Size"], capture_output=True, text=True)
-    return int(out.stdout.strip() or 0) * 1024
+    """What the package takes once installed, in bytes, from its control data.
+
+    The free-space check adds these up: a size that cannot be read is an error, not 0."""
+    field = run.text(run.run(["dpkg-deb", "--field", str(deb), "Installed-Size"],
+                             what=f"cannot read the installed size of {deb.name}").stdout).strip()
+    if not field:
+        # Policy makes the field optional; unpacked data is rarely more than four times the archive.
+        log.debug("%s has no Installed-Size; counting four times its size", deb.name)
+        return 4 * deb.stat().st_size
+    if not field.isdigit():
+        raise BuildError(f"cannot read the installed size of {deb.name}: Installed-Size is '{field[:40]}'")
+    return int(field) * 1024
 
 
 class _Apt:
@@ -194,11 +205,10 @@ class _Apt:
         return SIGNED_BY.sub(lambda m: m[1] + str(self.root / "keyrings" / _flat(m[2])), text)
 
     def _run(self, *args: str) -> subprocess.CompletedProcess:
-        log.debug("apt-get %s", " ".join(args))
         # stdin is closed: apt asks questions (a changed Release file, say) only on a
         # terminal, and a build must fail with apt's message rather than wait for an answer.
-        return subprocess.run(["apt-get", "-q", *args], env=self.env, capture_output=True, text=True,
-                              stdin=subprocess.DEVNULL)
+        done = run.run(["apt-get", "-q", *args], env=self.env, check=False)
+        return subprocess.CompletedProcess(done.args, done.returncode, run.text(done.stdout), run.text(done.stderr))
 
     def update(self) -> None:
         done = self._run("update")

@@ -29,6 +29,9 @@ USER_IDS = (1000, 1000)  # Raspberry Pi OS's first user, renamed or not
 FIRST_USER = "pi"
 OVERLAYS = Path(__file__).resolve().parent.parent / "overlays"
 HOST_KEY_DIR = "/etc/ssh/pibake"
+# A unit linked to /dev/null is masked: systemd reads the link, and /dev is empty
+# until the node boots.
+MASK = "/dev/null"
 
 
 @dataclass(frozen=True)
@@ -243,8 +246,11 @@ def configure_user(ctx: _Context) -> None:
     if user.sudo != "none":
         nopasswd = "NOPASSWD: " if user.sudo == "nopasswd" else ""
         ctx.ops.append(Write(f"/etc/sudoers.d/010_{name}-nopasswd", f"{name} ALL=(ALL) {nopasswd}ALL\n".encode(), 0o440))
-    # Cancel the first-boot rename wizard the way cancel-rename does.
+    # Cancel the first-boot rename wizard the way cancel-rename does, and mask it: an
+    # [Install] section moved to another target would otherwise bring it back, and it
+    # holds up multi-user.target waiting for an answer on tty8.
     ctx.ops.append(Delete("/etc/systemd/system/multi-user.target.wants/userconfig.service"))
+    ctx.ops.append(Symlink("/etc/systemd/system/userconfig.service", MASK))
     ctx.ops.append(Delete("/etc/ssh/sshd_config.d/rename_user.conf"))
     ctx.ops.append(Symlink("/etc/systemd/system/getty.target.wants/getty@tty1.service", "/lib/systemd/system/getty@.service"))
 
@@ -338,8 +344,9 @@ def configure_wifi(ctx: _Context) -> None:
             f"country={wifi.country}\n\nnetwork={{\n\tssid={wifi.ssid.encode().hex()}\n\tpsk={wifi.psk}\n}}\n"
         )
         ctx.ops.append(Write("/etc/wpa_supplicant/wpa_supplicant.conf", conf.encode(), 0o600, secret=True))
-    # Unblock the radio and set the regulatory domain as raspi-config's do_wifi_country
-    # does (rfkill state for the Pi 3 and Pi 4 SDIO Wi-Fi).
+    # Unblock the radio: systemd-rfkill's saved state for the Pi 3 and Pi 4 SDIO Wi-Fi, under
+    # the names pi-gen writes them with. The regulatory domain goes on the kernel command
+    # line, as raspi-config's do_wifi_country puts it.
     for platform in ("3f300000", "fe300000"):
         ctx.ops.append(Write(f"/var/lib/systemd/rfkill/platform-{platform}.mmcnr:wlan", b"0\n"))
     ctx.ops.append(EditLines(ctx.boot("cmdline.txt"), r"^(\S.*?)(?: cfg80211\.ieee80211_regdom=\S+)?\s*$",
@@ -349,9 +356,9 @@ def configure_wifi(ctx: _Context) -> None:
 def configure_cloud_init(ctx: _Context) -> None:
     """Turn cloud-init off on releases that would run it: pibake has configured the node.
 
-    Left on, its defaults delete the SSH host keys, set the hostname and user from
-    the seed files on the boot partition and write fallback network settings, on
-    first boot and some of it on every boot. cloud-init reads this file and stops.
+    Left on, it applies the seed files' hostname and user on every boot (and an
+    Imager-written user-data, if any) over what pibake baked, and lengthens every
+    boot for nothing. cloud-init reads this file and stops.
     """
     if not ctx.release.cloud_init:
         return

@@ -18,6 +18,7 @@ import yaml
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.serialization import load_ssh_public_key
 
+from builder import environment
 from builder.catalog import is_url, parse_spec
 from builder.errors import BuildError, ProfileError
 
@@ -210,6 +211,12 @@ class _Reader:
         while keypath not in self.lines and keypath:
             keypath = keypath[:-1]
         return f"{self.path}:{self.lines.get(keypath, 1)}"
+
+    def line_of(self, problem: str) -> int:
+        """A problem's line in the profile, for sorting; those from elsewhere (the environment) go last."""
+        head, _, rest = problem.partition(f"{self.path}:")
+        number = rest.split(":", 1)[0]
+        return int(number) if not head and number.isdigit() else 1 << 30
 
     def error(self, keypath: KeyPath, message: str) -> None:
         self.problems.append(f"{self.where(keypath)}: {message}")
@@ -424,8 +431,8 @@ def _read_wifi(r: _Reader) -> Optional[Wifi]:
         except OSError as e:
             r.error(kp + ("passphrase_file",), f"cannot read the Wi-Fi passphrase file {path}: {e.strerror}")
             return None
-    elif env_name and os.environ.get(env_name):
-        passphrase = os.environ[env_name]
+    elif env_name:
+        passphrase = environment.passphrase(env_name)
     if passphrase is None:
         r.error(kp + ("ssid",), f"no passphrase for Wi-Fi '{ssid}': set the environment variable {env_name} "
                                  "or master.uplink.wifi.passphrase_file")
@@ -591,7 +598,7 @@ def load(path: Path) -> Profile:
     image = _read_image(r)
     mirrors = _read_apt_mirrors(r)
     if r.problems:
-        raise ProfileError(sorted(r.problems, key=lambda p: int(p[len(str(path)) + 1 :].split(":", 1)[0])))
+        raise ProfileError(sorted(r.problems, key=r.line_of))
     return Profile(path, network, interface, user, master, Workers(workers, worker_packages, worker_files), image, mirrors)
 
 
@@ -606,12 +613,9 @@ def _read_apt_mirrors(r: _Reader) -> dict[str, str]:
             r.error(kp + (old,), f"apt.mirrors maps a source URL to a mirror URL, both http(s): not {old!r}: {new!r}")
         else:
             mirrors[old] = new
-    for pair in os.environ.get("PIBAKE_APT_MIRRORS", "").split():
-        old, _, new = pair.partition("=")
-        if not (is_url(old) and is_url(new)):
-            raise BuildError(f"PIBAKE_APT_MIRRORS: '{pair}' is not source-URL=mirror-URL", exit_code=2)
-        mirrors[old] = new
-    return mirrors
+    from_environment, problems = environment.apt_mirrors()
+    r.problems.extend(problems)
+    return {**mirrors, **from_environment}
 
 
 

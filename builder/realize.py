@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from builder.errors import BuildError
-from builder.plan import ROOT, Append, Delete, EditLines, Mkdir, Move, NodePlan, Symlink, Write
+from builder.plan import MASK, ROOT, Append, Delete, EditLines, Mkdir, Move, NodePlan, Symlink, Write
 
 
 @dataclass(frozen=True)
@@ -153,6 +153,7 @@ def _play(tree: _Tree, op, changes: Changes) -> None:
     elif isinstance(op, Mkdir):
         tree.state[op.path] = Stat("dir", op.mode, op.owner)
     elif isinstance(op, Symlink):
+        _check_target(tree, op)
         tree.state[op.path] = Stat("link", 0o777, ROOT, op.target)
     elif isinstance(op, Delete):
         if tree.lstat(op.path).kind == "dir":
@@ -190,6 +191,21 @@ def _move(tree: _Tree, op: Move, changes: Changes) -> None:
     tree.moved.append((op.path, op.destination))
 
 
+def _check_target(tree: _Tree, op: Symlink) -> None:
+    """Refuse a link that would dangle in the image, as virt-customize --link does."""
+    if op.target == MASK:
+        return
+    target = posixpath.normpath(posixpath.join(posixpath.dirname(op.path), op.target))
+    if tree.lstat(tree.resolve(target)).kind == "absent":
+        raise BuildError(f"cannot link {op.path} to {op.target}: it does not exist in the image")
+
+
+def link_targets(plans: list[NodePlan]) -> set[str]:
+    """The absolute paths that the plans' symlinks lead to."""
+    return {posixpath.normpath(posixpath.join(posixpath.dirname(op.path), op.target))
+            for plan in plans for op in plan.ops if isinstance(op, Symlink) and op.target != MASK}
+
+
 def _under(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder + "/")
 
@@ -218,4 +234,4 @@ def _edit(tree: _Tree, op: EditLines) -> None:
 
 def paths_read(plans: list[NodePlan]) -> set[str]:
     """Every path the plans look at in the base: what to ask the appliance for in one go."""
-    return {op.path for plan in plans for op in plan.ops}
+    return {op.path for plan in plans for op in plan.ops} | link_targets(plans)

@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import shlex
-import subprocess
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from builder.download import get_text
+from builder import environment, run
 from builder.errors import BuildError
+from builder.files import write_file
 
 if TYPE_CHECKING:
     import requests
@@ -32,26 +31,16 @@ KEY_URLS = ("https://www.raspberrypi.org/raspberrypi_downloads.gpg.key",)
 
 
 def pins() -> set[str]:
-    override = os.environ.get("PIBAKE_SIGNING_KEYS")
-    chosen = override.split(",") if override else PINNED
+    chosen = environment.signing_keys() or PINNED
     return {fpr.replace(" ", "").upper() for fpr in chosen if fpr.strip()}
 
 
 def key_urls() -> list[str]:
-    override = os.environ.get("PIBAKE_SIGNING_KEY_URL")
-    return override.split(",") if override else list(KEY_URLS)
-
-
-def _run(command: list[str], **kwargs) -> subprocess.CompletedProcess:
-    log.debug("$ %s", shlex.join(command))
-    try:
-        return subprocess.run(command, capture_output=True, **kwargs)
-    except FileNotFoundError:
-        raise BuildError(f"{command[0]} is not installed: install gpg and gpgv (see README)") from None
+    return environment.signing_key_urls() or list(KEY_URLS)
 
 
 def _fingerprints(homedir: str) -> set[str]:
-    listing = _run(["gpg", "--homedir", homedir, "--batch", "--with-colons", "--fingerprint"], text=True).stdout
+    listing = run.text(run.run(["gpg", "--homedir", homedir, "--batch", "--with-colons", "--fingerprint"]).stdout)
     out, primary = set(), False
     for line in listing.splitlines():
         fields = line.split(":")
@@ -74,7 +63,8 @@ def keyring(http: requests.Session, keys_dir: Path) -> Path:
         for url in key_urls():
             armored = get_text(http, url, missing_ok=True)
             if armored:
-                _run(["gpg", "--homedir", home, "--batch", "--quiet", "--import"], input=armored.encode())
+                # A key file gpg cannot read is no pinned key: that is said below.
+                run.run(["gpg", "--homedir", home, "--batch", "--quiet", "--import"], input=armored.encode(), check=False)
         accepted = _fingerprints(home) & wanted
         rejected = _fingerprints(home) - wanted
         for fpr in sorted(rejected):
@@ -82,17 +72,14 @@ def keyring(http: requests.Session, keys_dir: Path) -> Path:
         if not accepted:
             raise BuildError(f"no pinned signing key could be fetched from {', '.join(key_urls())} "
                              f"(pinned: {', '.join(sorted(wanted))})")
-        exported = _run(["gpg", "--homedir", home, "--batch", "--export", *sorted(accepted)]).stdout
-    tmp = ring.with_name(ring.name + f".{os.getpid()}.tmp")
-    tmp.write_bytes(exported)
-    os.replace(tmp, ring)
-    return ring
+        exported = run.run(["gpg", "--homedir", home, "--batch", "--export", *sorted(accepted)]).stdout
+    return write_file(ring, exported)
 
 
 def verify(data: Path, signature: Path, ring: Path, what: str) -> str:
     """Check a detached signature; return the signing key's primary fingerprint."""
-    result = _run(["gpgv", "--status-fd", "1", "--keyring", str(ring), str(signature), str(data)], text=True)
-    status = [line.split()[1:] for line in result.stdout.splitlines() if line.startswith("[GNUPG:] ")]
+    result = run.run(["gpgv", "--status-fd", "1", "--keyring", str(ring), str(signature), str(data)], check=False)
+    status = [line.split()[1:] for line in run.text(result.stdout).splitlines() if line.startswith("[GNUPG:] ")]
     valid = [fields for fields in status if fields[0] == "VALIDSIG"]
     if result.returncode == 0 and valid:
         primary = valid[0][-1].upper()
@@ -103,4 +90,4 @@ def verify(data: Path, signature: Path, ring: Path, what: str) -> str:
     missing = [fields[1] for fields in status if fields[0] in ("NO_PUBKEY", "ERRSIG")]
     if missing:
         raise BuildError(f"{what} is signed by key {missing[0]}, which is not a pinned Raspberry Pi signing key")
-    raise BuildError(f"cannot verify the signature of {what}: {result.stderr.strip().splitlines()[-1:] or result.returncode}")
+    raise BuildError(f"cannot verify the signature of {what}: {run.tail(run.text(result.stderr), 1) or result.returncode}")

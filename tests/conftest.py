@@ -24,6 +24,7 @@ class Result:
     code: int
     stdout: str
     stderr: str
+    args: tuple[str, ...] = ()
 
     @property
     def output(self) -> str:
@@ -51,7 +52,7 @@ def run_pibake(*args: str, cwd: Path, env: dict[str, str | None] | None = None, 
             proc.kill()
             stdout, stderr = proc.communicate()
         pytest.fail(f"pibake {' '.join(args)} still running after {timeout} s\n{stdout}{stderr}", pytrace=False)
-    return Result(proc.returncode, stdout, stderr)
+    return Result(proc.returncode, stdout, stderr, args)
 
 
 @pytest.fixture(scope="session", autouse=True)

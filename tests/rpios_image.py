@@ -207,17 +207,20 @@ def _fill(filesystem: Path, leave_blocks: int) -> None:
 
 
 def make_image(path: Path, codename: str = "bookworm", rpios: bool = True, root_size: int = ROOT_SIZE,
-               full: bool = False, data_bytes: int = 0) -> Path:
+               full: bool = False, data_bytes: int = 0, without: tuple[str, ...] = ()) -> Path:
     """Write a Raspberry Pi OS-shaped image to `path`.
 
     `full` leaves the root file system with a few dozen free blocks, too few for a bake.
     `data_bytes` adds a file of random bytes, so the image holds as much data as a real one.
+    `without` leaves those files out of the root file system.
     """
     layout = LAYOUTS[codename]
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
         root = Path(tmp) / "root"
         root.mkdir()
         _root_tree(root, layout, rpios)
+        for left_out in without:
+            (root / left_out.lstrip("/")).unlink()
         if data_bytes:
             (root / "opt").mkdir(exist_ok=True)
             with open(root / "opt/data.bin", "wb") as data, open("/dev/urandom", "rb") as random:

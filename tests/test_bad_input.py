@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
 import signal
 import subprocess
@@ -91,13 +92,21 @@ def test_unreadable_compressed_image(project: Path) -> None:
 
 def test_xz_image_is_decompressed_once_into_the_cache(project: Path) -> None:
     image = make_image(project / "raspios.img")
+    expected = hashlib.sha256(image.read_bytes()).hexdigest()
     subprocess.run(["xz", "-T0", "-0", str(image)], check=True)
     env = {"XDG_CACHE_HOME": str(project / "cache")}
-    result = run_pibake("plan", "master", "--image", "raspios.img.xz", cwd=project, env=env)
-    assert result.code == 0, result.output
-    cached = list((project / "cache/pibake/images").glob("*.img"))
-    assert len(cached) == 1 and cached[0].stat().st_size == 679477248
-    assert "release bookworm, because /etc/os-release" in result.stdout
+    first = run_pibake("fetch", "--image", "raspios.img.xz", "-v", cwd=project, env=env)
+    assert first.code == 0, first.output
+    [cached] = (project / "cache/pibake/images").glob("*.img")
+    assert cached.stat().st_size == 679477248 and first.stdout.split()[:3] == [str(cached), "sha256", expected]
+    assert "$ xz --decompress" in first.stderr
+    made = cached.stat()
+    second = run_pibake("fetch", "--image", "raspios.img.xz", "-v", cwd=project, env=env)
+    assert second.code == 0, second.output
+    assert second.stdout == first.stdout and f"using cached {cached}" in second.stderr
+    assert "$ xz" not in second.stderr
+    assert (cached.stat().st_ino, cached.stat().st_mtime_ns) == (made.st_ino, made.st_mtime_ns)
+    assert list((project / "cache/pibake/images").glob("*.img")) == [cached]
 
 
 @pytest.mark.image
@@ -109,6 +118,14 @@ def test_not_raspberry_pi_os(project: Path) -> None:
     assert forced.code == 0, forced.output
     assert "release: noble (/etc/os-release: Ubuntu 24.04 LTS; forced, treated as trixie)" in forced.stderr
     assert (project / "output/worker1.img").is_file() and (project / "output/master.img").read_bytes() == PREVIOUS["master.img"]
+
+
+@pytest.mark.image
+def test_a_link_that_would_dangle_is_refused(project: Path) -> None:
+    image = make_image(project / "base.img", without=("/lib/systemd/system/getty@.service",))
+    result = run_pibake("build", "worker", "--count", "1", "--image", str(image), cwd=project)
+    assert_clean_failure(result, project, "worker1: cannot link /etc/systemd/system/getty.target.wants/getty@tty1.service "
+                                          "to /lib/systemd/system/getty@.service: it does not exist in the image")
 
 
 @pytest.mark.image
@@ -168,6 +185,18 @@ def test_output_disk_fills_up_while_baking(project: Path, operator_key: Path) ->
         assert_clean_failure(result, small, "worker1: no space left on the output disk")
 
 
+def _qemu_in_group(group: int) -> bool:
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            name = stat.with_name("comm").read_text().strip()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == group and name.startswith("qemu-system"):
+            return True
+    return False
+
+
 @pytest.mark.image
 def test_ctrl_c_leaves_earlier_outputs_intact(project: Path) -> None:
     image = make_image(project / "raspios.img")
@@ -175,11 +204,13 @@ def test_ctrl_c_leaves_earlier_outputs_intact(project: Path) -> None:
     # A terminal's Ctrl-C reaches the whole process group, qemu included.
     proc = subprocess.Popen([sys.executable, "-m", "builder", "build", "cluster", "--image", str(image)], cwd=project,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    staging = project / "output/.staging"
+    # Interrupted once the appliance's QEMU runs in pibake's process group: mid-launch,
+    # after the copies were made in the staging folder.
     deadline = time.monotonic() + 120
-    while not (staging.is_dir() and len(list(staging.glob("*.img"))) == 3) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    time.sleep(3)  # into the appliance launch
+    while not _qemu_in_group(proc.pid) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _qemu_in_group(proc.pid), "the appliance was never launched"
+    assert len(list((project / "output/.staging").glob("*.img"))) == 3
     os.killpg(proc.pid, signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 130, stderr

@@ -103,7 +103,7 @@ def bookworm(tmp_path_factory, operator_key: Path) -> Baked:
             wifi: {{ssid: HomeNet, country: DE}}
         workers:
           count: 3
-        """, [["master"], ["worker", "--count", "2", "-v"]],
+        """, [["master", "-vv"], ["worker", "--count", "2", "-v"]],
         # Copies count as slow, as a real image's are: worker2 is copied while the appliance
         # launches, and every check below holds for it too.
         env={"PIBAKE_SLOW_COPY": "0"})
@@ -381,9 +381,21 @@ def test_no_secret_in_outputs_or_logs(bookworm: Baked) -> None:
     private_bodies = [line for key in (bookworm.state / "keys").glob("*_key") for line in key.read_text().splitlines()[1:-1]]
     private_bodies += (bookworm.state / "keys/cluster_id_ed25519").read_text().splitlines()[1:-1]
     secrets = [WIFI_PASSPHRASE, psk, PASSWORD_HASH, "PRIVATE KEY", *private_bodies]
-    texts = [bookworm.result.output] + [p.read_text() for p in bookworm.output.iterdir() if p.suffix != ".img"]
+    # Every command's output (the master's build handles the PSK and the cluster key, at -vv;
+    # the workers' at -v), and every file beside the images and in the state folder but
+    # the private keys themselves.
+    assert {"-v", "-vv"} <= {arg for result in bookworm.results for arg in result.args}
+    texts = {f"{' '.join(r.args)} {stream}": getattr(r, stream) for r in bookworm.results for stream in ("stdout", "stderr")}
+    private_files = {p for p in (bookworm.state / "keys").iterdir() if not p.name.endswith(".pub")}
+    assert len(private_files) == 5  # four host keys and the cluster key
+    for folder in (bookworm.output, bookworm.state):
+        for path in folder.rglob("*"):
+            if path.is_file() and path.suffix != ".img" and path not in private_files:
+                texts[str(path)] = path.read_bytes().decode("utf-8", "replace")
+    assert len(texts) > 10
     for secret in secrets:
-        assert all(secret not in t for t in texts)
+        for name, content in texts.items():
+            assert secret not in content, f"a secret is in {name}"
     for key in (bookworm.state / "keys").iterdir():
         expected = 0o644 if key.name.endswith(".pub") else 0o600
         assert key.stat().st_mode & 0o777 == expected, key

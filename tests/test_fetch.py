@@ -229,12 +229,45 @@ def test_missing_signature_and_the_explicit_skip(mirror: Mirror, published: Publ
     skipped = fetch(workdir, env, "--no-verify-signature")
     assert skipped.code == 0, skipped.output
     assert f"NOT checking the OpenPGP signature of {mirror.base}/{TRIXIE}" in skipped.stderr
-    # a later run that checks signatures again does not trust the unchecked entry
+    [image] = cached_images(workdir / "cache")
+    kept = image.stat()
+    # A later run that checks signatures does not trust the unchecked entry: with no
+    # signature to check it refuses, and leaves the entry for runs that skip the check.
+    refused = fetch(workdir, env)
+    assert refused.code == 1 and "Traceback" not in refused.output
+    assert refused.stderr.rstrip().splitlines()[-1].startswith(f"pibake: error: {mirror.base}/{TRIXIE}.sig is missing")
+    assert image.stat().st_mtime_ns == kept.st_mtime_ns
+    # A bad signature is refused too.
+    (mirror.root / f"{TRIXIE}.sig").write_bytes((published.root / f"{BOOKWORM}.sig").read_bytes())
+    bad = fetch(workdir, env)
+    assert bad.code == 1 and f"BAD signature on {mirror.base}/{TRIXIE}" in bad.stderr.rstrip().splitlines()[-1]
+    # With the real signature back, the cached entry is checked, not fetched again, and then trusted.
     (mirror.root / f"{TRIXIE}.sig").write_bytes((published.root / f"{TRIXIE}.sig").read_bytes())
-    for image in cached_images(workdir / "cache"):
-        image.unlink()
+    requests_before = len(mirror.paths())
     checked = fetch(workdir, env)
-    assert checked.code == 0 and "good, by pinned key" in checked.stderr
+    assert checked.code == 0 and "good, by pinned key" in checked.stderr, checked.output
+    assert f"/{TRIXIE}" not in mirror.paths()[requests_before:]
+    assert checked.stdout.split()[0] == str(image) and image.stat().st_mtime_ns == kept.st_mtime_ns
+    requests_before = len(mirror.paths())
+    again = fetch(workdir, env)
+    assert again.code == 0 and "good, by pinned key" not in again.stderr
+    assert not [p for p in mirror.paths()[requests_before:] if p.endswith(".sig")]
+
+
+def test_unchecked_entry_without_its_download_is_fetched_and_checked(mirror: Mirror, published: Published,
+                                                                     workdir: Path) -> None:
+    env = fetch_env(mirror, published, workdir / "cache")
+    skipped = fetch(workdir, env, "--no-verify-signature")
+    assert skipped.code == 0, skipped.output
+    sha = published.hashes[TRIXIE][0]
+    (workdir / f"cache/pibake/downloads/{sha}.img.xz").unlink()
+    (mirror.root / f"{TRIXIE}.sig").write_bytes((published.root / f"{BOOKWORM}.sig").read_bytes())
+    refused = fetch(workdir, env)
+    assert refused.code == 1 and f"BAD signature on {mirror.base}/{TRIXIE}" in refused.stderr, refused.output
+    (mirror.root / f"{TRIXIE}.sig").write_bytes((published.root / f"{TRIXIE}.sig").read_bytes())
+    checked = fetch(workdir, env)
+    assert checked.code == 0 and "good, by pinned key" in checked.stderr, checked.output
+    assert mirror.paths().count(f"/{TRIXIE}") == 3
 
 
 def test_dropped_connection_resumes_with_range(mirror: Mirror, published: Published, workdir: Path) -> None:

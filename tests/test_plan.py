@@ -186,3 +186,35 @@ def test_version_and_help(workdir: Path) -> None:
     help_text = run_pibake("build", "--help", cwd=workdir).stdout
     for option in ("--image", "--output", "--profiles", "--count", "--first", "--verbose", "--quiet", "Examples:"):
         assert option in help_text
+
+
+def _derived_public(private: Path) -> list[str]:
+    out = subprocess.run(["ssh-keygen", "-y", "-f", str(private)], capture_output=True, text=True, check=True).stdout
+    return out.split()[:2]
+
+
+def test_a_key_pair_cut_short_by_a_crash_is_mended_or_replaced(operator_key: Path, workdir: Path) -> None:
+    write_profile(workdir, f"user:\n  ssh_keys: [{operator_key}]\nworkers:\n  count: 2\n")
+    args = ("plan", "cluster", "--release", "bookworm", "--profiles", "cluster.yaml")
+    assert run_pibake(*args, cwd=workdir).code == 0
+    keys = workdir / "state/keys"
+    master, worker = keys / "master_ssh_host_ed25519_key", keys / "worker1_ssh_host_ed25519_key"
+    cluster = keys / "cluster_id_ed25519"
+    kept = {path: path.read_bytes() for path in (master, cluster)}
+    # A private key without its .pub (a crash between the two writes of older versions),
+    # a .pub that is not the private key's, and a .pub alone (a crash between the renames).
+    master.with_name(master.name + ".pub").unlink()
+    cluster.with_name(cluster.name + ".pub").write_text(operator_key.read_text())
+    worker.unlink()
+    lone_public = worker.with_name(worker.name + ".pub").read_text()
+    result = run_pibake(*args, cwd=workdir)
+    assert result.code == 0, result.output
+    for path in (master, cluster):
+        assert path.read_bytes() == kept[path]  # the identity the nodes and known_hosts have stays
+    for private in (master, cluster, worker):
+        public = private.with_name(private.name + ".pub").read_text()
+        assert public.split()[:2] == _derived_public(private), private
+        assert stat.S_IMODE(private.stat().st_mode) == 0o600
+    assert worker.with_name(worker.name + ".pub").read_text() != lone_public
+    assert (keys / "master_ssh_host_ed25519_key.pub").read_text().endswith(" root@master\n")
+    assert sorted(p.name for p in keys.iterdir() if p.name.startswith(".")) == []

@@ -221,3 +221,15 @@ def test_cli_plan_shows_an_unquoted_mode_as_written(operator_key: Path, workdir:
     assert result.code == 0, result.output
     line = next(line for line in result.stdout.splitlines() if "/etc/token" in line)
     assert line.split()[2:4] == ["0600", "1000:1000"], line
+
+
+def test_bad_apt_mirrors_in_the_environment_are_reported_with_the_profile_problems(workdir: Path) -> None:
+    write_profile(workdir, "master:\n  address: 300.1.1.1\n")
+    result = run_pibake("plan", "master", "--release", "bookworm", "--profiles", "cluster.yaml", cwd=workdir,
+                        env={"PIBAKE_APT_MIRRORS": "http://deb.debian.org/debian=ftp://x not-a-pair"})
+    assert result.code == 2 and "Traceback" not in result.output
+    lines = result.stderr.splitlines()
+    assert lines[0] == f"pibake: the profile has {len(lines) - 1} problem(s):", result.stderr
+    assert "  cluster.yaml:2: master.address: '300.1.1.1' is not an IPv4 address" in lines
+    assert lines[-2:] == ["  PIBAKE_APT_MIRRORS: 'http://deb.debian.org/debian=ftp://x' is not source-URL=mirror-URL",
+                          "  PIBAKE_APT_MIRRORS: 'not-a-pair' is not source-URL=mirror-URL"]

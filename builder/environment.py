@@ -1,0 +1,89 @@
+"""Every environment variable pibake reads, in one place (the README lists them).
+
+The command line's own (PIBAKE_PROFILES, PIBAKE_STATE, PIBAKE_IMAGE) are click
+options' `envvar`s in cli.py; everything else is read here, when it is needed,
+so that a test or a caller can set it for one run.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+from builder.errors import BuildError
+
+# name -> what it does, for the README's table and `pibake --help`'s readers
+VARIABLES = {
+    "PIBAKE_PROFILES": "profile file, or folder holding cluster.yaml (--profiles)",
+    "PIBAKE_STATE": "folder of generated keys (--state)",
+    "PIBAKE_IMAGE": "base image spec (--image)",
+    "PIBAKE_WIFI_PASSPHRASE": "the Wi-Fi passphrase, unless the profile names another variable or a file",
+    "PIBAKE_APT_MIRRORS": "space-separated source-URL=mirror-URL pairs, on top of the profile's apt.mirrors",
+    "PIBAKE_DOWNLOAD_BASE": "where Raspberry Pi OS images are downloaded from (a mirror of the official server)",
+    "PIBAKE_OS_LIST": "the OS list (Imager's JSON) to choose images from",
+    "PIBAKE_SIGNING_KEYS": "comma-separated fingerprints of the OpenPGP keys trusted to sign images",
+    "PIBAKE_SIGNING_KEY_URL": "comma-separated URLs the signing keys are fetched from",
+    "PIBAKE_SLOW_COPY": "seconds a first copy may take before the appliance is launched while the rest are made",
+    "XDG_CACHE_HOME": "the cache's parent folder (default ~/.cache)",
+    "LIBGUESTFS_BACKEND_SETTINGS": "libguestfs' own; force_tcg skips the KVM attempt",
+}
+
+
+def _get(name: str) -> Optional[str]:
+    assert name in VARIABLES, name
+    value = os.environ.get(name)
+    return value if value else None
+
+
+def cache_home() -> Path:
+    return Path(_get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"))
+
+
+def download_base() -> Optional[str]:
+    return _get("PIBAKE_DOWNLOAD_BASE")
+
+
+def os_list() -> Optional[str]:
+    return _get("PIBAKE_OS_LIST")
+
+
+def signing_keys() -> Optional[list[str]]:
+    value = _get("PIBAKE_SIGNING_KEYS")
+    return value.split(",") if value else None
+
+
+def signing_key_urls() -> Optional[list[str]]:
+    value = _get("PIBAKE_SIGNING_KEY_URL")
+    return value.split(",") if value else None
+
+
+def apt_mirrors() -> tuple[dict[str, str], list[str]]:
+    """PIBAKE_APT_MIRRORS as {source: mirror}, and the pairs that are not source=mirror."""
+    from builder.catalog import is_url  # catalog reads this module too
+
+    mirrors, problems = {}, []
+    for pair in (_get("PIBAKE_APT_MIRRORS") or "").split():
+        old, _, new = pair.partition("=")
+        if is_url(old) and is_url(new):
+            mirrors[old] = new
+        else:
+            problems.append(f"PIBAKE_APT_MIRRORS: '{pair}' is not source-URL=mirror-URL")
+    return mirrors, problems
+
+
+def slow_copy() -> float:
+    value = _get("PIBAKE_SLOW_COPY")
+    try:
+        return float(value) if value else 0.5
+    except ValueError:
+        raise BuildError(f"PIBAKE_SLOW_COPY must be a number of seconds, not '{value}'", exit_code=2) from None
+
+
+def force_tcg() -> bool:
+    return "force_tcg" in (_get("LIBGUESTFS_BACKEND_SETTINGS") or "")
+
+
+def passphrase(variable: str) -> Optional[str]:
+    """The Wi-Fi passphrase from the variable the profile names (PIBAKE_WIFI_PASSPHRASE by default)."""
+    return os.environ.get(variable) or None

@@ -1,0 +1,58 @@
+"""Files pibake writes beside images, in the cache and in the state folder: whole or not at all.
+
+Every such file is written under a temporary name in its own folder and renamed
+over the old one, so a reader, or the next run after a crash, sees the old file or
+the new one and never half of either.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Union
+
+# Files pibake reads back (manifests, cache metadata, remembered base reads) are its
+# own, but a damaged or planted one must not exhaust memory.
+MAX_JSON = 64 << 20
+
+
+def temporary(path: Path) -> Path:
+    """Where `path` is written before it is renamed: same folder, hidden, one per process."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def write_file(path: Path, data: Union[bytes, str], mode: int = 0o644, *, sync: bool = False,
+               rename: bool = True) -> Path:
+    """Write `data` to `path` atomically; with rename=False, leave it under its temporary
+    name and return that, for callers that rename several files in an order of their own."""
+    tmp = temporary(path)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            if sync:
+                f.flush()
+                os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if not rename:
+        return tmp
+    os.replace(tmp, path)
+    return path
+
+
+def write_json(path: Path, data: Any, mode: int = 0o644, *, sync: bool = False, indent: int | None = 2) -> None:
+    write_file(path, json.dumps(data, indent=indent) + "\n", mode, sync=sync)
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object from `path`; {} when it is missing, unreadable, too large or not an object."""
+    try:
+        with open(path, "rb") as f:
+            text = f.read(MAX_JSON + 1)
+        data = json.loads(text) if len(text) <= MAX_JSON else None
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
