@@ -386,7 +386,7 @@ class _KvmHang:
     """Launching under KVM with a watchdog, and remembering a machine where it hangs."""
 
     def __init__(self, hypervisor: str) -> None:
-        self.memo = cache.root() / "kvm-hangs"
+        self.memo = cache.layout().kvm_hangs
         try:
             self.key = f"{os.uname().release} {hypervisor} {os.stat(hypervisor).st_mtime_ns}\n"
         except OSError:

@@ -22,7 +22,7 @@ from builder.progress import bar
 
 from builder import environment, image, packages
 from builder.appliance import Appliance, Drive
-from builder.cache import BaseImage
+from builder.cache import BaseImage, Layout
 from builder.errors import BuildError
 from builder.keys import KeyStore
 from builder.packages import AptInputs, Deb
@@ -41,7 +41,7 @@ class Options:
     base: BaseImage
     output: Path
     state: Path
-    cache: Path
+    cache: Layout
     force: bool = False
 
 
@@ -55,12 +55,12 @@ def plans_for(profile: Profile, nodes: tuple[Node, ...], release: Release, keys:
     return [plan_node(profile, node, release, keys, debs.get(profile.packages(node), ())) for node in nodes]
 
 
-def stage_packages(profile: Profile, nodes: tuple[Node, ...], inputs: AptInputs, cache: Path) -> dict[tuple[str, ...], tuple[Deb, ...]]:
+def stage_packages(profile: Profile, nodes: tuple[Node, ...], inputs: AptInputs, cache: Layout) -> dict[tuple[str, ...], tuple[Deb, ...]]:
     """Resolve and download, once per distinct package list, what first boot installs."""
     lists = sorted({profile.packages(n) for n in nodes if profile.packages(n)})
     staged = {}
     for names in lists:
-        debs = tuple(packages.resolve(inputs, names, profile.apt_mirrors, cache))
+        debs = tuple(packages.resolve(inputs, names, profile.apt_mirrors, cache.apt))
         size = sum(d.path.stat().st_size for d in debs)
         log.info("packages: %s -> %d .deb file(s), %.1f MiB, staged for first boot", " ".join(names), len(debs), size / 2**20)
         staged[names] = debs
@@ -119,11 +119,11 @@ def _check_room(output: Path, images: int) -> None:
                          f"baking {images} image(s) needs about {images * ROOM_PER_IMAGE >> 20} MiB more")
 
 
-def staged_before(profile: Profile, nodes: tuple[Node, ...], inputs: AptInputs, cache: Path) -> dict[tuple[str, ...], tuple[Deb, ...]] | None:
+def staged_before(profile: Profile, nodes: tuple[Node, ...], inputs: AptInputs, cache: Layout) -> dict[tuple[str, ...], tuple[Deb, ...]] | None:
     """stage_packages()'s last answer, if every part of it is still in the cache."""
     staged = {}
     for names in {profile.packages(n) for n in nodes if profile.packages(n)}:
-        debs = packages.resolved_before(inputs, names, profile.apt_mirrors, cache)
+        debs = packages.resolved_before(inputs, names, profile.apt_mirrors, cache.apt)
         if debs is None:
             return None
         staged[names] = tuple(debs)
@@ -206,7 +206,7 @@ def _rebuild(profile: Profile, nodes: tuple[Node, ...], entries: dict, sha: str,
     resolves them again; like the sha256, they are confirmed before anything is kept."""
     # The base's facts from an earlier build tell which nodes changed before
     # anything is copied or launched.
-    facts = remembered(options.cache, sha)
+    facts = remembered(options.cache.bases, sha)
     if facts is None:
         if base_sha.result() != sha:
             raise _WrongGuess("the base image's content changed since the last build")
@@ -348,12 +348,12 @@ def _bake(profile: Profile, nodes: tuple[Node, ...], plans: list[NodePlan] | Non
         with _copied_and_launched(base, nodes, staged, options.output) as appliance:
             if plans is None:  # a rebuild planned from the remembered facts already
                 # The base was hashed while the copies were made and the appliance came up.
-                facts = remembered(options.cache, base_sha.result())
+                facts = remembered(options.cache.bases, base_sha.result())
                 if facts is None:
                     facts = appliance.facts(0)
-                    facts.save(options.cache, base_sha.result())
+                    facts.save(options.cache.bases, base_sha.result())
                 plans = _plans(profile, nodes, facts, options, keys)
-            reads = BaseReads.remembered(options.cache, base_sha.result())
+            reads = BaseReads.remembered(options.cache.bases, base_sha.result())
             changes = appliance.prepare(plans, reads)
             log.debug("plans played through against the base%s", "" if reads.learned else ", all of it known from earlier builds")
             mtime = time.time()
@@ -374,7 +374,7 @@ def _bake(profile: Profile, nodes: tuple[Node, ...], plans: list[NodePlan] | Non
                  for plan, path, (sha, blocks) in zip(plans, staged, hashes)]
         before_keeping()
         if reads.learned:  # saved once the base is known to be the one `base_sha` names
-            reads.save(options.cache, base_sha.result())
+            reads.save(options.cache.bases, base_sha.result())
         with _no_interrupt():
             for path, result in zip(staged, built):
                 path.replace(result.path)

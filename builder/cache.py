@@ -1,13 +1,19 @@
-"""Fetching base images into a content-addressed cache, verified before use.
+"""The cache ($XDG_CACHE_HOME/pibake), and fetching base images into it, verified before use.
 
-Layout under $XDG_CACHE_HOME/pibake:
+Layout (every path is named by `Layout`, and nowhere else):
   downloads/<sha256>.<ext>   verified downloads, named by their sha256 (+ .json: origin, signature)
-  images/<sha256>.img        decompressed images, named by the compressed file's sha256 (+ .json)
+  images/<sha256>.img        decompressed images, named by the compressed file's sha256
+                             (+ .json: sha256, origin, and whether the signature was checked)
   partial/                   downloads in progress, resumable
   keys/                      keyrings of pinned signing keys
+  locks/                     one lock file per entry being written
+  bases/<sha256>.json        what a base image says about itself (facts.py), and
+  bases/<sha256>.reads.json  what plans read from it (0600: it holds the base's own files)
+  apt/<key>/                 apt's lists and .debs per set of sources (packages.py)
   resolved.json              what `latest` or a family last resolved to
-Everything lands under a temporary name and is renamed once verified; a lock
-per entry keeps two pibake processes from writing the same one.
+  kvm-hangs                  hosts whose KVM launches hung (appliance.py)
+Everything lands under a temporary name and is renamed once complete and verified;
+a lock per entry keeps two pibake processes from writing the same one.
 """
 
 from __future__ import annotations
@@ -53,17 +59,60 @@ class BaseImage:
     origin: str
 
 
+@dataclass(frozen=True)
+class Layout:
+    """Where each kind of thing lives in the cache (see the module's docstring)."""
+
+    root: Path
+
+    @property
+    def downloads(self) -> Path:
+        return self.root / "downloads"
+
+    @property
+    def images(self) -> Path:
+        return self.root / "images"
+
+    @property
+    def partial(self) -> Path:
+        return self.root / "partial"
+
+    @property
+    def keys(self) -> Path:
+        return self.root / "keys"
+
+    @property
+    def bases(self) -> Path:
+        return self.root / "bases"
+
+    @property
+    def apt(self) -> Path:
+        return self.root / "apt"
+
+    @property
+    def resolved(self) -> Path:
+        return self.root / "resolved.json"
+
+    @property
+    def kvm_hangs(self) -> Path:
+        return self.root / "kvm-hangs"
+
+    @contextlib.contextmanager
+    def locked(self, name: str) -> Iterator[None]:
+        """Hold the lock of one entry (a URL or a sha256); a second process waits for it."""
+        path = self.root / "locks" / f"{hashlib.sha256(name.encode()).hexdigest()[:24]}.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)  # a second fetch of the same image waits, then finds it cached
+            yield
+
+
+def layout() -> Layout:
+    return Layout(environment.cache_home() / "pibake")
+
+
 def root() -> Path:
-    return environment.cache_home() / "pibake"
-
-
-@contextlib.contextmanager
-def locked(name: str) -> Iterator[None]:
-    path = root() / "locks" / f"{hashlib.sha256(name.encode()).hexdigest()[:24]}.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)  # a second fetch of the same image waits, then finds it cached
-        yield
+    return layout().root
 
 
 # ---------------------------------------------------------------- resolving
@@ -99,7 +148,7 @@ def resolve(choice: Choice, http: requests.Session) -> ImageSpec:
         return ImageSpec(url=choice.spec, name=choice.spec.rsplit("/", 1)[-1], release_date=m[1] if m else "",
                          codename=m[2] if m else "", sha256=choice.sha256.lower() if choice.sha256 else None)
     _, date = catalog.parse_spec(choice.spec)
-    remembered = read_json(root() / "resolved.json").get(_resolve_key(choice))
+    remembered = read_json(layout().resolved).get(_resolve_key(choice))
     fresh = remembered and (date or time.time() - remembered.get("at", 0) < RESOLVE_TTL)
     if remembered and fresh and not choice.refresh:
         return ImageSpec(**remembered["image"])
@@ -116,7 +165,7 @@ def resolve(choice: Choice, http: requests.Session) -> ImageSpec:
 def remember(choice: Choice, spec: ImageSpec) -> None:
     if catalog.is_url(choice.spec):
         return
-    path = root() / "resolved.json"
+    path = layout().resolved
     data = read_json(path)
     data[_resolve_key(choice)] = {"at": time.time(), "image": asdict(spec)}
     write_json(path, data)
@@ -131,7 +180,7 @@ def obtain(choice: Choice) -> BaseImage:
         return local(Path(choice.spec))
     http = download.session()
     spec = resolve(choice, http)
-    with locked(spec.url):
+    with layout().locked(spec.url):
         if spec.sha256 is None:
             spec = _with_sidecar_sha(http, spec)
         result = _cached_image(spec.sha256, spec.extract_sha256, spec.url)
@@ -161,7 +210,7 @@ def _suffix(name: str) -> str:
 
 def _cached_image(key: str, expected: Optional[str], origin: str) -> Optional[BaseImage]:
     """The decompressed image cached under `key`, re-hashed; None if absent or corrupted (then removed)."""
-    path = root() / "images" / f"{key}.img"
+    path = layout().images / f"{key}.img"
     meta = read_json(path.with_suffix(".json"))
     if not path.exists() or not meta.get("sha256"):
         return None
@@ -175,7 +224,7 @@ def _cached_image(key: str, expected: Optional[str], origin: str) -> Optional[Ba
 
 
 def _signature_checked(key: str) -> bool:
-    return read_json(root() / "images" / f"{key}.json").get("signature") not in (None, "skipped")
+    return read_json(layout().images / f"{key}.json").get("signature") not in (None, "skipped")
 
 
 def _check_cached(http: requests.Session, spec: ImageSpec, cached: BaseImage) -> Optional[BaseImage]:
@@ -183,7 +232,7 @@ def _check_cached(http: requests.Session, spec: ImageSpec, cached: BaseImage) ->
 
     A bad or missing signature raises; the entry stays for runs that skip the check."""
     assert spec.sha256 is not None
-    compressed = root() / "downloads" / f"{spec.sha256}{_suffix(spec.filename)}"
+    compressed = layout().downloads / f"{spec.sha256}{_suffix(spec.filename)}"
     if not compressed.exists() or image.sha256_file(compressed, progress=True) != spec.sha256:
         return None
     fingerprint = _check_signature(http, spec, compressed)
@@ -194,7 +243,7 @@ def _check_cached(http: requests.Session, spec: ImageSpec, cached: BaseImage) ->
 
 def _fetch(http: requests.Session, spec: ImageSpec, choice: Choice) -> BaseImage:
     assert spec.sha256 is not None
-    downloads = root() / "downloads"
+    downloads = layout().downloads
     downloads.mkdir(parents=True, exist_ok=True)
     compressed = downloads / f"{spec.sha256}{_suffix(spec.filename)}"
     meta_path = downloads / f"{spec.sha256}.json"
@@ -210,7 +259,7 @@ def _fetch(http: requests.Session, spec: ImageSpec, choice: Choice) -> BaseImage
 
 
 def _download_verified(http: requests.Session, spec: ImageSpec, choice: Choice, target: Path) -> None:
-    partial_dir = root() / "partial"
+    partial_dir = layout().partial
     partial_dir.mkdir(parents=True, exist_ok=True)
     part = partial_dir / f"{hashlib.sha256(spec.url.encode()).hexdigest()[:16]}-{spec.filename}.part"
     download.download(http, spec.url, part, spec.download_size)
@@ -239,7 +288,7 @@ def _check_signature(http: requests.Session, spec: ImageSpec, data: Path) -> str
     sig = data.with_name(data.name + ".sig")
     sig.write_bytes(signature_bytes)
     try:
-        fingerprint = signature.verify(data, sig, signature.keyring(http, root() / "keys"), spec.url)
+        fingerprint = signature.verify(data, sig, signature.keyring(http, layout().keys), spec.url)
     finally:
         sig.unlink(missing_ok=True)
     log.info("signature of %s: good, by pinned key %s", spec.filename, fingerprint)
@@ -254,7 +303,7 @@ def decompress_into_cache(compressed: Path, key: str, expected: Optional[str], o
     """Decompress once into images/<key>.img, checking the result's sha256 when one is known.
 
     `signature`: the signing key's fingerprint, or "skipped"; None for a local file."""
-    images = root() / "images"
+    images = layout().images
     images.mkdir(parents=True, exist_ok=True)
     target = images / f"{key}.img"
     found = image.decompress(compressed, target, size)
@@ -275,7 +324,7 @@ def local(path: Path) -> BaseImage:
     if not path.name.endswith((".xz", ".gz", ".zip")):
         return BaseImage(path, None, str(path))  # raw: used where it is
     key = image.sha256_file(path, progress=True)
-    with locked(key):
+    with layout().locked(key):
         return _cached_image(key, None, str(path)) or decompress_into_cache(path, key, None, str(path))
 
 
@@ -285,7 +334,7 @@ def local(path: Path) -> BaseImage:
 def entries() -> list[tuple[Path, int, str]]:
     out = []
     for folder in ("downloads", "images", "partial"):
-        for path in sorted((root() / folder).glob("*")):
+        for path in sorted((layout().root / folder).glob("*")):
             if path.suffix in (".json",) or path.name.startswith("."):
                 continue
             meta = read_json(path.with_name(path.name.split(".")[0] + ".json"))

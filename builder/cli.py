@@ -121,7 +121,7 @@ def build_command(role: str, count: Optional[int], first: int, profiles: Path, s
     _setup_logging(verbose, quiet)
     profile, nodes = _load(profiles, role, first, count)
     base = obtain(_choice(profile.image, image_spec, sha256, no_verify_signature, refresh))
-    built = build(profile, nodes, Options(base, output, _state(state, output), cache.root(), force))
+    built = build(profile, nodes, Options(base, output, _state(state, output), cache.layout(), force))
     if not quiet:
         _print_summary(built)
 

@@ -26,14 +26,14 @@ class BaseFacts:
     def release(self, force: bool = False) -> Release:
         return detect(self.os_release, self.is_rpios, force)
 
-    def save(self, cache: Path, sha256: str) -> None:
-        _save(cache, f"{sha256}.json", {"os_release": self.os_release, "is_rpios": self.is_rpios,
+    def save(self, folder: Path, sha256: str) -> None:
+        _save(folder, f"{sha256}.json", {"os_release": self.os_release, "is_rpios": self.is_rpios,
                                          "apt": {k: base64.b64encode(v).decode() for k, v in self.apt.files.items()}})
 
 
-def remembered(cache: Path, sha256: str) -> Optional[BaseFacts]:
+def remembered(folder: Path, sha256: str) -> Optional[BaseFacts]:
     try:
-        data = read_json(cache / "bases" / f"{sha256}.json")
+        data = read_json(folder / f"{sha256}.json")
         apt = AptInputs({k: base64.b64decode(v) for k, v in data["apt"].items()})
         return BaseFacts(data["os_release"], bool(data["is_rpios"]), apt)
     except (OSError, ValueError, KeyError, TypeError):
@@ -51,24 +51,23 @@ class BaseReads:
     learned: bool = False  # read something new since loaded
 
     @staticmethod
-    def remembered(cache: Path, sha256: str) -> "BaseReads":
+    def remembered(folder: Path, sha256: str) -> "BaseReads":
         try:
-            saved = read_json(cache / "bases" / f"{sha256}.reads.json")
+            saved = read_json(folder / f"{sha256}.reads.json")
             stats = {path: None if st is None else Stat(st["kind"], st["mode"], tuple(st["owner"]), st["target"])
                      for path, st in saved["stats"].items()}
             return BaseReads(stats, {k: base64.b64decode(v) for k, v in saved["data"].items()}, saved["free"])
         except (OSError, ValueError, KeyError, TypeError):
             return BaseReads()
 
-    def save(self, cache: Path, sha256: str) -> None:
+    def save(self, folder: Path, sha256: str) -> None:
         stats = {path: None if st is None else {"kind": st.kind, "mode": st.mode, "owner": st.owner, "target": st.target}
                  for path, st in self.stats.items()}
         # The base's own files (its /etc/shadow, say): readable by this user only.
-        _save(cache, f"{sha256}.reads.json", {"stats": stats, "free": self.free,
+        _save(folder, f"{sha256}.reads.json", {"stats": stats, "free": self.free,
                                                "data": {k: base64.b64encode(v).decode() for k, v in self.data.items()}})
 
 
-def _save(cache: Path, name: str, data: dict) -> None:
-    folder = cache / "bases"
+def _save(folder: Path, name: str, data: dict) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     write_json(folder / name, data, 0o600, indent=None)

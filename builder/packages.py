@@ -83,7 +83,7 @@ def source_uris(inputs: AptInputs) -> list[str]:
     return sorted(set(uris))
 
 
-def resolve(inputs: AptInputs, names: tuple[str, ...], mirrors: dict[str, str], cache: Path) -> list[Deb]:
+def resolve(inputs: AptInputs, names: tuple[str, ...], mirrors: dict[str, str], folder: Path) -> list[Deb]:
     """Download what installing `names` on the image needs, with everything it depends on."""
     if STATUS not in inputs.files:
         raise BuildError("the image has no package database (/var/lib/dpkg/status): cannot stage packages for it")
@@ -92,7 +92,7 @@ def resolve(inputs: AptInputs, names: tuple[str, ...], mirrors: dict[str, str], 
         return []
     if not source_uris(inputs):
         raise BuildError("the image has no apt sources (/etc/apt/sources.list*): cannot stage packages for it")
-    root = cache / "apt" / _key(inputs, mirrors)
+    root = folder / _key(inputs, mirrors)
     root.mkdir(parents=True, exist_ok=True)
     with open(root / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -114,7 +114,7 @@ def resolve(inputs: AptInputs, names: tuple[str, ...], mirrors: dict[str, str], 
 RESOLVED = "resolved.json"  # resolve()'s last answers, by question
 
 
-def resolved_before(inputs: AptInputs, names: tuple[str, ...], mirrors: dict[str, str], cache: Path) -> list[Deb] | None:
+def resolved_before(inputs: AptInputs, names: tuple[str, ...], mirrors: dict[str, str], folder: Path) -> list[Deb] | None:
     """resolve()'s last answer for the same image and names, if its .debs are still in the cache.
 
     Not checked against the archive: what may have changed there since is for resolve() to say."""
@@ -123,7 +123,7 @@ def resolved_before(inputs: AptInputs, names: tuple[str, ...], mirrors: dict[str
     missing = [n for n in names if not inputs.installed(n)]
     if not missing:
         return []
-    root = cache / "apt" / _key(inputs, mirrors)
+    root = folder / _key(inputs, mirrors)
     answer = read_json(root / RESOLVED).get(_question(inputs, missing))
     try:
         debs = [Deb(name, root / "var/cache/apt/archives" / filename, int(size)) for name, filename, size in answer]

@@ -35,7 +35,7 @@ import apt_repo  # noqa: E402
 from mirror import Mirror  # noqa: E402
 from rpios_image import LAYOUTS, MIB, SECTOR, make_image  # noqa: E402
 
-from builder import image  # noqa: E402
+from builder import cache, image  # noqa: E402
 from builder.appliance import Appliance, Drive  # noqa: E402
 from builder.build import plans_for, stage_packages  # noqa: E402
 from builder.keys import KeyStore  # noqa: E402
@@ -125,7 +125,7 @@ class Bench:
             with Appliance([Drive(path)]) as appliance:
                 if plans is None:
                     facts = appliance.facts(0)
-                    debs = stage_packages(profile, profile.nodes, facts.apt, Path(self.env["XDG_CACHE_HOME"]) / "pibake")
+                    debs = stage_packages(profile, profile.nodes, facts.apt, cache.layout())
                     plans = plans_for(profile, profile.nodes, facts.release(), keys, debs)
                 # What one virt-customize run per node does: read what it edits, then write.
                 appliance.apply([plans[index]], appliance.prepare([plans[index]]), time.time())
