@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+from builder import __version__
 from builder.progress import bar
 
 from builder import environment, image, packages
@@ -175,6 +176,35 @@ def _guessed_sha(manifest: dict, base: Path) -> str | None:
     return None
 
 
+def _why_changed(plan: NodePlan, entry: dict, path: Path, sha: str) -> str:
+    """Why a node is baked: what differs from the manifest's record of its last build, the first thing found."""
+    if not entry:
+        return "not built before"
+    return "baking it again: " + _first_difference(plan, entry, path, sha)
+
+
+def _first_difference(plan: NodePlan, entry: dict, path: Path, sha: str) -> str:
+    if not path.is_file():
+        return f"{path.name} is gone"
+    if path.stat().st_size != entry.get("size"):
+        return f"{path.name} changed size"
+    before = (entry.get("base_image") or {}).get("sha256")
+    if before != sha:
+        return f"the base image is another one (sha256 {sha[:12]}, was {str(before)[:12]})"
+    if entry.get("pibake") not in (None, __version__):
+        return f"pibake {__version__} built it as pibake {entry['pibake']}"
+    recorded = entry.get("operations", [])
+    for index, op in enumerate(plan.ops):
+        now = op.describe()
+        if index >= len(recorded) or recorded[index] != now:
+            was = recorded[index] if index < len(recorded) else None
+            shown = f"{now['op']} {now['path']}" + (f" {now['summary']}" if "summary" in now else "")
+            return f"operation {index + 1} changed: {shown}" + (f" (was {was['op']} {was['path']})" if was else " (new)")
+    if len(recorded) > len(plan.ops):
+        return f"operation {len(plan.ops) + 1} is gone: {recorded[len(plan.ops)]['op']} {recorded[len(plan.ops)]['path']}"
+    return "a secret it holds changed (its content is not recorded)"
+
+
 def build(profile: Profile, nodes: tuple[Node, ...], options: Options) -> list[BuiltImage]:
     base = options.base.path
     image.check_layout(base)
@@ -220,6 +250,7 @@ def _rebuild(profile: Profile, nodes: tuple[Node, ...], entries: dict, sha: str,
         if entry.get("inputs") == plan.fingerprint(sha) and path.is_file() and path.stat().st_size == entry.get("size"):
             candidates.append((plan, path, entry))
         else:
+            log.info("%s: %s", plan.node.hostname, _why_changed(plan, entry, path, sha))
             changed.append(plan)
     skipped: dict[str, BuiltImage] = {}
     # The images that may be unchanged are checked while the others are baked.

@@ -56,6 +56,7 @@ def update_manifest(output: Path, base: Path, base_sha256: str, built: list[Buil
             # Lets a rebuild check the image by reading its data only, not its holes.
             "blocks_sha256": image.blocks_sha256,
             "inputs": plan.fingerprint(base_sha256),
+            "pibake": __version__,
             # Size and mtime let a rebuild start from this sha256 while it checks it.
             "base_image": {"path": str(base), "sha256": base_sha256, "size": base_stat.st_size, "mtime_ns": base_stat.st_mtime_ns},
             "release": {"codename": plan.release.codename, "reason": plan.release.reason,

@@ -15,78 +15,19 @@ import string
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Union
 
 from builder import __version__
 from builder.errors import BuildError
 from builder.keys import KeyPair, KeyStore
+from builder.operations import MASK, Append, Delete, EditLines, Mkdir, Move, Op, Symlink, Write
 from builder.packages import STAGE_DIR, Deb
 from builder.profile import Node, Profile
 from builder.release import Release
 
-ROOT = (0, 0)
 USER_IDS = (1000, 1000)  # Raspberry Pi OS's first user, renamed or not
 FIRST_USER = "pi"
 OVERLAYS = Path(__file__).resolve().parent.parent / "overlays"
 HOST_KEY_DIR = "/etc/ssh/pibake"
-# A unit linked to /dev/null is masked: systemd reads the link, and /dev is empty
-# until the node boots.
-MASK = "/dev/null"
-
-
-@dataclass(frozen=True)
-class Write:
-    path: str
-    content: bytes = field(repr=False)
-    mode: int = 0o644
-    owner: tuple[int, int] = ROOT
-    secret: bool = False
-
-
-@dataclass(frozen=True)
-class Mkdir:
-    path: str
-    mode: int = 0o755
-    owner: tuple[int, int] = ROOT
-
-
-@dataclass(frozen=True)
-class Symlink:
-    path: str
-    target: str
-
-
-@dataclass(frozen=True)
-class Delete:
-    path: str
-
-
-@dataclass(frozen=True)
-class EditLines:
-    """Apply a regular expression substitution to every line of a file."""
-
-    path: str
-    pattern: str
-    replacement: str
-    required: bool = True  # an image where no line matches is refused
-    secret: bool = False
-
-
-@dataclass(frozen=True)
-class Append:
-    """Append text to a file unless the file already holds it."""
-
-    path: str
-    text: str
-
-
-@dataclass(frozen=True)
-class Move:
-    path: str
-    destination: str
-
-
-Op = Union[Write, Mkdir, Symlink, Delete, EditLines, Append, Move]
 
 
 @dataclass(frozen=True)
@@ -109,43 +50,12 @@ class NodePlan:
     @property
     def bytes_needed(self) -> int:
         """A generous estimate of the root file system space the plan uses, first boot included."""
-        total = self.install_room
-        for op in self.ops:
-            size = len(op.content) if isinstance(op, Write) else len(op.text) if isinstance(op, Append) else 0
-            total += 4096 * (1 + size // 4096)
-        return total
+        return self.install_room + sum(op.size() for op in self.ops)
 
 
 def describe(op: Op) -> dict[str, str]:
     """One operation as the plan and the manifest show it: secrets stay out."""
-    kind = type(op).__name__.lower()
-    out = {"op": {"editlines": "edit"}.get(kind, kind), "path": op.path}
-    if isinstance(op, (Write, Mkdir)):
-        out["mode"] = f"{op.mode:04o}"
-        out["owner"] = f"{op.owner[0]}:{op.owner[1]}"
-    if isinstance(op, Write):
-        if op.secret:
-            out["summary"] = f"<secret, {len(op.content)} bytes, redacted>"
-        else:
-            out["sha256"] = hashlib.sha256(op.content).hexdigest()
-            out["summary"] = _summary(op.content.decode(errors="replace"))
-    elif isinstance(op, Symlink):
-        out["summary"] = f"-> {op.target}"
-    elif isinstance(op, EditLines):
-        out["summary"] = f"s/{op.pattern}/{'<redacted>' if op.secret else op.replacement}/"
-    elif isinstance(op, Append):
-        out["summary"] = "+ " + _summary(op.text)
-    elif isinstance(op, Move):
-        out["summary"] = f"-> {op.destination}"
-    return out
-
-
-def _summary(text: str) -> str:
-    lines = [line for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
-    if not lines:
-        return "(empty)"
-    first = lines[0] if len(lines[0]) <= 50 else lines[0][:47] + "..."
-    return first if len(lines) == 1 else f"{first} (+{len(lines) - 1} lines)"
+    return op.describe()
 
 
 # ---------------------------------------------------------------- context

@@ -410,6 +410,7 @@ def test_adding_a_worker_later_and_rebuilding_one(bookworm: Baked) -> None:
     assert result.code == 0, result.output
     after = stats()
     assert {k: v for k, v in after.items() if k != "worker3.img"} == before  # nothing else touched
+    assert "worker3: not built before" in result.stderr
     check = subprocess.run(["sha256sum", "-c", "SHA256SUMS"], cwd=bookworm.output, capture_output=True, text=True)
     assert check.returncode == 0 and check.stdout.count(": OK") == 4
     assert set(json.loads((bookworm.output / "manifest.json").read_text())["nodes"]) == {"master", "worker1", "worker2", "worker3"}
@@ -429,6 +430,8 @@ def test_adding_a_worker_later_and_rebuilding_one(bookworm: Baked) -> None:
     result = run_pibake("build", "worker", "--first", "2", "--count", "1", "--image", str(bookworm.base), cwd=bookworm.workdir)
     assert result.code == 0, result.output
     rebuilt = stats()
+    assert re.search(r"worker2: baking it again: operation \d+ changed: write /etc/motd worker motd \(was symlink ",
+                     result.stderr), result.stderr
     assert rebuilt["worker2.img"] != after["worker2.img"]
     assert {k: v for k, v in rebuilt.items() if k != "worker2.img"} == {k: v for k, v in after.items() if k != "worker2.img"}
     with Appliance([Drive(bookworm.output / "worker2.img", readonly=True), Drive(bookworm.output / "worker3.img", readonly=True)]) as a:
