@@ -7,7 +7,7 @@ PIBAKE  := $(VENV)/bin/pibake
 PYTEST  := $(VENV)/bin/python -m pytest
 IMAGE   ?=
 
-.PHONY: all deps venv build plan fixtures test test-fast bench clean
+.PHONY: all deps venv build plan fixtures lint test test-fast bench clean
 
 all: build
 
@@ -38,14 +38,19 @@ plan: venv
 fixtures: venv
 	$(VENV)/bin/python tests/boot_fixture.py bookworm trixie
 
-test: venv fixtures
+# ruff (pyflakes, pycodestyle, bugbear) and mypy's type check; any finding fails `make test`.
+lint: venv
+	$(VENV)/bin/ruff check builder tests
+	$(VENV)/bin/mypy
+
+test: venv lint fixtures
 	$(PYTEST) -ra --durations=20
 
 # Prints a table and writes output/bench/*.json; curl is the floor's downloader.
 bench: venv
 	$(VENV)/bin/python tests/bench.py
 
-test-fast: venv
+test-fast: venv lint
 	$(PYTEST) -ra -m 'not image and not boot'
 
 clean:

@@ -7,6 +7,7 @@ rename is atomic) and only renamed into place once complete, hashed and synced.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import logging
 import os
 import shutil
@@ -147,7 +148,7 @@ class _ImageCheck:
 
     def __init__(self, base: Path) -> None:
         self.base = base
-        self.prefix: tuple[int, object] | None = None  # (root partition's offset, the base's sha256 state there)
+        self.prefix: tuple[int, hashlib._Hash] | None = None  # (root partition's offset, the base's sha256 state there)
 
     def __call__(self, path: Path, entry: dict) -> bool:
         if "blocks_sha256" in entry:
@@ -345,7 +346,7 @@ def _copied_and_launched(base: Path, nodes: tuple[Node, ...], staged: list[Path]
             appliance.close()
 
 
-def _finish(path: Path, offset: int, state: object, pool: ThreadPoolExecutor) -> tuple[str, str]:
+def _finish(path: Path, offset: int, state: "hashlib._Hash", pool: ThreadPoolExecutor) -> tuple[str, str]:
     synced = pool.submit(image.fsync, path)  # the disk writes while the page cache is read
     sha, blocks = image.hash_data(path, (offset, state))
     synced.result()

@@ -183,8 +183,10 @@ def obtain(choice: Choice) -> BaseImage:
     with layout().locked(spec.url):
         if spec.sha256 is None:
             spec = _with_sidecar_sha(http, spec)
-        result = _cached_image(spec.sha256, spec.extract_sha256, spec.url)
-        if result is not None and choice.verify_signature and not _signature_checked(spec.sha256):
+        key = spec.sha256
+        assert key is not None
+        result = _cached_image(key, spec.extract_sha256, spec.url)
+        if result is not None and choice.verify_signature and not _signature_checked(key):
             # Fetched once with --no-verify-signature: this run checks signatures.
             log.info("%s was cached without checking its signature; checking it now", spec.filename)
             result = _check_cached(http, spec, result)

@@ -125,6 +125,8 @@ def resolved_before(inputs: AptInputs, names: tuple[str, ...], mirrors: dict[str
         return []
     root = folder / _key(inputs, mirrors)
     answer = read_json(root / RESOLVED).get(_question(inputs, missing))
+    if not isinstance(answer, list):
+        return None
     try:
         debs = [Deb(name, root / "var/cache/apt/archives" / filename, int(size)) for name, filename, size in answer]
     except (TypeError, ValueError):

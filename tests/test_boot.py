@@ -210,7 +210,7 @@ def test_second_boot_changes_nothing(cluster, release: str) -> None:
         ssh.run(name, "sudo systemctl --no-block reboot", address, timeout=60)
     deadline = time.monotonic() + BOOT_MINUTES * 60
     for name, guest in running.guests.items():
-        wait_for(lambda: guest.boots > boots[name], deadline, f"{name} to reboot")
+        wait_for(lambda guest=guest, name=name: guest.boots > boots[name], deadline, f"{name} to reboot")
     _wait_until_configured(running, ssh)
     for name, address in NODES:
         assert _state(ssh, name, address) == before[name], name
