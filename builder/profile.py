@@ -34,6 +34,153 @@ CRYPT_RE = re.compile(r"^\$(1|5|6|y|gy|7|2[aby])\$[./A-Za-z0-9$=,]+$")
 KeyPath = tuple
 
 
+def _check_hostname(value: str) -> Optional[str]:
+    if not HOSTNAME_RE.match(value):
+        return f"'{value}' is not a valid hostname (lower-case letters, digits and '-', at most 63, no leading or trailing '-')"
+    return None
+
+
+def _check_interface(value: str) -> Optional[str]:
+    return None if INTERFACE_RE.match(value) else f"'{value}' is not a valid interface name"
+
+
+def _check_url(value: str) -> Optional[str]:
+    return None if is_url(value) else f"'{value}' is not an http(s) URL"
+
+
+def _check_release(value: str) -> Optional[str]:
+    try:
+        parse_spec(value)
+    except BuildError as e:
+        return e.message
+    return None
+
+
+def _one_of(*choices: str) -> Callable[[str], Optional[str]]:
+    return lambda v: None if v in choices else f"'{v}' must be one of {', '.join(choices)}"
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One key of the profile: where it is, what it holds, its default and what it means.
+
+    SETTINGS is the one list of them: the keys a section allows, the defaults the
+    readers fall back on, and the README's profile table all come from it."""
+
+    path: str  # dotted; "[]" stands for every entry of a list: "workers.nodes[].mac"
+    kind: type  # str, int, bool, list, dict, or IPv4Address
+    default: Any  # what an absent key means; None: unset, or computed (then `shown` says how)
+    help: str
+    check: Optional[Callable[[str], Optional[str]]] = None  # for strings: a problem, or None
+    shown: str = ""  # the default as the README shows it, when it is not `default` itself
+
+    @property
+    def shown_default(self) -> str:
+        if self.shown:
+            return self.shown
+        if self.default is None:
+            return "none"
+        if isinstance(self.default, bool):
+            return f"`{str(self.default).lower()}`"
+        if isinstance(self.default, list):
+            return f"`[{', '.join(self.default)}]`"
+        return f"`{self.default}`"
+
+
+def _file_settings(role: str) -> tuple[Setting, ...]:
+    return (
+        Setting(f"{role}.files[].source", str, None, "file on this machine to copy (relative to the profile)"),
+        Setting(f"{role}.files[].path", str, None, "where it goes in the image: an absolute path",
+            lambda v: None if v.startswith("/") and ".." not in v.split("/") else f"'{v}' must be an absolute path inside the image"),
+        Setting(f"{role}.files[].mode", str, "0644", "octal mode, quoted or not (`0600`, `644`, `\"0640\"`)"),
+        Setting(f"{role}.files[].owner", str, "root", "`root`, `USER` (the login user) or `UID:GID`"),
+    )
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("image.release", str, None, "`latest`, a family (`bookworm`), a date (`2025-05-13`) or `family@date`",
+            _check_release, shown="`latest`"),
+    Setting("image.url", str, None, "an exact image file to download instead", _check_url),
+    Setting("image.sha256", str, None, "the sha256 of the file at `image.url`",
+            lambda v: None if re.fullmatch(r"[0-9a-fA-F]{64}", v) else "must be 64 hex digits"),
+    Setting("image.file", str, None, "a local `.img`, `.img.xz`, `.img.gz` or `.zip` instead"),
+    Setting("image.download_base", str, None, "where images are downloaded from (a local mirror)", _check_url,
+            shown="downloads.raspberrypi.com"),
+    Setting("image.os_list", str, None, "the OS list images are chosen from (a local mirror)", _check_url,
+            shown="Imager's, on `download_base`"),
+    Setting("image.verify_signature", bool, True, "check the OpenPGP signature against the pinned Raspberry Pi keys"),
+    Setting("apt.mirrors", dict, None, "`{source URL: mirror URL}`: where the build downloads packages from instead "
+            "of the image's sources"),
+    Setting("user.name", str, "pi", "login user on every node (the image's uid 1000 is renamed to it)",
+            lambda v: None if USERNAME_RE.match(v) and v != "root" else
+            f"'{v}' is not a valid user name (lower-case letter first, then letters, digits, '-'; not root)"),
+    Setting("user.password_hash", str, None, "crypt hash (`openssl passwd -6`) for console login and `sudo`; "
+            "SSH stays key-only",
+            lambda v: None if CRYPT_RE.match(v) else
+            "must be a crypt hash such as the output of `openssl passwd -6` (a plain password is not accepted)"),
+    Setting("user.ssh_keys", list, ["~/.ssh/id_ed25519.pub"], "public key files allowed to log in"),
+    Setting("user.sudo", str, "nopasswd", "`nopasswd`, `password` (needs `password_hash`) or `none`",
+            _one_of("nopasswd", "password", "none")),
+    Setting("network.subnet", str, "192.168.5.0/24", "the cluster LAN"),
+    Setting("network.interface", str, "eth0", "the LAN port of every node", _check_interface),
+    Setting("master.hostname", str, "master", "the master's host name", _check_hostname),
+    Setting("master.address", IPv4Address, None, "static address on the LAN", shown="first address of the subnet"),
+    Setting("master.dhcp.start", IPv4Address, None, "start of dnsmasq's dynamic range; the range must not cover the "
+            "master or a worker", shown="subnet `.2`"),
+    Setting("master.dhcp.end", IPv4Address, None, "end of dnsmasq's dynamic range", shown="subnet `.64`"),
+    Setting("master.dhcp.lease", str, "24h", "a number with `s`, `m`, `h`, `d` or `w`, or `infinite`",
+            lambda v: None if LEASE_RE.match(v) else
+            f"lease '{v}' must be a number with an optional unit s, m, h, d or w, or 'infinite'"),
+    Setting("master.uplink.interface", str, "wlan0", "the way out to the internet", _check_interface),
+    Setting("master.uplink.nat", bool, True, "masquerade the LAN out of the uplink (needs `iptables` in the packages)"),
+    Setting("master.uplink.wifi.ssid", str, None, "Wi-Fi network; none leaves Wi-Fi unconfigured",
+            lambda v: None if 1 <= len(v.encode()) <= 32 and v.isprintable() else "an SSID is 1 to 32 printable bytes"),
+    Setting("master.uplink.wifi.country", str, "GB", "two-letter regulatory domain",
+            lambda v: None if re.fullmatch(r"[A-Z]{2}", v) else
+            f"'{v}' must be a two-letter ISO 3166 country code, like GB or DE"),
+    Setting("master.uplink.wifi.passphrase_env", str, "PIBAKE_WIFI_PASSPHRASE", "environment variable holding the passphrase"),
+    Setting("master.uplink.wifi.passphrase_file", str, None, "or a file holding it (wins over the variable)"),
+    Setting("master.packages", list, ["dnsmasq", "iptables", "tcpdump", "fabric"],
+            "staged at build time, installed offline on first boot; must include dnsmasq"),
+    Setting("master.files", list, [], "extra files for the master, each with the four keys below"),
+    *_file_settings("master"),
+    Setting("workers.count", int, 5, "number of workers (0 to 250)"),
+    Setting("workers.hostname", str, "worker{n}", "name pattern; `{n}` is the worker's number",
+            lambda v: None if "{n}" in v else "must contain {n}, the worker's number"),
+    Setting("workers.first_address", IPv4Address, None, "worker N gets `first_address + N - 1`", shown="subnet `.101`"),
+    Setting("workers.nodes", list, None, "instead of the three above, one entry per worker with the keys below"),
+    Setting("workers.nodes[].hostname", str, None, "its host name", _check_hostname, shown="from `workers.hostname`"),
+    Setting("workers.nodes[].address", IPv4Address, None, "its reserved address", shown="subnet `.101` + N - 1"),
+    Setting("workers.nodes[].mac", str, None, "its Ethernet address, added to its DHCP reservation",
+            lambda v: None if MAC_RE.match(v) else f"'{v}' is not a MAC address like dc:a6:32:01:02:03"),
+    Setting("workers.packages", list, [], "staged for the workers, installed offline on first boot"),
+    Setting("workers.files", list, [], "extra files for every worker, each with the four keys below"),
+    *_file_settings("workers"),
+)
+SETTING = {s.path: s for s in SETTINGS}
+
+
+def _pattern(keypath: KeyPath) -> str:
+    """A key path as SETTINGS names it: ("workers", "nodes", 2, "mac") is workers.nodes[].mac."""
+    out = ""
+    for key in keypath:
+        out += "[]" if isinstance(key, int) else (f".{key}" if out else str(key))
+    return out
+
+
+def _children(pattern: str) -> set[str]:
+    """The keys a section allows: the next part of every setting below it."""
+    prefix = f"{pattern}." if pattern else ""
+    return {s.path[len(prefix):].split(".")[0].split("[")[0] for s in SETTINGS if s.path.startswith(prefix)}
+
+
+def settings_table() -> str:
+    """The README's profile reference table, made from SETTINGS."""
+    rows = ["| key | default | meaning |", "|---|---|---|"]
+    rows += [f"| `{s.path}` | {s.shown_default} | {s.help} |" for s in SETTINGS]
+    return "\n".join(rows) + "\n"
+
+
 @dataclass(frozen=True)
 class Wifi:
     ssid: str
@@ -232,7 +379,22 @@ class _Reader:
                 return None
         return node
 
-    def section(self, keypath: KeyPath, allowed: set[str]) -> None:
+    def value(self, keypath: KeyPath, default: Any = None) -> Any:
+        """The setting at `keypath`, typed and checked as SETTINGS says; absent, its default there
+        (or `default`, for one computed from other settings)."""
+        setting = SETTING[_pattern(keypath)]
+        fallback = setting.default if default is None else default
+        if isinstance(fallback, list):
+            fallback = list(fallback)
+        if setting.kind is str:
+            return self.string(keypath, fallback, setting.check)
+        if setting.kind is IPv4Address:
+            return self.address(keypath, str(fallback))
+        return self.get(keypath, setting.kind, fallback)
+
+    def section(self, keypath: KeyPath) -> None:
+        """Check that `keypath` is a mapping of the keys SETTINGS has below it."""
+        allowed = _children(_pattern(keypath))
         value = self.raw(keypath)
         if value is None:
             return
@@ -263,8 +425,8 @@ class _Reader:
                 self.error(keypath, f"{_dotted(keypath)}: {problem}")
         return value
 
-    def strings(self, keypath: KeyPath, default: list[str]) -> list[str]:
-        value = self.get(keypath, list, default)
+    def strings(self, keypath: KeyPath) -> list[str]:
+        value = self.value(keypath)
         out = []
         for i, item in enumerate(value):
             if isinstance(item, str):
@@ -298,31 +460,18 @@ def _kind_name(kind: type) -> str:
     return {str: "a string", int: "an integer", bool: "true or false", list: "a list", dict: "a mapping"}.get(kind, kind.__name__)
 
 
-def _check_hostname(value: str) -> Optional[str]:
-    if not HOSTNAME_RE.match(value):
-        return f"'{value}' is not a valid hostname (lower-case letters, digits and '-', at most 63, no leading or trailing '-')"
-    return None
-
-
-def _check_interface(value: str) -> Optional[str]:
-    return None if INTERFACE_RE.match(value) else f"'{value}' is not a valid interface name"
-
-
 # ---------------------------------------------------------------- sections
 
 
 def _read_user(r: _Reader) -> User:
-    r.section(("user",), {"name", "password_hash", "ssh_keys", "sudo"})
-    name = r.string(("user", "name"), "pi", lambda v: None if USERNAME_RE.match(v) and v != "root" else
-                    f"'{v}' is not a valid user name (lower-case letter first, then letters, digits, '-'; not root)")
-    password_hash = r.string(("user", "password_hash"), None, lambda v: None if CRYPT_RE.match(v) else
-                             "must be a crypt hash such as the output of `openssl passwd -6` (a plain password is not accepted)")
-    sudo = r.string(("user", "sudo"), "nopasswd", lambda v: None if v in ("nopasswd", "password", "none") else
-                    f"'{v}' must be one of nopasswd, password, none")
+    r.section(("user",))
+    name = r.value(("user", "name"))
+    password_hash = r.value(("user", "password_hash"))
+    sudo = r.value(("user", "sudo"))
     if sudo == "password" and password_hash is None:
         r.error(("user", "sudo"), "user.sudo is 'password' but user.password_hash is not set, so sudo could never succeed")
     keys: list[str] = []
-    key_paths = r.strings(("user", "ssh_keys"), ["~/.ssh/id_ed25519.pub"])
+    key_paths = r.strings(("user", "ssh_keys"))
     for i, text in enumerate(key_paths):
         keys.extend(_read_public_keys(r, ("user", "ssh_keys", i), text))
     if not key_paths:
@@ -358,17 +507,16 @@ def _read_public_keys(r: _Reader, keypath: KeyPath, text: str) -> list[str]:
 
 def _read_files(r: _Reader, keypath: KeyPath) -> tuple[ExtraFile, ...]:
     out = []
-    for i, item in enumerate(r.get(keypath, list, [])):
+    for i, item in enumerate(r.value(keypath)):
         kp = keypath + (i,)
         if not isinstance(item, dict):
             r.error(kp, f"{_dotted(keypath)} entries must be mappings with source and path")
             continue
-        r.section(kp, {"source", "path", "mode", "owner"})
-        source_text = r.string(kp + ("source",), None)
-        dest = r.string(kp + ("path",), None, lambda v: None if v.startswith("/") and ".." not in v.split("/") else
-                        f"'{v}' must be an absolute path inside the image")
+        r.section(kp)
+        source_text = r.value(kp + ("source",))
+        dest = r.value(kp + ("path",))
         mode = _read_mode(r, kp + ("mode",))
-        owner = r.string(kp + ("owner",), "root:root") or "root:root"
+        owner = r.value(kp + ("owner",))
         if source_text is None or dest is None:
             r.error(kp, f"{_dotted(kp)} needs both source and path")
             continue
@@ -387,7 +535,7 @@ def _read_mode(r: _Reader, keypath: KeyPath) -> int:
     """A file mode as written, quoted or not: 0644, 644, "0644" and 0o644 are all rw-r--r--."""
     value = r.raw(keypath)
     if value is None:
-        return 0o644
+        return int(SETTING[_pattern(keypath)].default, 8)
     text = r.texts.get(keypath, value if isinstance(value, str) else None)
     if text is None or not re.fullmatch(r"(0o?)?[0-7]{3,4}", text):
         shown = text if text is not None else _kind_name(type(value))
@@ -404,8 +552,8 @@ def _owner_ids(owner: str) -> Optional[tuple[int, int]]:
     return (int(m[1]), int(m[2])) if m else None
 
 
-def _read_packages(r: _Reader, keypath: KeyPath, default: list[str]) -> tuple[str, ...]:
-    packages = r.strings(keypath, default)
+def _read_packages(r: _Reader, keypath: KeyPath) -> tuple[str, ...]:
+    packages = r.strings(keypath)
     for i, name in enumerate(packages):
         if not PACKAGE_RE.match(name):
             r.error(keypath + (i,), f"'{name}' is not a valid Debian package name")
@@ -414,13 +562,11 @@ def _read_packages(r: _Reader, keypath: KeyPath, default: list[str]) -> tuple[st
 
 def _read_wifi(r: _Reader) -> Optional[Wifi]:
     kp = ("master", "uplink", "wifi")
-    r.section(kp, {"ssid", "passphrase_env", "passphrase_file", "country"})
-    ssid = r.string(kp + ("ssid",), None, lambda v: None if 1 <= len(v.encode()) <= 32 and v.isprintable() else
-                    "an SSID is 1 to 32 printable bytes")
-    country = r.string(kp + ("country",), "GB", lambda v: None if re.fullmatch(r"[A-Z]{2}", v) else
-                       f"'{v}' must be a two-letter ISO 3166 country code, like GB or DE")
-    env_name = r.string(kp + ("passphrase_env",), "PIBAKE_WIFI_PASSPHRASE")
-    file_text = r.string(kp + ("passphrase_file",), None)
+    r.section(kp)
+    ssid = r.value(kp + ("ssid",))
+    country = r.value(kp + ("country",))
+    env_name = r.value(kp + ("passphrase_env",))
+    file_text = r.value(kp + ("passphrase_file",))
     if ssid is None:
         return None
     passphrase = None
@@ -446,8 +592,8 @@ def _read_wifi(r: _Reader) -> Optional[Wifi]:
 
 def _read_workers(r: _Reader, network: IPv4Network) -> tuple[Node, ...]:
     kp = ("workers",)
-    pattern = r.string(kp + ("hostname",), "worker{n}", lambda v: None if "{n}" in v else "must contain {n}, the worker's number")
-    explicit = r.get(kp + ("nodes",), list, None)
+    pattern = r.value(kp + ("hostname",))
+    explicit = r.value(kp + ("nodes",))
     if explicit is not None:
         if r.raw(kp + ("count",)) is not None and r.raw(kp + ("count",)) != len(explicit):
             r.error(kp + ("count",), f"workers.count is {r.raw(kp + ('count',))} but workers.nodes lists {len(explicit)}")
@@ -457,17 +603,17 @@ def _read_workers(r: _Reader, network: IPv4Network) -> tuple[Node, ...]:
             if not isinstance(item, dict):
                 r.error(nkp, "workers.nodes entries must be mappings with hostname and address")
                 continue
-            r.section(nkp, {"hostname", "address", "mac"})
-            name = r.string(nkp + ("hostname",), (pattern or "worker{n}").replace("{n}", str(i + 1)), _check_hostname)
-            address = r.address(nkp + ("address",), str(network.network_address + 101 + i))
-            mac = r.string(nkp + ("mac",), None, lambda v: None if MAC_RE.match(v) else f"'{v}' is not a MAC address like dc:a6:32:01:02:03")
+            r.section(nkp)
+            name = r.value(nkp + ("hostname",), (pattern or "worker{n}").replace("{n}", str(i + 1)))
+            address = r.value(nkp + ("address",), network.network_address + 101 + i)
+            mac = r.value(nkp + ("mac",))
             nodes.append(Node("worker", i + 1, name or "", address or IPv4Address(0), mac))
         return tuple(nodes)
-    count = r.get(kp + ("count",), int, 5)
+    count = r.value(kp + ("count",))
     if not 0 <= count <= 250:
         r.error(kp + ("count",), f"workers.count must be between 0 and 250, not {count}")
         count = 0
-    first = r.address(kp + ("first_address",), str(network.network_address + 101))
+    first = r.value(kp + ("first_address",), network.network_address + 101)
     nodes = []
     for n in range(1, count + 1):
         name = (pattern or "worker{n}").replace("{n}", str(n))
@@ -512,19 +658,18 @@ def _check_addresses(r: _Reader, network: IPv4Network, master: Master, workers: 
 
 def _read_master(r: _Reader, network: IPv4Network) -> Master:
     kp = ("master",)
-    r.section(kp, {"hostname", "address", "dhcp", "uplink", "packages", "files"})
-    r.section(kp + ("dhcp",), {"start", "end", "lease"})
-    r.section(kp + ("uplink",), {"interface", "nat", "wifi"})
-    hostname = r.string(kp + ("hostname",), "master", _check_hostname) or "master"
-    address = r.address(kp + ("address",), str(network.network_address + 1)) or IPv4Address(0)
-    start = r.address(kp + ("dhcp", "start"), str(network.network_address + 2)) or IPv4Address(0)
-    end = r.address(kp + ("dhcp", "end"), str(network.network_address + 64)) or IPv4Address(0)
-    lease = r.string(kp + ("dhcp", "lease"), "24h", lambda v: None if LEASE_RE.match(v) else
-                     f"lease '{v}' must be a number with an optional unit s, m, h, d or w, or 'infinite'") or "24h"
-    uplink = r.string(kp + ("uplink", "interface"), "wlan0", _check_interface) or "wlan0"
-    nat = r.get(kp + ("uplink", "nat"), bool, True)
+    r.section(kp)
+    r.section(kp + ("dhcp",))
+    r.section(kp + ("uplink",))
+    hostname = r.value(kp + ("hostname",)) or "master"
+    address = r.value(kp + ("address",), network.network_address + 1) or IPv4Address(0)
+    start = r.value(kp + ("dhcp", "start"), network.network_address + 2) or IPv4Address(0)
+    end = r.value(kp + ("dhcp", "end"), network.network_address + 64) or IPv4Address(0)
+    lease = r.value(kp + ("dhcp", "lease")) or "24h"
+    uplink = r.value(kp + ("uplink", "interface")) or "wlan0"
+    nat = r.value(kp + ("uplink", "nat"))
     wifi = _read_wifi(r)
-    packages = _read_packages(r, kp + ("packages",), ["dnsmasq", "iptables", "tcpdump", "fabric"])
+    packages = _read_packages(r, kp + ("packages",))
     if "dnsmasq" not in packages:
         r.error(kp + ("packages",), "master.packages must include dnsmasq: the master is the cluster's DHCP server")
     if nat and "iptables" not in packages:
@@ -535,14 +680,14 @@ def _read_master(r: _Reader, network: IPv4Network) -> Master:
 
 def _read_image(r: _Reader) -> ImageSettings:
     kp = ("image",)
-    r.section(kp, {"release", "url", "sha256", "file", "os_list", "download_base", "verify_signature"})
+    r.section(kp)
     chosen = [key for key in ("release", "url", "file") if r.raw(kp + (key,)) is not None]
     if len(chosen) > 1:
         r.error(kp + (chosen[1],), f"image.{chosen[0]} and image.{chosen[1]} both choose the image: keep one")
-    release = r.string(kp + ("release",), None, _check_release)
-    url = r.string(kp + ("url",), None, lambda v: None if is_url(v) else f"'{v}' is not an http(s) URL")
-    sha256 = r.string(kp + ("sha256",), None, lambda v: None if re.fullmatch(r"[0-9a-fA-F]{64}", v) else "must be 64 hex digits")
-    file_text = r.string(kp + ("file",), None)
+    release = r.value(kp + ("release",))
+    url = r.value(kp + ("url",))
+    sha256 = r.value(kp + ("sha256",))
+    file_text = r.value(kp + ("file",))
     spec = release or url or "latest"
     if file_text is not None:
         path = r.local_path(file_text)
@@ -551,18 +696,10 @@ def _read_image(r: _Reader) -> ImageSettings:
         spec = str(path)
     if sha256 and not url:
         r.error(kp + ("sha256",), "image.sha256 pins the file at image.url; set image.url too")
-    os_list = r.string(kp + ("os_list",), None, lambda v: None if is_url(v) else f"'{v}' is not an http(s) URL")
-    base = r.string(kp + ("download_base",), None, lambda v: None if is_url(v) else f"'{v}' is not an http(s) URL")
-    verify = r.get(kp + ("verify_signature",), bool, True)
+    os_list = r.value(kp + ("os_list",))
+    base = r.value(kp + ("download_base",))
+    verify = r.value(kp + ("verify_signature",))
     return ImageSettings(spec, sha256.lower() if sha256 else None, os_list, base, verify)
-
-
-def _check_release(value: str) -> Optional[str]:
-    try:
-        parse_spec(value)
-    except BuildError as e:
-        return e.message
-    return None
 
 
 def load(path: Path) -> Profile:
@@ -577,10 +714,10 @@ def load(path: Path) -> Profile:
     r = _Reader(path, data, lines, texts)
     if not isinstance(data, dict):
         raise ProfileError([f"{path}:1: a profile must be a mapping of sections (user, network, master, workers)"])
-    r.section((), {"image", "apt", "user", "network", "master", "workers"})
-    r.section(("network",), {"subnet", "interface"})
-    r.section(("workers",), {"count", "hostname", "first_address", "nodes", "packages", "files"})
-    subnet = r.string(("network", "subnet"), "192.168.5.0/24") or "192.168.5.0/24"
+    r.section(())
+    r.section(("network",))
+    r.section(("workers",))
+    subnet = r.value(("network", "subnet")) or "192.168.5.0/24"
     try:
         network = IPv4Network(subnet)
     except ValueError as e:
@@ -588,12 +725,12 @@ def load(path: Path) -> Profile:
         network = IPv4Network("192.168.5.0/24")
     if network.prefixlen > 30:
         r.error(("network", "subnet"), f"network.subnet {network} is too small for a cluster")
-    interface = r.string(("network", "interface"), "eth0", _check_interface) or "eth0"
+    interface = r.value(("network", "interface")) or "eth0"
     user = _read_user(r)
     master = _read_master(r, network)
     workers = _read_workers(r, network)
     _check_addresses(r, network, master, workers)
-    worker_packages = _read_packages(r, ("workers", "packages"), [])
+    worker_packages = _read_packages(r, ("workers", "packages"))
     worker_files = _read_files(r, ("workers", "files"))
     image = _read_image(r)
     mirrors = _read_apt_mirrors(r)
@@ -604,9 +741,9 @@ def load(path: Path) -> Profile:
 
 def _read_apt_mirrors(r: _Reader) -> dict[str, str]:
     """apt.mirrors, then PIBAKE_APT_MIRRORS ("from=to from=to") on top of it."""
-    r.section(("apt",), {"mirrors"})
+    r.section(("apt",))
     kp = ("apt", "mirrors")
-    raw = r.get(kp, dict, {})
+    raw = r.value(kp) or {}
     mirrors: dict[str, str] = {}
     for old, new in raw.items():
         if not (isinstance(old, str) and is_url(old) and isinstance(new, str) and is_url(new)):

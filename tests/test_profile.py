@@ -233,3 +233,48 @@ def test_bad_apt_mirrors_in_the_environment_are_reported_with_the_profile_proble
     assert "  cluster.yaml:2: master.address: '300.1.1.1' is not an IPv4 address" in lines
     assert lines[-2:] == ["  PIBAKE_APT_MIRRORS: 'http://deb.debian.org/debian=ftp://x' is not source-URL=mirror-URL",
                           "  PIBAKE_APT_MIRRORS: 'not-a-pair' is not source-URL=mirror-URL"]
+
+
+def test_the_readme_profile_table_is_the_settings_table() -> None:
+    from builder.profile import settings_table
+
+    readme = (REPO / "README.md").read_text()
+    assert settings_table() in readme, "README's profile table differs from SETTINGS; put this in its place:\n" + settings_table()
+
+
+def test_every_setting_is_read_and_every_key_read_is_a_setting(operator_key: Path, tmp_path: Path, monkeypatch) -> None:
+    # A profile that sets every key but the exclusive ones is accepted whole: the table and the readers agree.
+    from builder.profile import SETTINGS, _Reader
+
+    read: set[str] = set()
+    value = _Reader.value
+
+    def recording(self, keypath, default=None):
+        read.add(".".join("[]" if isinstance(k, int) else k for k in keypath).replace(".[]", "[]"))
+        return value(self, keypath, default)
+
+    monkeypatch.setattr(_Reader, "value", recording)
+    monkeypatch.setenv("PIBAKE_WIFI_PASSPHRASE", WIFI_PASSPHRASE)
+    (tmp_path / "motd").write_text("hi\n")
+    load(write_profile(tmp_path, f"""
+        image: {{release: bookworm, os_list: "http://127.0.0.1:9/os.json", download_base: "http://127.0.0.1:9",
+                 verify_signature: true}}
+        apt: {{mirrors: {{"http://deb.debian.org/debian": "http://127.0.0.1:9/debian"}}}}
+        user: {{name: alice, ssh_keys: [{operator_key}], sudo: nopasswd, password_hash: "$6$x$y"}}
+        network: {{subnet: 10.1.0.0/24, interface: eth0}}
+        master:
+          hostname: head
+          address: 10.1.0.1
+          dhcp: {{start: 10.1.0.2, end: 10.1.0.9, lease: 1h}}
+          uplink: {{interface: wlan0, nat: true, wifi: {{ssid: Home, country: DE, passphrase_env: PIBAKE_WIFI_PASSPHRASE}}}}
+          packages: [dnsmasq, iptables]
+          files: [{{source: motd, path: /etc/motd, mode: "0644", owner: root}}]
+        workers:
+          hostname: w{{n}}
+          nodes: [{{hostname: w1, address: 10.1.0.50, mac: "dc:a6:32:01:02:03"}}]
+          packages: [htop]
+          files: [{{source: motd, path: /etc/motd, mode: "0644", owner: USER}}]
+        """))
+    # workers.nodes replaces count and first_address; modes are parsed from the text typed.
+    not_read_here = {"workers.count", "workers.first_address", "master.files[].mode", "workers.files[].mode"}
+    assert {s.path for s in SETTINGS} - not_read_here == read
