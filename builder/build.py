@@ -163,10 +163,6 @@ class _ImageCheck:
         return image.sha256_file(path, start=self.prefix if same else None) == entry.get("sha256")
 
 
-class _WrongGuess(Exception):
-    """What a rebuild went on with (the base's sha256, the packages apt chose) turned out otherwise."""
-
-
 def _guessed_sha(manifest: dict, base: Path) -> str | None:
     """The base's sha256 as an earlier build recorded it, if the file looks the same."""
     st = base.stat()
@@ -216,75 +212,98 @@ def build(profile: Profile, nodes: tuple[Node, ...], options: Options) -> list[B
         # (a fetched base's is known).
         base_sha = pool.submit(lambda: options.base.sha256 or image.sha256_file(base))
         if not manifest:
-            return _bake(profile, nodes, None, base_sha, options, keys)
-        # A rebuild goes on with the sha256 recorded for a base that looks unchanged,
-        # and keeps nothing before the hash confirms it.
+            built = _bake(profile, nodes, None, base_sha, options, keys)
+            assert built is not None  # nothing to refuse in a first build
+            return built
+        # A rebuild first goes on with the sha256 recorded for a base that looks unchanged
+        # and with apt's last answer, and keeps nothing unless both are confirmed.
         guess = options.base.sha256 or _guessed_sha(manifest, base)
         if guess is not None:
-            try:
-                return _rebuild(profile, nodes, manifest, guess, base_sha, options, keys, guess_packages=True)
-            except _WrongGuess as e:
-                log.info("%s; planning again", e)
+            first = _rebuild(profile, nodes, manifest, guess, base_sha, options, keys, guessing=True)
+            if first.refused is None:
+                return first.built
+            log.info("%s; planning again", first.refused)
         # Nothing was kept: the manifest is as it was.
-        return _rebuild(profile, nodes, manifest, base_sha.result(), base_sha, options, keys, guess_packages=False)
+        return _rebuild(profile, nodes, manifest, base_sha.result(), base_sha, options, keys, guessing=False).built
+
+
+@dataclass(frozen=True)
+class _Rebuilt:
+    built: list[BuiltImage]
+    refused: str | None = None  # why nothing was kept: what the rebuild went on with was not so
 
 
 def _rebuild(profile: Profile, nodes: tuple[Node, ...], entries: dict, sha: str, base_sha: Future, options: Options,
-             keys: KeyStore, guess_packages: bool) -> list[BuiltImage]:
+             keys: KeyStore, guessing: bool) -> _Rebuilt:
     """Bake the nodes whose inputs or image changed since the last build, taking the base's sha256 to be `sha`.
 
-    With `guess_packages`, the packages staged last time are planned with while apt
-    resolves them again; like the sha256, they are confirmed before anything is kept."""
+    `guessing`: `sha` is the one recorded for this base, and the packages staged last
+    time are planned with; both are confirmed while the changed nodes are baked,
+    before anything is kept."""
     # The base's facts from an earlier build tell which nodes changed before
     # anything is copied or launched.
     facts = remembered(options.cache.bases, sha)
     if facts is None:
         if base_sha.result() != sha:
-            raise _WrongGuess("the base image's content changed since the last build")
-        return _bake(profile, nodes, None, base_sha, options, keys)
-    debs = staged_before(profile, nodes, facts.apt, options.cache) if guess_packages else None
+            return _Rebuilt([], "the base image's content changed since the last build")
+        return _Rebuilt(_bake(profile, nodes, None, base_sha, options, keys) or [])  # refuses nothing
+    debs = staged_before(profile, nodes, facts.apt, options.cache) if guessing else None
     plans = _plans(profile, nodes, facts, options, keys, debs)
+    candidates, changed = _sort_out(plans, entries, options.output, sha)
+    with ThreadPoolExecutor(max_workers=1) as checker:
+        # Meanwhile: apt again, and each maybe-unchanged image checked (one thread: the
+        # check's state is computed once).
+        resolved = checker.submit(stage_packages, profile, nodes, facts.apt, options.cache) if debs is not None else None
+        check = _ImageCheck(options.base.path)
+        checks = [checker.submit(check, path, entry) for _, path, entry in candidates]
+
+        def refusal() -> str | None:
+            if base_sha.result() != sha:
+                return "the base image's content changed since the last build"
+            if resolved is not None and resolved.result() != debs:
+                return "apt chose other packages than last time"
+            return None
+
+        if changed:
+            built = _bake(profile, _nodes(changed), changed, sha, options, keys, refusal)
+            if built is None:
+                return _Rebuilt([], refusal())
+        else:
+            built = []
+            if refusal() is not None:
+                return _Rebuilt([], refusal())
+        still = [check.result() for check in checks]
+    skipped, again = [], []
+    for (plan, path, entry), unchanged in zip(candidates, still):
+        if unchanged:
+            log.info("%s: inputs and image unchanged, skipped", plan.node.hostname)
+            skipped.append(BuiltImage(plan, path, entry["sha256"], path.stat().st_size, skipped=True))
+        else:  # changed since it was built (by hand, say): baked now, in a round of its own
+            log.info("%s: image changed since it was built; baking it again", plan.node.hostname)
+            again.append(plan)
+    if again:
+        built += _bake(profile, _nodes(again), again, sha, options, keys) or []  # refuses nothing
+    if not built:
+        log.info("every image is up to date; nothing to bake")
+        with _no_interrupt():
+            write_ssh_files(options.output, profile, keys)
+    by_name = {b.plan.node.hostname: b for b in [*built, *skipped]}
+    return _Rebuilt([by_name[n.hostname] for n in profile.nodes if n.hostname in by_name])
+
+
+def _sort_out(plans: list[NodePlan], entries: dict, output: Path, sha: str) -> tuple[list[tuple[NodePlan, Path, dict]], list[NodePlan]]:
+    """The plans whose image may be unchanged (same inputs, image there; its content still to be
+    checked), with their image and manifest entry, and the plans that must be baked."""
     candidates, changed = [], []
     for plan in plans:
         entry = entries.get(plan.node.hostname, {})
-        path = options.output / entry.get("image", f"{plan.node.hostname}.img")
+        path = output / entry.get("image", f"{plan.node.hostname}.img")
         if entry.get("inputs") == plan.fingerprint(sha) and path.is_file() and path.stat().st_size == entry.get("size"):
             candidates.append((plan, path, entry))
         else:
             log.info("%s: %s", plan.node.hostname, _why_changed(plan, entry, path, sha))
             changed.append(plan)
-    skipped: dict[str, BuiltImage] = {}
-    # The images that may be unchanged are checked while the others are baked.
-    with ThreadPoolExecutor(max_workers=1) as checker:
-        resolved = checker.submit(stage_packages, profile, nodes, facts.apt, options.cache) if debs is not None else None
-        check = _ImageCheck(options.base.path)  # one thread: its state is computed once
-        checks = [checker.submit(check, path, entry) for _, path, entry in candidates]
-
-        def checked() -> None:
-            if base_sha.result() != sha:
-                raise _WrongGuess("the base image's content changed since the last build")
-            if resolved is not None and resolved.result() != debs:
-                raise _WrongGuess("apt chose other packages than last time")
-            for (plan, path, entry), check in zip(candidates, checks):
-                if check.result():
-                    log.info("%s: inputs and image unchanged, skipped", plan.node.hostname)
-                    skipped[plan.node.hostname] = BuiltImage(plan, path, entry["sha256"], path.stat().st_size, skipped=True)
-
-        built = _bake(profile, _nodes(changed), changed, _done(sha), options, keys, checked) if changed else []
-        if not changed:
-            checked()
-    # Changed since it was built (by hand, say): baked now, in a round of its own.
-    again = [plan for plan, _, _ in candidates if plan.node.hostname not in skipped]
-    for plan in again:
-        log.info("%s: image changed since it was built; baking it again", plan.node.hostname)
-    if again:
-        built += _bake(profile, _nodes(again), again, _done(sha), options, keys)
-    if not built:
-        log.info("every image is up to date; nothing to bake")
-        with _no_interrupt():
-            write_ssh_files(options.output, profile, keys)
-    by_name = {b.plan.node.hostname: b for b in [*built, *skipped.values()]}
-    return [by_name[n.hostname] for n in profile.nodes if n.hostname in by_name]
+    return candidates, changed
 
 
 @contextmanager
@@ -354,19 +373,20 @@ def _finish(path: Path, offset: int, state: "hashlib._Hash", pool: ThreadPoolExe
     return sha, blocks
 
 
-def _done(value: str) -> Future:
-    future: Future = Future()
-    future.set_result(value)
-    return future
-
-
 def _nodes(plans: list[NodePlan]) -> tuple[Node, ...]:
     return tuple(plan.node for plan in plans)
 
 
-def _bake(profile: Profile, nodes: tuple[Node, ...], plans: list[NodePlan] | None, base_sha: Future, options: Options,
-          keys: KeyStore, before_keeping: Callable[[], None] = lambda: None) -> list[BuiltImage]:
-    """Bake `nodes` from copies of the base; `before_keeping` may still refuse the result (by raising)."""
+def _bake(profile: Profile, nodes: tuple[Node, ...], plans: list[NodePlan] | None, base_sha: Future | str,
+          options: Options, keys: KeyStore, refusal: Callable[[], str | None] = lambda: None) -> list[BuiltImage] | None:
+    """Bake `nodes` from copies of the base, whose sha256 is `base_sha` (known, or being hashed).
+
+    Once they are baked, `refusal` may still say why they must not be kept: then
+    nothing is, and the result is None."""
+
+    def base_sha256() -> str:
+        return base_sha if isinstance(base_sha, str) else base_sha.result()
+
     base = options.base.path
     layout = {p.number: p.start for p in image.check_layout(base)}
     # The syncer outlives the pool: hashing tasks wait for its fsyncs.
@@ -380,12 +400,12 @@ def _bake(profile: Profile, nodes: tuple[Node, ...], plans: list[NodePlan] | Non
         with _copied_and_launched(base, nodes, staged, options.output) as appliance:
             if plans is None:  # a rebuild planned from the remembered facts already
                 # The base was hashed while the copies were made and the appliance came up.
-                facts = remembered(options.cache.bases, base_sha.result())
+                facts = remembered(options.cache.bases, base_sha256())
                 if facts is None:
                     facts = appliance.facts(0)
-                    facts.save(options.cache.bases, base_sha.result())
+                    facts.save(options.cache.bases, base_sha256())
                 plans = _plans(profile, nodes, facts, options, keys)
-            reads = BaseReads.remembered(options.cache.bases, base_sha.result())
+            reads = BaseReads.remembered(options.cache.bases, base_sha256())
             changes = appliance.prepare(plans, reads)
             log.debug("plans played through against the base%s", "" if reads.learned else ", all of it known from earlier builds")
             mtime = time.time()
@@ -404,12 +424,13 @@ def _bake(profile: Profile, nodes: tuple[Node, ...], plans: list[NodePlan] | Non
                 log.debug("hashed")
         built = [BuiltImage(plan, options.output / path.name, sha, path.stat().st_size, blocks_sha256=blocks)
                  for plan, path, (sha, blocks) in zip(plans, staged, hashes)]
-        before_keeping()
+        if refusal() is not None:
+            return None
         if reads.learned:  # saved once the base is known to be the one `base_sha` names
-            reads.save(options.cache.bases, base_sha.result())
+            reads.save(options.cache.bases, base_sha256())
         with _no_interrupt():
             for path, result in zip(staged, built):
                 path.replace(result.path)
-            update_manifest(options.output, base, base_sha.result(), built)
+            update_manifest(options.output, base, base_sha256(), built)
             write_ssh_files(options.output, profile, keys)
     return built

@@ -1,8 +1,8 @@
 """Every environment variable pibake reads, in one place (the README lists them).
 
 The command line's own (PIBAKE_PROFILES, PIBAKE_STATE, PIBAKE_IMAGE) are click
-options' `envvar`s in cli.py; everything else is read here, when it is needed,
-so that a test or a caller can set it for one run.
+options' `envvar`s in cli.py; everything else is read here, when it is needed
+(not at import), so that a test or a caller can set it for one run.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Optional
 
 from builder.errors import BuildError
 
-# name -> what it does, for the README's table and `pibake --help`'s readers
+# name -> what it sets: the README's table is made from this (tests/test_profile.py checks)
 VARIABLES = {
     "PIBAKE_PROFILES": "profile file, or folder holding cluster.yaml (--profiles)",
     "PIBAKE_STATE": "folder of generated keys (--state)",
@@ -28,6 +28,11 @@ VARIABLES = {
     "XDG_CACHE_HOME": "the cache's parent folder (default ~/.cache)",
     "LIBGUESTFS_BACKEND_SETTINGS": "libguestfs' own; force_tcg skips the KVM attempt",
 }
+
+
+def table() -> str:
+    """The README's table of environment variables, made from VARIABLES."""
+    return "| variable | what it sets |\n|---|---|\n" + "".join(f"| `{name}` | {what} |\n" for name, what in VARIABLES.items())
 
 
 def _get(name: str) -> Optional[str]:

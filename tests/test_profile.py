@@ -278,3 +278,19 @@ def test_every_setting_is_read_and_every_key_read_is_a_setting(operator_key: Pat
     # workers.nodes replaces count and first_address; modes are parsed from the text typed.
     not_read_here = {"workers.count", "workers.first_address", "master.files[].mode", "workers.files[].mode"}
     assert {s.path for s in SETTINGS} - not_read_here == read
+
+
+def test_the_readme_lists_every_environment_variable() -> None:
+    import re
+
+    from builder import environment
+
+    readme = (REPO / "README.md").read_text()
+    assert environment.table() in readme, "README's environment table differs; put this in its place:\n" + environment.table()
+    read = set()
+    for path in (REPO / "builder").glob("*.py"):
+        read |= set(re.findall(r"\b((?:PIBAKE|XDG)_[A-Z_]+)\b", path.read_text()))
+    assert read <= set(environment.VARIABLES), read - set(environment.VARIABLES)
+    outside = [p.name for p in (REPO / "builder").glob("*.py")
+               if p.name != "environment.py" and re.search(r"os\.environ|getenv", p.read_text())]
+    assert outside == ["packages.py"], outside  # it hands apt the whole environment, and reads nothing of it
