@@ -263,6 +263,16 @@ def configure_wifi(ctx: _Context) -> None:
                              r"\1" + f" cfg80211.ieee80211_regdom={wifi.country}"))
 
 
+def configure_timezone(ctx: _Context) -> None:
+    """What raspi-config's do_change_timezone leaves behind, without running anything."""
+    zone = ctx.profile.setting("timezone")
+    if zone is None:
+        return
+    # The link is refused if the zone is not in the image.
+    ctx.ops.append(Symlink("/etc/localtime", f"/usr/share/zoneinfo/{zone}"))
+    ctx.ops.append(Write("/etc/timezone", f"{zone}\n".encode()))
+
+
 def configure_cloud_init(ctx: _Context) -> None:
     """Turn cloud-init off on releases that would run it: pibake has configured the node.
 
@@ -314,6 +324,7 @@ STEPS = (
     configure_ssh,
     configure_overlay,
     configure_wifi,
+    configure_timezone,
     configure_cloud_init,
     configure_packages,
     configure_extra_files,

@@ -109,6 +109,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("image.os_list", str, None, "the OS list images are chosen from (a local mirror)", _check_url,
             shown="Imager's, on `download_base`"),
     Setting("image.verify_signature", bool, True, "check the OpenPGP signature against the pinned Raspberry Pi keys"),
+    Setting("timezone", str, None, "every node's time zone, from the image's `/usr/share/zoneinfo` (`Europe/Berlin`)",
+            lambda v: None if re.fullmatch(r"[A-Za-z0-9_+-]+(/[A-Za-z0-9_+-]+)*", v) and len(v) <= 64 else
+            f"'{v}' is not a time zone name like Europe/Berlin or UTC", shown="the image's (`Europe/London`)"),
     Setting("apt.mirrors", dict, None, "`{source URL: mirror URL}`: where the build downloads packages from instead "
             "of the image's sources"),
     Setting("user.name", str, "pi", "login user on every node (the image's uid 1000 is renamed to it)",
@@ -265,6 +268,13 @@ class Profile:
     image: ImageSettings = ImageSettings("latest", None, None, None, True)
     # apt source URI in the image -> URI to download from at build time
     apt_mirrors: dict[str, str] = field(default_factory=dict)
+    # every setting of SETTINGS that is not a list entry, by path, as read and checked
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def setting(self, path: str) -> Any:
+        """A setting's checked value, for plan steps: a new setting needs its record in
+        SETTINGS and the step that uses it, nothing here."""
+        return self.settings[path]
 
     @property
     def nodes(self) -> tuple[Node, ...]:
@@ -353,6 +363,8 @@ class _Reader:
         self.lines = lines
         self.texts = texts  # what was typed, where YAML 1.1 read a number or a boolean
         self.problems: list[str] = []
+        self.values: dict[str, Any] = {}  # what value() read, by setting path
+        self.sections: set[KeyPath] = set()  # the mappings section() checked
 
     def where(self, keypath: KeyPath) -> str:
         while keypath not in self.lines and keypath:
@@ -386,14 +398,32 @@ class _Reader:
         fallback = setting.default if default is None else default
         if isinstance(fallback, list):
             fallback = list(fallback)
+        value: Any
         if setting.kind is str:
-            return self.string(keypath, fallback, setting.check)
-        if setting.kind is IPv4Address:
-            return self.address(keypath, str(fallback))
-        return self.get(keypath, setting.kind, fallback)
+            value = self.string(keypath, fallback, setting.check)
+        elif setting.kind is IPv4Address:
+            value = None if fallback is None and self.raw(keypath) is None else self.address(keypath, str(fallback))
+        else:
+            value = self.get(keypath, setting.kind, fallback)
+        if "[]" not in setting.path:
+            self.values[setting.path] = value
+        return value
+
+    def the_rest(self) -> dict[str, Any]:
+        """Every setting that is not a list entry, those no section reader asked for read now."""
+        for setting in SETTINGS:
+            if "[]" not in setting.path:
+                keys = tuple(setting.path.split("."))
+                for depth in range(len(keys)):
+                    if keys[:depth] not in self.sections:
+                        self.section(keys[:depth])
+                if setting.path not in self.values:
+                    self.value(keys)
+        return dict(self.values)
 
     def section(self, keypath: KeyPath) -> None:
         """Check that `keypath` is a mapping of the keys SETTINGS has below it."""
+        self.sections.add(keypath)
         allowed = _children(_pattern(keypath))
         value = self.raw(keypath)
         if value is None:
@@ -736,7 +766,11 @@ def load(path: Path) -> Profile:
     mirrors = _read_apt_mirrors(r)
     if r.problems:
         raise ProfileError(sorted(r.problems, key=r.line_of))
-    return Profile(path, network, interface, user, master, Workers(workers, worker_packages, worker_files), image, mirrors)
+    settings = r.the_rest()
+    if r.problems:
+        raise ProfileError(sorted(r.problems, key=r.line_of))
+    return Profile(path, network, interface, user, master, Workers(workers, worker_packages, worker_files), image, mirrors,
+                   settings)
 
 
 def _read_apt_mirrors(r: _Reader) -> dict[str, str]:

@@ -126,6 +126,12 @@ def test_a_link_that_would_dangle_is_refused(project: Path) -> None:
     result = run_pibake("build", "worker", "--count", "1", "--image", str(image), cwd=project)
     assert_clean_failure(result, project, "worker1: cannot link /etc/systemd/system/getty.target.wants/getty@tty1.service "
                                           "to /lib/systemd/system/getty@.service: it does not exist in the image")
+    # A time zone the image has no file for.
+    profile = project / "profiles/cluster.yaml"
+    profile.write_text(profile.read_text() + "timezone: Mars/Olympus_Mons\n")
+    result = run_pibake("build", "worker", "--count", "1", "--image", str(make_image(project / "tz.img")), cwd=project)
+    assert_clean_failure(result, project, "worker1: cannot link /etc/localtime to /usr/share/zoneinfo/Mars/Olympus_Mons: "
+                                          "it does not exist in the image")
 
 
 @pytest.mark.image

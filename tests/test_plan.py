@@ -218,3 +218,21 @@ def test_a_key_pair_cut_short_by_a_crash_is_mended_or_replaced(operator_key: Pat
     assert worker.with_name(worker.name + ".pub").read_text() != lone_public
     assert (keys / "master_ssh_host_ed25519_key.pub").read_text().endswith(" root@master\n")
     assert sorted(p.name for p in keys.iterdir() if p.name.startswith(".")) == []
+
+
+@pytest.mark.parametrize("zone", ["Europe/Berlin", "UTC", "America/Argentina/Buenos_Aires", "Etc/GMT+5"])
+def test_timezone_is_a_link_and_a_file(operator_key: Path, workdir: Path, zone: str) -> None:
+    write_profile(workdir, f"timezone: {zone}\nuser:\n  ssh_keys: [{operator_key}]\nworkers:\n  count: 1\n")
+    result = run_pibake("plan", "worker", "--release", "bookworm", "--profiles", "cluster.yaml", cwd=workdir)
+    assert result.code == 0, result.output
+    assert re.search(rf"symlink +/etc/localtime +-> /usr/share/zoneinfo/{re.escape(zone)}$", result.stdout, re.M)
+    assert re.search(rf"write +/etc/timezone +0644 +0:0  {re.escape(zone)}$", result.stdout, re.M)
+
+
+@pytest.mark.parametrize("zone", ["../../etc/shadow", "Europe/../../x", "/etc/passwd", '"Europe/Berlin\\n"', "Europe Berlin",
+                                  '""', "Europe//Berlin", "x" * 65])
+def test_timezone_that_is_not_a_zone_name_is_refused(operator_key: Path, workdir: Path, zone: str) -> None:
+    write_profile(workdir, f"user:\n  ssh_keys: [{operator_key}]\ntimezone: {zone}\n")
+    result = run_pibake("plan", "worker", "--release", "bookworm", "--profiles", "cluster.yaml", cwd=workdir)
+    assert result.code == 2 and "Traceback" not in result.output
+    assert "cluster.yaml:3: timezone: " in result.stderr and "is not a time zone name" in result.stderr, result.stderr

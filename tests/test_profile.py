@@ -275,8 +275,8 @@ def test_every_setting_is_read_and_every_key_read_is_a_setting(operator_key: Pat
           packages: [htop]
           files: [{{source: motd, path: /etc/motd, mode: "0644", owner: USER}}]
         """))
-    # workers.nodes replaces count and first_address; modes are parsed from the text typed.
-    not_read_here = {"workers.count", "workers.first_address", "master.files[].mode", "workers.files[].mode"}
+    # Modes are parsed from the text typed.
+    not_read_here = {"master.files[].mode", "workers.files[].mode"}
     assert {s.path for s in SETTINGS} - not_read_here == read
 
 
