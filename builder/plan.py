@@ -306,7 +306,7 @@ def _read_once(path: Path) -> bytes:
 
 def configure_extra_files(ctx: _Context) -> None:
     for extra in ctx.profile.files(ctx.node):
-        ctx.ops.append(Write(extra.path, extra.source.read_bytes(), extra.mode, (extra.uid, extra.gid)))
+        ctx.ops.append(Write(extra.path, extra.content, extra.mode, (extra.uid, extra.gid)))
 
 
 def enable_units(ctx: _Context) -> None:

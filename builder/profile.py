@@ -21,31 +21,67 @@ from cryptography.hazmat.primitives.serialization import load_ssh_public_key
 from builder import environment
 from builder.catalog import is_url, parse_spec
 from builder.errors import BuildError, ProfileError
+from builder.files import read_regular
 
 PROFILE_NAME = "cluster.yaml"
 
-HOSTNAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
-USERNAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,31}$")  # what userconf-pi accepts
-INTERFACE_RE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
-PACKAGE_RE = re.compile(r"^[a-z0-9][a-z0-9+.-]+$")  # Debian policy 5.6.1
-LEASE_RE = re.compile(r"^(infinite|\d+[smhdw]?)$")
-MAC_RE = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
-CRYPT_RE = re.compile(r"^\$(1|5|6|y|gy|7|2[aby])\$[./A-Za-z0-9$=,]+$")
+# Every pattern is applied with fullmatch: `$` alone would let a trailing newline through.
+HOSTNAME_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+USERNAME_RE = re.compile(r"[a-z][a-z0-9-]{0,31}")  # what userconf-pi accepts
+INTERFACE_RE = re.compile(r"[A-Za-z0-9_.-]{1,15}")
+PACKAGE_RE = re.compile(r"[a-z0-9][a-z0-9+.-]+")  # Debian policy 5.6.1
+LEASE_RE = re.compile(r"infinite|0*[1-9][0-9]{0,8}[smhdw]?")  # 0 would be no lease at all
+MAC_RE = re.compile(r"([0-9a-f]{2}:){5}[0-9a-f]{2}")
+CRYPT_RE = re.compile(r"\$(1|5|6|y|gy|7|2[aby])\$[./A-Za-z0-9$=,]{1,512}")
 KeyPath = tuple
+
+# Bounds on what a profile may hold: it is typed by hand and shared, and none of these
+# is near what a real cluster needs.
+PROFILE_LIMIT = 1 << 20  # bytes
+KEY_FILE_LIMIT = 256 << 10  # an authorized_keys-style file
+PASSPHRASE_LIMIT = 4 << 10
+SOURCE_LIMIT = 64 << 20  # one `files:` source
+MAX_DEPTH = 32  # nesting of mappings and lists
+MAX_TEXT = 4096  # characters in one value
+MAX_LIST = 250  # entries in one list, like workers.count
+# C0 and C1 controls, DEL, and Unicode's line and paragraph separators: none belongs in a
+# value that ends up on a line of a generated file.
+CONTROL_RE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _q(value: str) -> str:
+    """A value quoted for an error message: a short prefix of it, never the whole of a long one."""
+    return f"'{value}'" if len(value) <= 60 else f"'{value[:57]}...' ({len(value)} characters)"
+
+
+def _short(text: str) -> str:
+    """A path or other text for an error message, cut short when it is long."""
+    return text if len(text) <= 120 else f"{text[:117]}... ({len(text)} characters)"
+
+
+def _text_problem(value: str) -> Optional[str]:
+    """The rule every string of a profile meets, before the check of its own setting."""
+    if len(value) > MAX_TEXT:
+        return f"{_q(value)} is longer than {MAX_TEXT} characters"
+    control = CONTROL_RE.search(value)
+    if control:
+        return (f"holds a control character ({ascii(control[0])} at character {control.start() + 1}); "
+                "a value is one line of printable text")
+    return None
 
 
 def _check_hostname(value: str) -> Optional[str]:
-    if not HOSTNAME_RE.match(value):
-        return f"'{value}' is not a valid hostname (lower-case letters, digits and '-', at most 63, no leading or trailing '-')"
+    if not HOSTNAME_RE.fullmatch(value):
+        return f"{_q(value)} is not a valid hostname (lower-case letters, digits and '-', at most 63, no leading or trailing '-')"
     return None
 
 
 def _check_interface(value: str) -> Optional[str]:
-    return None if INTERFACE_RE.match(value) else f"'{value}' is not a valid interface name"
+    return None if INTERFACE_RE.fullmatch(value) else f"{_q(value)} is not a valid interface name"
 
 
 def _check_url(value: str) -> Optional[str]:
-    return None if is_url(value) else f"'{value}' is not an http(s) URL"
+    return None if is_url(value) else f"{_q(value)} is not an http(s) URL"
 
 
 def _check_release(value: str) -> Optional[str]:
@@ -57,7 +93,7 @@ def _check_release(value: str) -> Optional[str]:
 
 
 def _one_of(*choices: str) -> Callable[[str], Optional[str]]:
-    return lambda v: None if v in choices else f"'{v}' must be one of {', '.join(choices)}"
+    return lambda v: None if v in choices else f"{_q(v)} must be one of {', '.join(choices)}"
 
 
 @dataclass(frozen=True)
@@ -91,7 +127,7 @@ def _file_settings(role: str) -> tuple[Setting, ...]:
     return (
         Setting(f"{role}.files[].source", str, None, "file on this machine to copy (relative to the profile)"),
         Setting(f"{role}.files[].path", str, None, "where it goes in the image: an absolute path",
-            lambda v: None if v.startswith("/") and ".." not in v.split("/") else f"'{v}' must be an absolute path inside the image"),
+            lambda v: None if v.startswith("/") and ".." not in v.split("/") else f"{_q(v)} must be an absolute path inside the image"),
         Setting(f"{role}.files[].mode", str, "0644", "octal mode, quoted or not (`0600`, `644`, `\"0640\"`)"),
         Setting(f"{role}.files[].owner", str, "root", "`root`, `USER` (the login user) or `UID:GID`"),
     )
@@ -111,15 +147,15 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("image.verify_signature", bool, True, "check the OpenPGP signature against the pinned Raspberry Pi keys"),
     Setting("timezone", str, None, "every node's time zone, from the image's `/usr/share/zoneinfo` (`Europe/Berlin`)",
             lambda v: None if re.fullmatch(r"[A-Za-z0-9_+-]+(/[A-Za-z0-9_+-]+)*", v) and len(v) <= 64 else
-            f"'{v}' is not a time zone name like Europe/Berlin or UTC", shown="the image's (`Europe/London`)"),
+            f"{_q(v)} is not a time zone name like Europe/Berlin or UTC", shown="the image's (`Europe/London`)"),
     Setting("apt.mirrors", dict, None, "`{source URL: mirror URL}`: where the build downloads packages from instead "
             "of the image's sources"),
     Setting("user.name", str, "pi", "login user on every node (the image's uid 1000 is renamed to it)",
-            lambda v: None if USERNAME_RE.match(v) and v != "root" else
-            f"'{v}' is not a valid user name (lower-case letter first, then letters, digits, '-'; not root)"),
+            lambda v: None if USERNAME_RE.fullmatch(v) and v != "root" else
+            f"{_q(v)} is not a valid user name (lower-case letter first, then letters, digits, '-'; not root)"),
     Setting("user.password_hash", str, None, "crypt hash (`openssl passwd -6`) for console login and `sudo`; "
             "SSH stays key-only",
-            lambda v: None if CRYPT_RE.match(v) else
+            lambda v: None if CRYPT_RE.fullmatch(v) else
             "must be a crypt hash such as the output of `openssl passwd -6` (a plain password is not accepted)"),
     Setting("user.ssh_keys", list, ["~/.ssh/id_ed25519.pub"], "public key files allowed to log in"),
     Setting("user.sudo", str, "nopasswd", "`nopasswd`, `password` (needs `password_hash`) or `none`",
@@ -132,15 +168,15 @@ SETTINGS: tuple[Setting, ...] = (
             "master or a worker", shown="subnet `.2`"),
     Setting("master.dhcp.end", IPv4Address, None, "end of dnsmasq's dynamic range", shown="subnet `.64`"),
     Setting("master.dhcp.lease", str, "24h", "a number with `s`, `m`, `h`, `d` or `w`, or `infinite`",
-            lambda v: None if LEASE_RE.match(v) else
-            f"lease '{v}' must be a number with an optional unit s, m, h, d or w, or 'infinite'"),
+            lambda v: None if LEASE_RE.fullmatch(v) else
+            f"lease {_q(v)} must be a number with an optional unit s, m, h, d or w, or 'infinite'"),
     Setting("master.uplink.interface", str, "wlan0", "the way out to the internet", _check_interface),
     Setting("master.uplink.nat", bool, True, "masquerade the LAN out of the uplink (needs `iptables` in the packages)"),
     Setting("master.uplink.wifi.ssid", str, None, "Wi-Fi network; none leaves Wi-Fi unconfigured",
             lambda v: None if 1 <= len(v.encode()) <= 32 and v.isprintable() else "an SSID is 1 to 32 printable bytes"),
     Setting("master.uplink.wifi.country", str, "GB", "two-letter regulatory domain",
             lambda v: None if re.fullmatch(r"[A-Z]{2}", v) else
-            f"'{v}' must be a two-letter ISO 3166 country code, like GB or DE"),
+            f"{_q(v)} must be a two-letter ISO 3166 country code, like GB or DE"),
     Setting("master.uplink.wifi.passphrase_env", str, "PIBAKE_WIFI_PASSPHRASE", "environment variable holding the passphrase"),
     Setting("master.uplink.wifi.passphrase_file", str, None, "or a file holding it (wins over the variable)"),
     Setting("master.packages", list, ["dnsmasq", "iptables", "tcpdump", "fabric"],
@@ -155,7 +191,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("workers.nodes[].hostname", str, None, "its host name", _check_hostname, shown="from `workers.hostname`"),
     Setting("workers.nodes[].address", IPv4Address, None, "its reserved address", shown="subnet `.101` + N - 1"),
     Setting("workers.nodes[].mac", str, None, "its Ethernet address, added to its DHCP reservation",
-            lambda v: None if MAC_RE.match(v) else f"'{v}' is not a MAC address like dc:a6:32:01:02:03"),
+            lambda v: None if MAC_RE.fullmatch(v) else f"{_q(v)} is not a MAC address like dc:a6:32:01:02:03"),
     Setting("workers.packages", list, [], "staged for the workers, installed offline on first boot"),
     Setting("workers.files", list, [], "extra files for every worker, each with the four keys below"),
     *_file_settings("workers"),
@@ -209,6 +245,7 @@ class ExtraFile:
     mode: int
     uid: int
     gid: int
+    content: bytes = field(default=b"", repr=False)  # read once, for every node that gets it
 
 
 @dataclass(frozen=True)
@@ -312,12 +349,37 @@ class Profile:
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
+def _check_events(text: str, name: str) -> None:
+    """Refuse what a profile never needs and a hostile one uses: anchors and aliases (an alias
+    bomb grows exponentially), explicit tags (`!!python/...`), and deep nesting; before
+    anything is built from the text."""
+    depth = 0
+    for event in yaml.parse(text, Loader=_Loader):
+        line = f"{name}:{event.start_mark.line + 1}"
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+            raise ProfileError([f"{line}: YAML anchors and aliases (&, *) are not allowed in a profile; write the value out"])
+        if getattr(event, "tag", None) is not None and not _implicit(event):
+            raise ProfileError([f"{line}: YAML tags (!...) are not allowed in a profile"])
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise ProfileError([f"{line}: nested more than {MAX_DEPTH} levels deep"])
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
+
+
+def _implicit(event: Any) -> bool:
+    implicit = getattr(event, "implicit", False)
+    return all(implicit) if isinstance(implicit, tuple) else bool(implicit)
+
+
 def _compose(text: str, name: str) -> tuple[Any, dict[KeyPath, int], dict[KeyPath, str]]:
     """Parse YAML keeping the line of every key, for `file:line` messages, and the text of
     every unquoted scalar that YAML turned into something else (0644, NO, 1:30)."""
     loader = _Loader(text)
     try:
         try:
+            _check_events(text, name)
             root = loader.get_single_node()
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
@@ -443,14 +505,17 @@ class _Reader:
             # A setting that is text means what was typed: 0644, not 420; NO (Norway), not false.
             return self.texts[keypath]
         if kind is int and isinstance(value, bool) or not isinstance(value, kind):
-            self.error(keypath, f"{_dotted(keypath)} must be {_kind_name(kind)}, not {_kind_name(type(value))} ({value!r})")
+            shown = f" ({_q(value) if isinstance(value, str) else value})" if isinstance(value, (str, int, float, bool)) else ""
+            self.error(keypath, f"{_dotted(keypath)} must be {_kind_name(kind)}, not {_kind_name(type(value))}{shown}")
             return default
         return value
 
     def string(self, keypath: KeyPath, default: Optional[str], check: Optional[Callable[[str], Optional[str]]] = None) -> Optional[str]:
+        """A string setting, checked as it will be used: defaults made from other settings
+        (a worker's name from the pattern) are checked as much as what was typed."""
         value = self.get(keypath, str, default)
-        if value is not None and check is not None and value is not default:
-            problem = check(value)
+        if value is not None:
+            problem = _text_problem(value) or (check(value) if check is not None else None)
             if problem:
                 self.error(keypath, f"{_dotted(keypath)}: {problem}")
         return value
@@ -459,10 +524,12 @@ class _Reader:
         value = self.value(keypath)
         out = []
         for i, item in enumerate(value):
-            if isinstance(item, str):
-                out.append(item)
+            if not isinstance(item, str):
+                self.error(keypath + (i,), f"{_dotted(keypath)} entries must be strings, not {_kind_name(type(item))}")
+            elif _text_problem(item):
+                self.error(keypath + (i,), f"{_dotted(keypath)}[{i}]: {_text_problem(item)}")
             else:
-                self.error(keypath + (i,), f"{_dotted(keypath)} entries must be strings, not {item!r}")
+                out.append(item)
         return out
 
     def address(self, keypath: KeyPath, default: str) -> Optional[IPv4Address]:
@@ -472,6 +539,14 @@ class _Reader:
             return IPv4Address(text)
         except ValueError:
             self.error(keypath, f"{_dotted(keypath)}: '{text}' is not an IPv4 address")
+            return None
+
+    def read(self, keypath: KeyPath, path: Path, limit: int, what: str) -> Optional[bytes]:
+        """A file the profile names: a regular file of at most `limit` bytes, or a problem."""
+        try:
+            return read_regular(path, limit)
+        except OSError as e:
+            self.error(keypath, f"cannot read {what} {_short(str(path))}: {e.strerror}")
             return None
 
     def local_path(self, text: str) -> Path:
@@ -511,11 +586,10 @@ def _read_user(r: _Reader) -> User:
 
 def _read_public_keys(r: _Reader, keypath: KeyPath, text: str) -> list[str]:
     path = r.local_path(text)
-    try:
-        content = path.read_text()
-    except OSError as e:
-        r.error(keypath, f"cannot read SSH public key {path}: {e.strerror}")
+    data = r.read(keypath, path, KEY_FILE_LIMIT, "SSH public key")
+    if data is None:
         return []
+    content = data.decode("utf-8", "replace")
     keys = []
     for line in content.splitlines():
         line = line.strip()
@@ -551,13 +625,12 @@ def _read_files(r: _Reader, keypath: KeyPath) -> tuple[ExtraFile, ...]:
             r.error(kp, f"{_dotted(kp)} needs both source and path")
             continue
         source = r.local_path(source_text)
-        if not source.is_file() or not os.access(source, os.R_OK):
-            r.error(kp + ("source",), f"cannot read {source}")
+        content = r.read(kp + ("source",), source, SOURCE_LIMIT, "the file")
         uid_gid = _owner_ids(owner)
         if uid_gid is None:
             r.error(kp + ("owner",), f"owner '{owner}' must be root, USER (the login user) or UID:GID")
             uid_gid = (0, 0)
-        out.append(ExtraFile(source, dest, mode, *uid_gid))
+        out.append(ExtraFile(source, dest, mode, *uid_gid, content or b""))
     return tuple(out)
 
 
@@ -585,7 +658,7 @@ def _owner_ids(owner: str) -> Optional[tuple[int, int]]:
 def _read_packages(r: _Reader, keypath: KeyPath) -> tuple[str, ...]:
     packages = r.strings(keypath)
     for i, name in enumerate(packages):
-        if not PACKAGE_RE.match(name):
+        if not PACKAGE_RE.fullmatch(name):
             r.error(keypath + (i,), f"'{name}' is not a valid Debian package name")
     return tuple(packages)
 
@@ -602,11 +675,10 @@ def _read_wifi(r: _Reader) -> Optional[Wifi]:
     passphrase = None
     if file_text is not None:
         path = r.local_path(file_text)
-        try:
-            passphrase = path.read_text().rstrip("\r\n")
-        except OSError as e:
-            r.error(kp + ("passphrase_file",), f"cannot read the Wi-Fi passphrase file {path}: {e.strerror}")
+        data = r.read(kp + ("passphrase_file",), path, PASSPHRASE_LIMIT, "the Wi-Fi passphrase file")
+        if data is None:
             return None
+        passphrase = data.decode("utf-8", "replace").rstrip("\r\n")
     elif env_name:
         passphrase = environment.passphrase(env_name)
     if passphrase is None:
@@ -624,6 +696,9 @@ def _read_workers(r: _Reader, network: IPv4Network) -> tuple[Node, ...]:
     kp = ("workers",)
     pattern = r.value(kp + ("hostname",))
     explicit = r.value(kp + ("nodes",))
+    if explicit is not None and len(explicit) > MAX_LIST:
+        r.error(kp + ("nodes",), f"workers.nodes lists {len(explicit)} workers; at most {MAX_LIST}")
+        explicit = explicit[:MAX_LIST]
     if explicit is not None:
         if r.raw(kp + ("count",)) is not None and r.raw(kp + ("count",)) != len(explicit):
             r.error(kp + ("count",), f"workers.count is {r.raw(kp + ('count',))} but workers.nodes lists {len(explicit)}")
@@ -648,8 +723,11 @@ def _read_workers(r: _Reader, network: IPv4Network) -> tuple[Node, ...]:
     for n in range(1, count + 1):
         name = (pattern or "worker{n}").replace("{n}", str(n))
         nodes.append(Node("worker", n, name, (first or IPv4Address(0)) + n - 1))
-    if nodes and _check_hostname(nodes[0].hostname):
-        r.error(kp + ("hostname",), f"workers.hostname: {_check_hostname(nodes[0].hostname)}")
+    # Every name the pattern makes is checked, not the first: worker100 may be too long
+    # where worker1 is not.
+    bad = [(node, _check_hostname(node.hostname)) for node in nodes if _check_hostname(node.hostname)]
+    if bad:
+        r.error(kp + ("hostname",), f"workers.hostname: {bad[0][1]} (worker {bad[0][0].index})")
     return tuple(nodes)
 
 
@@ -697,6 +775,9 @@ def _read_master(r: _Reader, network: IPv4Network) -> Master:
     end = r.value(kp + ("dhcp", "end"), network.network_address + 64) or IPv4Address(0)
     lease = r.value(kp + ("dhcp", "lease")) or "24h"
     uplink = r.value(kp + ("uplink", "interface")) or "wlan0"
+    if uplink == r.value(("network", "interface")):
+        r.error(kp + ("uplink", "interface"), f"master.uplink.interface is {uplink}, the cluster LAN's port: "
+                                              "the uplink must be another interface")
     nat = r.value(kp + ("uplink", "nat"))
     wifi = _read_wifi(r)
     packages = _read_packages(r, kp + ("packages",))
@@ -732,15 +813,23 @@ def _read_image(r: _Reader) -> ImageSettings:
     return ImageSettings(spec, sha256.lower() if sha256 else None, os_list, base, verify)
 
 
+def _profile_text(path: Path) -> str:
+    try:
+        data = read_regular(path, PROFILE_LIMIT)
+    except OSError as e:
+        raise BuildError(f"cannot read profile {path}: {e.strerror}", exit_code=2) from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise ProfileError([f"{path}:{line}: not UTF-8 text (byte {e.start})"]) from None
+
+
 def load(path: Path) -> Profile:
     """Read and validate a profile; raise ProfileError listing every problem."""
     if path.is_dir():
         path = path / PROFILE_NAME
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise BuildError(f"cannot read profile {path}: {e.strerror}", exit_code=2) from None
-    data, lines, texts = _compose(text, str(path))
+    data, lines, texts = _compose(_profile_text(path), str(path))
     r = _Reader(path, data, lines, texts)
     if not isinstance(data, dict):
         raise ProfileError([f"{path}:1: a profile must be a mapping of sections (user, network, master, workers)"])
@@ -755,6 +844,9 @@ def load(path: Path) -> Profile:
         network = IPv4Network("192.168.5.0/24")
     if network.prefixlen > 30:
         r.error(("network", "subnet"), f"network.subnet {network} is too small for a cluster")
+    elif network.prefixlen < 8 or not network.is_private or network.is_loopback or network.is_link_local:
+        r.error(("network", "subnet"), f"network.subnet {network} is not a private LAN range "
+                                       "(such as 192.168.5.0/24, 10.0.0.0/16 or 172.16.0.0/24)")
     interface = r.value(("network", "interface")) or "eth0"
     user = _read_user(r)
     master = _read_master(r, network)
@@ -780,8 +872,9 @@ def _read_apt_mirrors(r: _Reader) -> dict[str, str]:
     raw = r.value(kp) or {}
     mirrors: dict[str, str] = {}
     for old, new in raw.items():
-        if not (isinstance(old, str) and is_url(old) and isinstance(new, str) and is_url(new)):
-            r.error(kp + (old,), f"apt.mirrors maps a source URL to a mirror URL, both http(s): not {old!r}: {new!r}")
+        if not (isinstance(old, str) and is_url(old) and isinstance(new, str) and is_url(new)) \
+                or _text_problem(old) or _text_problem(new):
+            r.error(kp + (old,), f"apt.mirrors maps a source URL to a mirror URL, both http(s): not {_q(str(old))}")
         else:
             mirrors[old] = new
     from_environment, problems = environment.apt_mirrors()
@@ -796,7 +889,7 @@ def load_image_settings(path: Path) -> ImageSettings:
         path = path / PROFILE_NAME
     if not path.exists():
         return ImageSettings("latest", None, None, None, True)
-    data, lines, texts = _compose(path.read_text(), str(path))
+    data, lines, texts = _compose(_profile_text(path), str(path))
     r = _Reader(path, data if isinstance(data, dict) else {}, lines, texts)
     settings = _read_image(r)
     if r.problems:

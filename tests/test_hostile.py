@@ -1,0 +1,167 @@
+"""Tier 1: hostile and careless profiles, through the real CLI, under a memory limit.
+
+Each case must end in a non-zero exit and error lines that say where (file:line when
+the problem is in the profile), with no traceback, nothing written to output/ or the
+state folder, and within the memory the test allows, so that a bomb fails the test
+rather than the machine.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import WIFI_PASSPHRASE, write_profile
+
+MEMORY = 1 << 30  # address space allowed to pibake in these tests
+# Every kind of control character a value can smuggle into a generated file, as YAML
+# double-quoted escapes.
+CONTROLS = [r"\n", r"\r", r"\t", r"\0", r"\x1b", r"\x7f", r"\x85", r"\u2028", r"\u2029", r"\x0b", r"\x0c"]
+
+
+def run_limited(workdir: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (MEMORY, MEMORY))
+
+    full_env = {**os.environ, "PIBAKE_WIFI_PASSPHRASE": WIFI_PASSPHRASE, "PIBAKE_DOWNLOAD_BASE": "http://127.0.0.1:9",
+                **(env or {})}
+    return subprocess.run([sys.executable, "-m", "builder", *args], cwd=workdir, env=full_env, preexec_fn=limit,
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
+
+
+def assert_refused(workdir: Path, result: subprocess.CompletedProcess, where: str, *words: str) -> None:
+    assert result.returncode not in (0, None) and result.returncode > 0, (result.returncode, result.stderr)
+    assert "Traceback" not in result.stderr and "MemoryError" not in result.stderr, result.stderr[-3000:]
+    problems = [line.strip() for line in result.stderr.splitlines()[1:]] if "problem(s):" in result.stderr else \
+        [line.removeprefix("pibake: error: ") for line in result.stderr.splitlines()]
+    found = [p for p in problems if p.startswith(where) and all(w in p for w in words)]
+    assert found, result.stderr[-3000:]
+    assert all(len(line) < 400 for line in result.stderr.splitlines()), "an error line echoes too much"
+    assert not (workdir / "output").exists() and not (workdir / "state").exists()
+
+
+def plan(workdir: Path, **env: str) -> subprocess.CompletedProcess:
+    return run_limited(workdir, "plan", "cluster", "--release", "bookworm", "--profiles", "cluster.yaml", env=env)
+
+
+@pytest.fixture
+def key(operator_key: Path) -> str:
+    return str(operator_key)
+
+
+def test_a_normal_profile_plans_within_the_limit(workdir: Path, key: str) -> None:
+    write_profile(workdir, f"user:\n  ssh_keys: [{key}]\n")
+    result = plan(workdir)
+    assert result.returncode == 0, result.stderr
+
+
+# Where a string lands in a generated file, with the YAML that puts a control character there.
+FIELDS = {
+    "user.name": "user:\n  name: \"bob{c}\"\n  ssh_keys: [{key}]\n",
+    "user.password_hash": "user:\n  password_hash: \"$6$salt$hash{c}\"\n  ssh_keys: [{key}]\n",
+    "master.hostname": "user:\n  ssh_keys: [{key}]\nmaster:\n  hostname: \"head{c}x\"\n",
+    "workers.hostname": "user:\n  ssh_keys: [{key}]\nworkers:\n  hostname: \"w{{n}}{c}\"\n",
+    "workers.nodes[0].hostname": "user:\n  ssh_keys: [{key}]\nworkers:\n  nodes:\n    - {{hostname: \"{c}w1\"}}\n",
+    "workers.nodes[0].mac": "user:\n  ssh_keys: [{key}]\nworkers:\n  nodes:\n    - {{mac: \"dc:a6:32:01:02:03{c}\"}}\n",
+    "master.uplink.interface": "user:\n  ssh_keys: [{key}]\nmaster:\n  uplink:\n    interface: \"wlan{c}0\"\n",
+    "master.uplink.wifi.ssid": "user:\n  ssh_keys: [{key}]\nmaster:\n  uplink:\n    wifi:\n      ssid: \"Home{c}Net\"\n",
+    "master.packages[1]": "user:\n  ssh_keys: [{key}]\nmaster:\n  packages: [dnsmasq, \"vim{c}\", iptables]\n",
+    "timezone": "user:\n  ssh_keys: [{key}]\ntimezone: \"Europe/Berlin{c}\"\n",
+    "master.dhcp.lease": "user:\n  ssh_keys: [{key}]\nmaster:\n  dhcp:\n    lease: \"24h{c}\"\n",
+}
+
+
+@pytest.mark.parametrize("field", sorted(FIELDS))
+@pytest.mark.parametrize("control", CONTROLS)
+def test_control_characters_never_reach_a_generated_file(workdir: Path, key: str, field: str, control: str) -> None:
+    write_profile(workdir, FIELDS[field].format(c=control, key=key))
+    result = plan(workdir)
+    line = next(n for n, text in enumerate((workdir / "cluster.yaml").read_text().splitlines(), 1) if control in text)
+    assert_refused(workdir, result, f"cluster.yaml:{line}: ")
+
+
+@pytest.mark.parametrize("body, line, words", [
+    ("a: &x [1, 2]\nb: *x\n", 1, ["anchors and aliases"]),
+    ("user: &u\n  name: *u\n", 1, ["anchors and aliases"]),
+    ("user:\n  name: !!python/name:os.system x\n", 2, ["tags"]),
+    ("user:\n  name: !custom x\n", 2, ["tags"]),
+    ("workers:\n  count: !!int 3\n", 2, ["tags"]),
+    ("x: " + "[" * 2000 + "]" * 2000 + "\n", 1, ["nested more than"]),
+    ("x: " + "[" * 100_000 + "\n", 1, ["nested more than"]),
+    ("x:\n" + "".join(" " * (2 * i) + f"k{i}:\n" for i in range(1, 60)), 33, ["nested more than"]),
+    ("user: [1, 2\n", 2, ["not valid YAML"]),
+])
+def test_yaml_that_a_profile_never_needs_is_refused(workdir: Path, body: str, line: int, words: list[str]) -> None:
+    write_profile(workdir, body)
+    assert_refused(workdir, plan(workdir), f"cluster.yaml:{line}: ", *words)
+
+
+def test_an_alias_bomb_is_refused_at_once(workdir: Path) -> None:
+    levels = ["a: &a [x, x, x, x, x, x, x, x, x]"]
+    for level in range(1, 9):
+        previous = chr(ord("a") + level - 1)
+        levels.append(f"{chr(ord('a') + level)}: &{chr(ord('a') + level)} [" + ", ".join([f"*{previous}"] * 9) + "]")
+    write_profile(workdir, "\n".join(levels) + "\n")
+    assert_refused(workdir, plan(workdir), "cluster.yaml:1: ", "anchors and aliases")
+
+
+def test_text_that_is_not_utf8_is_refused_with_its_line(workdir: Path) -> None:
+    (workdir / "cluster.yaml").write_bytes(b"user:\n  name: bob\n  # caf\xe9\n")
+    assert_refused(workdir, plan(workdir), "cluster.yaml:3: ", "not UTF-8")
+
+
+@pytest.mark.parametrize("what", ["profile", "ssh key", "passphrase", "files source"])
+@pytest.mark.parametrize("kind", ["device", "fifo", "huge", "folder"])
+def test_only_regular_files_of_sensible_size_are_read(workdir: Path, key: str, what: str, kind: str) -> None:
+    target = workdir / f"{kind}-file"
+    if kind == "device":
+        target = Path("/dev/zero")
+    elif kind == "fifo":
+        os.mkfifo(target)
+    elif kind == "huge":
+        with open(target, "wb") as f:
+            f.truncate(200 << 20)  # sparse: no disk, and larger than any limit
+    else:
+        target.mkdir()
+    body = {
+        "profile": None,
+        "ssh key": f"user:\n  ssh_keys: [{target}]\n",
+        "passphrase": f"user:\n  ssh_keys: [{key}]\nmaster:\n  uplink:\n    wifi:\n      ssid: Home\n"
+                      f"      passphrase_file: {target}\n",
+        "files source": f"user:\n  ssh_keys: [{key}]\nworkers:\n  files:\n    - {{source: {target}, path: /etc/x}}\n",
+    }[what]
+    if body is None:
+        result = run_limited(workdir, "plan", "cluster", "--release", "bookworm", "--profiles", str(target))
+        assert_refused(workdir, result, f"cannot read profile {target}")  # a folder: its cluster.yaml
+    else:
+        write_profile(workdir, body)
+        line = len(body.splitlines())
+        assert_refused(workdir, plan(workdir), f"cluster.yaml:{line}: ", "cannot read", str(target))
+
+
+def test_a_long_value_is_quoted_short(workdir: Path, key: str) -> None:
+    write_profile(workdir, f"user:\n  ssh_keys: [{key}]\nmaster:\n  hostname: {'x' * 500_000}\n")
+    assert_refused(workdir, plan(workdir), "cluster.yaml:4: ", "master.hostname")
+
+
+@pytest.mark.parametrize("body, line, words", [
+    ("network:\n  subnet: 0.0.0.0/0\n", 2, ["not a private LAN range"]),
+    ("network:\n  subnet: 127.0.0.0/24\n", 2, ["not a private LAN range"]),
+    ("network:\n  subnet: 8.8.8.0/24\n", 2, ["not a private LAN range"]),
+    ("master:\n  uplink:\n    interface: eth0\n", 3, ["the uplink must be another interface"]),
+    ("master:\n  dhcp:\n    lease: 0\n", 3, ["lease '0'"]),
+    ("master:\n  dhcp:\n    lease: false\n", 3, ["lease 'false'"]),
+    ("workers:\n  files:\n    - {source: cluster.yaml, path: /etc/x, mode: 0}\n", 3, ["octal file mode"]),
+    ("workers:\n  count: 100\n  first_address: 192.168.5.120\n  hostname: " + "w" * 61 + "{n}\n", 4,
+     ["is not a valid hostname", "worker 100"]),
+    ("workers:\n  nodes:\n" + "    - {}\n" * 251, 2, ["at most 250"]),
+])
+def test_values_accepted_silently_wrong_before_are_refused(workdir: Path, key: str, body: str, line: int,
+                                                          words: list[str]) -> None:
+    write_profile(workdir, f"{body}user:\n  ssh_keys: [{key}]\n")
+    assert_refused(workdir, plan(workdir), f"cluster.yaml:{line}: ", *words)
