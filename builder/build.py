@@ -90,7 +90,7 @@ def _staging(output: Path) -> Iterator[Path]:
             raise BuildError(f"another pibake build is writing to {output}; wait for it to finish") from None
         staging = output / STAGING
         shutil.rmtree(staging, ignore_errors=True)  # left by a killed build; never a final file
-        staging.mkdir()
+        staging.mkdir(mode=0o700)  # the copies hold private keys from their bake on
         try:
             yield staging
         finally:
@@ -430,6 +430,9 @@ def _bake(profile: Profile, nodes: tuple[Node, ...], plans: list[NodePlan] | Non
             reads.save(options.cache.bases, base_sha256())
         with _no_interrupt():
             for path, result in zip(staged, built):
+                # An image holds host private keys (the master's, the cluster key and the
+                # Wi-Fi PSK too): readable by its owner only.
+                os.chmod(path, 0o600)
                 path.replace(result.path)
             update_manifest(options.output, base, base_sha256(), built)
             write_ssh_files(options.output, profile, keys)

@@ -80,7 +80,9 @@ class KeyStore:
                 write_file(public_path, (public + "\n").encode(), 0o644)
                 recorded = public
             return KeyPair(private, recorded)
-        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # The state folder and its keys are this user's alone.
+        self.dir.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.dir.mkdir(exist_ok=True, mode=0o700)
         pair = _generate(comment)
         _write_pair(private_path, public_path, pair)
         return pair

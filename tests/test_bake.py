@@ -399,6 +399,11 @@ def test_no_secret_in_outputs_or_logs(bookworm: Baked) -> None:
     for key in (bookworm.state / "keys").iterdir():
         expected = 0o644 if key.name.endswith(".pub") else 0o600
         assert key.stat().st_mode & 0o777 == expected, key
+    # Images hold private keys and the PSK; the state folder holds the keys.
+    for image in bookworm.output.glob("*.img"):
+        assert image.stat().st_mode & 0o777 == 0o600, image
+    for folder in (bookworm.state, bookworm.state / "keys"):
+        assert folder.stat().st_mode & 0o777 == 0o700, folder
 
 
 def test_adding_a_worker_later_and_rebuilding_one(bookworm: Baked) -> None:
