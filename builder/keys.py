@@ -6,6 +6,8 @@ rebuild, so a rebuilt node keeps the identity the operator's known_hosts trusts.
 
 from __future__ import annotations
 
+import fcntl
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +17,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from builder.errors import BuildError
 from builder.files import write_file
+
+log = logging.getLogger(__name__)
+_HELD: dict[Path, int] = {}  # state folders' lock files this process holds
 
 
 @dataclass(frozen=True)
@@ -51,11 +56,31 @@ class KeyStore:
     def __init__(self, state_dir: Path) -> None:
         self.dir = state_dir / "keys"
         self._loaded: dict[str, KeyPair] = {}  # each node's plan lists every host key
+        self._lock: int | None = None
 
     def _pair(self, name: str, comment: str) -> KeyPair:
         if name not in self._loaded:
+            self._locked()
             self._loaded[name] = self._load_or_make(name, comment)
         return self._loaded[name]
+
+    def _locked(self) -> None:
+        """Hold the state folder for the rest of this run: two runs making the same key at
+        once would each keep one half of it."""
+        if self._lock is not None:
+            return
+        state = self.dir.parent
+        state.mkdir(parents=True, exist_ok=True, mode=0o700)
+        lock = (state / ".lock").resolve()
+        if lock not in _HELD:  # one lock per folder and process: flock would wait on itself
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.info("waiting for another pibake run that uses %s", state)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            _HELD[lock] = fd  # released when this process ends
+        self._lock = _HELD[lock]
 
     def _load_or_make(self, name: str, comment: str) -> KeyPair:
         private_path = self.dir / name

@@ -7,6 +7,7 @@ import os
 import re
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -237,3 +238,18 @@ def test_timezone_that_is_not_a_zone_name_is_refused(operator_key: Path, workdir
     assert result.code == 2 and "Traceback" not in result.output
     assert "cluster.yaml:3: timezone: " in result.stderr, result.stderr
     assert "is not a time zone name" in result.stderr or "holds a control character" in result.stderr, result.stderr
+
+
+def test_runs_sharing_a_state_folder_take_turns(operator_key: Path, workdir: Path) -> None:
+    write_profile(workdir, f"user:\n  ssh_keys: [{operator_key}]\nworkers:\n  count: 40\n")
+    args = [sys.executable, "-m", "builder", "plan", "cluster", "--release", "bookworm", "--profiles", "cluster.yaml"]
+    runs = [subprocess.Popen(args, cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            for _ in range(4)]
+    outputs = [run.communicate(timeout=300)[1] for run in runs]
+    assert [run.returncode for run in runs] == [0] * 4, outputs
+    keys = workdir / "state/keys"
+    privates = [p for p in keys.iterdir() if not p.name.endswith(".pub") and not p.name.startswith(".")]
+    assert len(privates) == 42
+    for private in privates:
+        assert private.with_name(private.name + ".pub").read_text().split()[:2] == _derived_public(private), private
+    assert stat.S_IMODE((workdir / "state").stat().st_mode) == 0o700
