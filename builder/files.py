@@ -11,6 +11,7 @@ import errno
 import json
 import os
 import stat
+import tempfile
 from pathlib import Path
 from typing import Any, Union
 
@@ -39,18 +40,16 @@ def _size(n: int) -> str:
     return f"{n >> 20} MiB" if n >= 1 << 20 else f"{n >> 10} KiB"
 
 
-def temporary(path: Path) -> Path:
-    """Where `path` is written before it is renamed: same folder, hidden, one per process."""
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
-
-
 def write_file(path: Path, data: Union[bytes, str], mode: int = 0o644, *, sync: bool = False,
                rename: bool = True) -> Path:
     """Write `data` to `path` atomically; with rename=False, leave it under its temporary
     name and return that, for callers that rename several files in an order of their own."""
-    tmp = temporary(path)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    # A new file of a random name, created exclusively: a file or link planted under a
+    # predictable name is never written through.
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = Path(name)
     try:
+        os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
             if sync:

