@@ -186,7 +186,7 @@ def obtain(choice: Choice) -> BaseImage:
         key = spec.sha256
         assert key is not None
         result = _cached_image(key, spec.extract_sha256, spec.url)
-        if result is not None and choice.verify_signature and not _signature_checked(key):
+        if result is not None and choice.verify_signature and not _signature_checked(result.path.with_suffix(".json")):
             # Fetched once with --no-verify-signature: this run checks signatures.
             log.info("%s was cached without checking its signature; checking it now", spec.filename)
             result = _check_cached(http, spec, result)
@@ -225,8 +225,14 @@ def _cached_image(key: str, expected: Optional[str], origin: str) -> Optional[Ba
     return BaseImage(path, found, origin)
 
 
-def _signature_checked(key: str) -> bool:
-    return read_json(layout().images / f"{key}.json").get("signature") not in (None, "skipped")
+def _signature_checked(meta: Path) -> bool:
+    """Whether the entry this metadata describes had its signature checked (not skipped, not unknown)."""
+    return read_json(meta).get("signature") not in (None, "skipped")
+
+
+def _download_path(spec: ImageSpec) -> Path:
+    """Where a verified download of `spec` is kept."""
+    return layout().downloads / f"{spec.sha256}{_suffix(spec.filename)}"
 
 
 def _check_cached(http: requests.Session, spec: ImageSpec, cached: BaseImage) -> Optional[BaseImage]:
@@ -234,7 +240,7 @@ def _check_cached(http: requests.Session, spec: ImageSpec, cached: BaseImage) ->
 
     A bad or missing signature raises; the entry stays for runs that skip the check."""
     assert spec.sha256 is not None
-    compressed = layout().downloads / f"{spec.sha256}{_suffix(spec.filename)}"
+    compressed = _download_path(spec)
     if not compressed.exists() or image.sha256_file(compressed, progress=True) != spec.sha256:
         return None
     fingerprint = _check_signature(http, spec, compressed)
@@ -247,14 +253,14 @@ def _fetch(http: requests.Session, spec: ImageSpec, choice: Choice) -> BaseImage
     assert spec.sha256 is not None
     downloads = layout().downloads
     downloads.mkdir(parents=True, exist_ok=True)
-    compressed = downloads / f"{spec.sha256}{_suffix(spec.filename)}"
+    compressed = _download_path(spec)
     meta_path = downloads / f"{spec.sha256}.json"
     if compressed.exists() and image.sha256_file(compressed, progress=True) != spec.sha256:
         log.warning("cached download %s is corrupted; fetching it again", compressed)
         compressed.unlink()
     if not compressed.exists():
         _download_verified(http, spec, choice, compressed)
-    elif choice.verify_signature and read_json(meta_path).get("signature") in (None, "skipped"):
+    elif choice.verify_signature and not _signature_checked(meta_path):
         _check_signature(http, spec, compressed)
     return decompress_into_cache(compressed, spec.sha256, spec.extract_sha256, spec.url, spec.extract_size,
                                  read_json(meta_path).get("signature"))

@@ -183,7 +183,7 @@ SETTINGS: tuple[Setting, ...] = (
             "staged at build time, installed offline on first boot; must include dnsmasq"),
     Setting("master.files", list, [], "extra files for the master, each with the four keys below"),
     *_file_settings("master"),
-    Setting("workers.count", int, 5, "number of workers (0 to 250)"),
+    Setting("workers.count", int, 5, f"number of workers (0 to {MAX_LIST})"),
     Setting("workers.hostname", str, "worker{n}", "name pattern; `{n}` is the worker's number",
             lambda v: None if "{n}" in v else "must contain {n}, the worker's number"),
     Setting("workers.first_address", IPv4Address, None, "worker N gets `first_address + N - 1`", shown="subnet `.101`"),
@@ -628,7 +628,7 @@ def _read_files(r: _Reader, keypath: KeyPath) -> tuple[ExtraFile, ...]:
         content = r.read(kp + ("source",), source, SOURCE_LIMIT, "the file")
         uid_gid = _owner_ids(owner)
         if uid_gid is None:
-            r.error(kp + ("owner",), f"owner '{owner}' must be root, USER (the login user) or UID:GID")
+            r.error(kp + ("owner",), f"owner {_q(owner)} must be root, USER (the login user) or UID:GID")
             uid_gid = (0, 0)
         out.append(ExtraFile(source, dest, mode, *uid_gid, content or b""))
     return tuple(out)
@@ -642,7 +642,7 @@ def _read_mode(r: _Reader, keypath: KeyPath) -> int:
     text = r.texts.get(keypath, value if isinstance(value, str) else None)
     if text is None or not re.fullmatch(r"(0o?)?[0-7]{3,4}", text):
         shown = text if text is not None else _kind_name(type(value))
-        r.error(keypath, f"{_dotted(keypath)}: '{shown}' is not an octal file mode like 0644 or 0600")
+        r.error(keypath, f"{_dotted(keypath)}: {_q(shown)} is not an octal file mode like 0644 or 0600")
         return 0o644
     return int(text.removeprefix("0o"), 8)
 
@@ -659,7 +659,7 @@ def _read_packages(r: _Reader, keypath: KeyPath) -> tuple[str, ...]:
     packages = r.strings(keypath)
     for i, name in enumerate(packages):
         if not PACKAGE_RE.fullmatch(name):
-            r.error(keypath + (i,), f"'{name}' is not a valid Debian package name")
+            r.error(keypath + (i,), f"{_q(name)} is not a valid Debian package name")
     return tuple(packages)
 
 
@@ -715,8 +715,8 @@ def _read_workers(r: _Reader, network: IPv4Network) -> tuple[Node, ...]:
             nodes.append(Node("worker", i + 1, name or "", address or IPv4Address(0), mac))
         return tuple(nodes)
     count = r.value(kp + ("count",))
-    if not 0 <= count <= 250:
-        r.error(kp + ("count",), f"workers.count must be between 0 and 250, not {count}")
+    if not 0 <= count <= MAX_LIST:
+        r.error(kp + ("count",), f"workers.count must be between 0 and {MAX_LIST}, not {count}")
         count = 0
     first = r.value(kp + ("first_address",), network.network_address + 101)
     nodes = []
@@ -725,9 +725,9 @@ def _read_workers(r: _Reader, network: IPv4Network) -> tuple[Node, ...]:
         nodes.append(Node("worker", n, name, (first or IPv4Address(0)) + n - 1))
     # Every name the pattern makes is checked, not the first: worker100 may be too long
     # where worker1 is not.
-    bad = [(node, _check_hostname(node.hostname)) for node in nodes if _check_hostname(node.hostname)]
+    bad = next(((node, problem) for node in nodes if (problem := _check_hostname(node.hostname))), None)
     if bad:
-        r.error(kp + ("hostname",), f"workers.hostname: {bad[0][1]} (worker {bad[0][0].index})")
+        r.error(kp + ("hostname",), f"workers.hostname: {bad[1]} (worker {bad[0].index})")
     return tuple(nodes)
 
 
@@ -764,7 +764,7 @@ def _check_addresses(r: _Reader, network: IPv4Network, master: Master, workers: 
         seen_addresses.setdefault(node.address, node.hostname)
 
 
-def _read_master(r: _Reader, network: IPv4Network) -> Master:
+def _read_master(r: _Reader, network: IPv4Network, interface: str) -> Master:
     kp = ("master",)
     r.section(kp)
     r.section(kp + ("dhcp",))
@@ -775,7 +775,7 @@ def _read_master(r: _Reader, network: IPv4Network) -> Master:
     end = r.value(kp + ("dhcp", "end"), network.network_address + 64) or IPv4Address(0)
     lease = r.value(kp + ("dhcp", "lease")) or "24h"
     uplink = r.value(kp + ("uplink", "interface")) or "wlan0"
-    if uplink == r.value(("network", "interface")):
+    if uplink == interface:
         r.error(kp + ("uplink", "interface"), f"master.uplink.interface is {uplink}, the cluster LAN's port: "
                                               "the uplink must be another interface")
     nat = r.value(kp + ("uplink", "nat"))
@@ -849,7 +849,7 @@ def load(path: Path) -> Profile:
                                        "(such as 192.168.5.0/24, 10.0.0.0/16 or 172.16.0.0/24)")
     interface = r.value(("network", "interface")) or "eth0"
     user = _read_user(r)
-    master = _read_master(r, network)
+    master = _read_master(r, network, interface)
     workers = _read_workers(r, network)
     _check_addresses(r, network, master, workers)
     worker_packages = _read_packages(r, ("workers", "packages"))

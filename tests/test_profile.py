@@ -294,3 +294,10 @@ def test_the_readme_lists_every_environment_variable() -> None:
     outside = [p.name for p in (REPO / "builder").glob("*.py")
                if p.name != "environment.py" and re.search(r"os\.environ|getenv", p.read_text())]
     assert outside == ["packages.py"], outside  # it hands apt the whole environment, and reads nothing of it
+
+
+def test_a_setting_read_by_two_readers_is_reported_once(operator_key: Path, tmp_path: Path) -> None:
+    path = write_profile(tmp_path, f'user:\n  ssh_keys: [{operator_key}]\nnetwork:\n  interface: "bad name!"\n')
+    with pytest.raises(ProfileError) as raised:
+        load(path)
+    assert raised.value.problems == [f"{path}:4: network.interface: 'bad name!' is not a valid interface name"]
