@@ -30,7 +30,7 @@ from builder.keys import KeyStore
 from builder.packages import AptInputs, Deb
 from builder.facts import BaseFacts, BaseReads, remembered
 from builder.outputs import BuiltImage, read_manifest, update_manifest, write_ssh_files
-from builder.plan import NodePlan, plan_node
+from builder.plan import NodePlan, check_plan, plan_node
 from builder.profile import Node, Profile
 from builder.release import Release
 
@@ -49,6 +49,7 @@ class Options:
 
 def plans_for(profile: Profile, nodes: tuple[Node, ...], release: Release, keys: KeyStore,
               debs: dict[tuple[str, ...], tuple[Deb, ...]] | None = None) -> list[NodePlan]:
+    check_plan(profile, nodes, release)
     # Every node's host key exists before any plan is made: each node's
     # ssh_known_hosts lists the whole cluster.
     for node in profile.nodes:
@@ -139,6 +140,7 @@ def _plans(profile: Profile, nodes: tuple[Node, ...], facts: BaseFacts, options:
     if release.caveat:
         log.warning("warning: %s", release.caveat)
     if debs is None:
+        check_plan(profile, nodes, release)
         debs = stage_packages(profile, nodes, facts.apt, options.cache)
     return plans_for(profile, nodes, release, keys, debs)
 

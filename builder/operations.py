@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar, Union
 
 from builder.errors import BuildError
+from builder.profile import destination_problem
 from builder.realize import ABSENT, ROOT, Changes, Stat, under
 
 if TYPE_CHECKING:
@@ -64,14 +65,17 @@ class Write(_Op):
     mode: int = 0o644
     owner: tuple[int, int] = ROOT
     secret: bool = False
+    # for a profile's `files:` entry, where it is listed: "profiles/cluster.yaml:12: master.files[0]"
+    origin: str = ""
     name: ClassVar[str] = "write"
 
     def describe(self) -> dict[str, str]:
         out = {**super().describe(), "mode": f"{self.mode:04o}", "owner": f"{self.owner[0]}:{self.owner[1]}"}
+        # A secret shows its size and sha256 only: enough to tell which version went in.
+        out["sha256"] = hashlib.sha256(self.content).hexdigest()
         if self.secret:
-            out["summary"] = f"<secret, {len(self.content)} bytes, redacted>"
+            out["summary"] = f"<secret, {len(self.content)} bytes, sha256 {out['sha256'][:16]}, redacted>"
         else:
-            out["sha256"] = hashlib.sha256(self.content).hexdigest()
             out["summary"] = _summary(self.content.decode(errors="replace"))
         return out
 
@@ -79,7 +83,25 @@ class Write(_Op):
         return _block_rounded(len(self.content))
 
     def play(self, tree: Tree, changes: Changes) -> None:
-        tree.write(tree.resolve(self.path), self.content, self.mode, self.owner)
+        where = f"{self.origin}: " if self.origin else ""
+        try:
+            path = tree.resolve(self.path)
+        except BuildError as e:
+            raise BuildError(where + e.message) from None
+        if tree.lstat(path).kind == "dir":
+            raise BuildError(f"{where}cannot write {self.path}: it is a folder in the image")
+        if self.origin:
+            problem = destination_problem(path) if path != self.path else None
+            if problem:
+                raise BuildError(f"{where}{self.path} leads to {problem}")
+            if path in tree.claimed:
+                raise BuildError(f"{where}{path} is written by {tree.claimed[path]} too")
+            if path in tree.state:
+                shown = self.path if path == self.path else f"{self.path} (which is {path} in the image)"
+                raise BuildError(f"{where}pibake writes {shown} itself: choose another path")
+        tree.write(path, self.content, self.mode, self.owner)
+        if self.origin:
+            tree.claimed[path] = self.origin
 
 
 @dataclass(frozen=True)
@@ -93,7 +115,7 @@ class Mkdir(_Op):
         return {**super().describe(), "mode": f"{self.mode:04o}", "owner": f"{self.owner[0]}:{self.owner[1]}"}
 
     def play(self, tree: Tree, changes: Changes) -> None:
-        tree.state[self.path] = Stat("dir", self.mode, self.owner)
+        tree.put(tree.resolve(self.path), Stat("dir", self.mode, self.owner))
 
 
 @dataclass(frozen=True)
@@ -117,7 +139,7 @@ class Symlink(_Op):
         # A link that would dangle in the image is refused, as virt-customize --link does.
         if self.target != MASK and tree.lstat(tree.resolve(self.leads_to)).kind == "absent":
             raise BuildError(f"cannot link {self.path} to {self.target}: it does not exist in the image")
-        tree.state[self.path] = Stat("link", 0o777, ROOT, self.target)
+        tree.put(tree.resolve_parent(self.path), Stat("link", 0o777, ROOT, self.target))
 
 
 @dataclass(frozen=True)
@@ -126,14 +148,14 @@ class Delete(_Op):
     name: ClassVar[str] = "delete"
 
     def play(self, tree: Tree, changes: Changes) -> None:
-        if tree.lstat(self.path).kind == "dir":
+        path = tree.resolve_parent(self.path)
+        if tree.lstat(path).kind == "dir":
             raise BuildError(f"cannot delete {self.path}: it is a directory in the image")
-        if self.path in tree.state or tree.lstat(self.path).kind != "absent":
-            in_base = tree.base.lstat(tree.base_path(self.path)) is not None
-            tree.state[self.path] = ABSENT
-            tree.contents.pop(self.path, None)
+        if path in tree.state or tree.lstat(path).kind != "absent":
+            in_base = tree.base.lstat(tree.base_path(path)) is not None
+            tree.put(path, ABSENT)
             if in_base:
-                (changes.boot_deletes if tree.on_boot(self.path) else changes.deletes).append(self.path)
+                (changes.boot_deletes if tree.on_boot(path) else changes.deletes).append(path)
 
 
 @dataclass(frozen=True)

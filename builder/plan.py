@@ -42,6 +42,8 @@ class NodePlan:
         h = hashlib.sha256(f"{__version__}\0{base_sha256}\0{self.release.codename}\0".encode())
         for op in self.ops:
             for name, value in vars(op).items():
+                if name == "origin":  # a profile's line numbers do not change an image
+                    continue
                 data = value if isinstance(value, bytes) else repr(value).encode()
                 h.update(name.encode() + b"\0" + hashlib.sha256(data).digest())
             h.update(type(op).__name__.encode() + b"\n")
@@ -306,7 +308,11 @@ def _read_once(path: Path) -> bytes:
 
 def configure_extra_files(ctx: _Context) -> None:
     for extra in ctx.profile.files(ctx.node):
-        ctx.ops.append(Write(extra.path, extra.content, extra.mode, (extra.uid, extra.gid)))
+        ours = next((op for op in ctx.ops if op.path == extra.path), None)
+        if ours:
+            raise BuildError(f"{extra.origin}: pibake writes {extra.path} itself ({ours.name} {ours.path}): "
+                             "choose another path")
+        ctx.ops.append(Write(extra.path, extra.content, extra.mode, (extra.uid, extra.gid), extra.secret, extra.origin))
 
 
 def enable_units(ctx: _Context) -> None:
@@ -342,3 +348,21 @@ def plan_node(profile: Profile, node: Node, release: Release, keys: KeyStore, de
 
 def known_hosts(profile: Profile, keys: KeyStore) -> str:
     return _known_hosts(profile, keys)
+class _MadeUpKeys(KeyStore):
+    """Keys that are neither read nor kept: for a plan made only to be checked."""
+
+    def __init__(self) -> None:
+        super().__init__(Path("/nonexistent"))
+
+    def _pair(self, name: str, comment: str) -> KeyPair:
+        return KeyPair(b"", f"ssh-ed25519 {name} {comment}")
+
+
+def check_plan(profile: Profile, nodes: tuple[Node, ...], release: Release) -> None:
+    """Plan one node of each role with made-up keys, so that a profile the plan refuses
+    (a `files:` entry on a path pibake writes, say) is refused before any key is made
+    or package downloaded."""
+    for role in sorted({node.role for node in nodes}):
+        plan_node(profile, next(n for n in nodes if n.role == role), release, _MadeUpKeys())
+
+

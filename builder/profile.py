@@ -80,6 +80,34 @@ def _check_interface(value: str) -> Optional[str]:
     return None if INTERFACE_RE.fullmatch(value) else f"{_q(value)} is not a valid interface name"
 
 
+# The node mounts fresh file systems over these at boot: a file baked there would never be seen.
+HIDDEN_AT_BOOT = ("/proc", "/sys", "/dev", "/run", "/tmp")
+
+
+def destination_problem(path: str) -> Optional[str]:
+    """The rule a `files:` destination meets: a clean absolute path to a file, where the
+    node will see it. Checked on the path as typed, and again on the path it resolves
+    to inside the image."""
+    parts = path.split("/")
+    if not path.startswith("/") or path == "/":
+        return f"{_q(path)} must be an absolute path to a file, like /etc/motd"
+    if path.endswith("/"):
+        return f"{_q(path)} ends in '/': name the file, not a folder"
+    if any(part in ("", ".", "..") for part in parts[1:]):
+        return f"{_q(path)} is not a clean path (no '//', '/./' or '/../')"
+    if any(len(part.encode()) > 255 for part in parts):
+        return f"{_q(path)} has a name longer than 255 bytes"
+    hidden = next((top for top in HIDDEN_AT_BOOT if path == top or path.startswith(top + "/")), None)
+    if hidden:
+        return f"{_q(path)} is under {hidden}, which the node mounts afresh at boot: the file would never be seen"
+    return None
+
+
+def is_private_key(content: bytes) -> bool:
+    """OpenSSH, PEM and PKCS#8 private keys, encrypted or not, and PuTTY's."""
+    return bool(re.search(rb"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----|^PuTTY-User-Key-File-", content, re.M))
+
+
 def _check_url(value: str) -> Optional[str]:
     return None if is_url(value) else f"{_q(value)} is not an http(s) URL"
 
@@ -126,8 +154,8 @@ class Setting:
 def _file_settings(role: str) -> tuple[Setting, ...]:
     return (
         Setting(f"{role}.files[].source", str, None, "file on this machine to copy (relative to the profile)"),
-        Setting(f"{role}.files[].path", str, None, "where it goes in the image: an absolute path",
-            lambda v: None if v.startswith("/") and ".." not in v.split("/") else f"{_q(v)} must be an absolute path inside the image"),
+        Setting(f"{role}.files[].path", str, None, "where it goes in the image: an absolute path to a file, "
+                "not one pibake writes itself", destination_problem),
         Setting(f"{role}.files[].mode", str, "0644", "octal mode, quoted or not (`0600`, `644`, `\"0640\"`)"),
         Setting(f"{role}.files[].owner", str, "root", "`root`, `USER` (the login user) or `UID:GID`"),
     )
@@ -246,6 +274,12 @@ class ExtraFile:
     uid: int
     gid: int
     content: bytes = field(default=b"", repr=False)  # read once, for every node that gets it
+    origin: str = ""  # where the profile lists it: "profiles/cluster.yaml:12: master.files[0]"
+
+    @property
+    def secret(self) -> bool:
+        """Not for everyone's eyes: plans and manifests show its size and sha256 only."""
+        return not self.mode & 0o004 or is_private_key(self.content)
 
 
 @dataclass(frozen=True)
@@ -630,7 +664,10 @@ def _read_files(r: _Reader, keypath: KeyPath) -> tuple[ExtraFile, ...]:
         if uid_gid is None:
             r.error(kp + ("owner",), f"owner {_q(owner)} must be root, USER (the login user) or UID:GID")
             uid_gid = (0, 0)
-        out.append(ExtraFile(source, dest, mode, *uid_gid, content or b""))
+        if content and is_private_key(content) and mode & 0o004:
+            r.error(kp + ("mode",), f"{_dotted(kp)}: {_short(str(source))} is a private key, and mode {mode:04o} "
+                                   "would let everyone on the node read it: use 0600")
+        out.append(ExtraFile(source, dest, mode, *uid_gid, content or b"", f"{r.where(kp + ('path',))}: {_dotted(kp)}"))
     return tuple(out)
 
 

@@ -84,6 +84,7 @@ class Tree:
         self.state: dict[str, Stat] = {}
         self.contents: dict[str, bytes] = {}
         self.moved: list[tuple[str, str]] = []  # (from, to): the base's paths under `to` are read from `from`
+        self.claimed: dict[str, str] = {}  # resolved path -> the profile's `files:` entry that writes it
 
     def base_path(self, path: str) -> str:
         for old, new in reversed(self.moved):
@@ -105,20 +106,54 @@ class Tree:
         return self.base.read(self.base_path(path))
 
     def resolve(self, path: str) -> str:
-        """Follow symlinks inside the image, as writing through the path would."""
-        for _ in range(8):
-            st = self.lstat(path)
-            if st.kind != "link":
-                return path
-            path = posixpath.normpath(posixpath.join(posixpath.dirname(path), st.target))
-        return path
+        """The path with every symlink in it followed inside the image, as the node will see
+        it (an absolute link leads from the image's root, not the build machine's), so that
+        what is written lands where the node looks."""
+        todo = path.strip("/").split("/")
+        done = ""
+        links = 0
+        while todo:
+            name = todo.pop(0)
+            if name in ("", "."):
+                continue
+            if name == "..":
+                done = done.rsplit("/", 1)[0]
+                continue
+            here = f"{done}/{name}"
+            st = self.lstat(here)
+            if st.kind == "link":
+                links += 1
+                if links > 40:  # as the kernel's ELOOP
+                    raise BuildError(f"cannot follow {path} in the image: too many symbolic links")
+                if st.target.startswith("/"):
+                    done = ""
+                todo[:0] = st.target.split("/")
+                continue
+            if todo and st.kind not in ("dir", "absent"):
+                raise BuildError(f"cannot write {path}: {here} is not a folder in the image")
+            done = here
+        return done or "/"
+
+    def resolve_parent(self, path: str) -> str:
+        """The path with the symlinks in its folders followed, its last name kept as it is."""
+        folder, name = posixpath.split(path)
+        return posixpath.join(self.resolve(folder), name)
+
+    def put(self, path: str, st: Stat, content: bytes | None = None) -> None:
+        """Record a change at a resolved path; a path a `files:` entry claims is refused."""
+        if path in self.claimed:
+            raise BuildError(f"{self.claimed[path]}: pibake writes {path} itself: choose another path")
+        self.state[path] = st
+        if content is None:
+            self.contents.pop(path, None)
+        else:
+            self.contents[path] = content
 
     def on_boot(self, path: str) -> bool:
         return under(path, self.boot_dir)
 
     def write(self, path: str, content: bytes, mode: int, owner: tuple[int, int]) -> None:
-        self.state[path] = Stat("file", mode, owner)
-        self.contents[path] = content
+        self.put(path, Stat("file", mode, owner), content)
 
     def text(self, path: str) -> str:
         return self.read(path).decode("utf-8", "surrogateescape")
@@ -155,5 +190,8 @@ def under(path: str, folder: str) -> bool:
 
 
 def paths_read(plans: list[NodePlan]) -> set[str]:
-    """Every path the plans look at in the base: what to ask the appliance for in one go."""
-    return {path for plan in plans for op in plan.ops for path in op.reads()}
+    """Every path the plans look at in the base, and the folders above them (resolving a
+    path looks at each): what to ask the appliance for in one go."""
+    paths = {path for plan in plans for op in plan.ops for path in op.reads()}
+    folders = {path[:i] for path in paths for i, c in enumerate(path) if c == "/" and i}
+    return paths | folders

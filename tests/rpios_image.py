@@ -113,7 +113,17 @@ def _write(root: Path, path: str, text: str, mode: int = 0o644, owner: tuple[int
     os.chmod(target, mode)
 
 
+# Links every Debian root has: /usr merged (relative links), /var/run and /var/lock into
+# /run (absolute), and openssl's certificate folder (absolute, under a merged folder).
+LINKS = {"/bin": "usr/bin", "/sbin": "usr/sbin", "/lib": "usr/lib", "/var/run": "/run", "/var/lock": "/run/lock",
+         "/usr/lib/ssl/certs": "/etc/ssl/certs"}
+
+
 def _root_tree(root: Path, layout: Layout, rpios: bool) -> None:
+    for folder in ("usr/bin", "usr/sbin", "usr/lib/ssl", "etc/ssl/certs", "run", "var"):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+    for link, target in LINKS.items():
+        os.symlink(target, root / link.lstrip("/"))
     if rpios:
         _write(root, "/usr/lib/os-release", _os_release(layout))
         (root / "etc").mkdir(parents=True, exist_ok=True)
@@ -207,12 +217,13 @@ def _fill(filesystem: Path, leave_blocks: int) -> None:
 
 
 def make_image(path: Path, codename: str = "bookworm", rpios: bool = True, root_size: int = ROOT_SIZE,
-               full: bool = False, data_bytes: int = 0, without: tuple[str, ...] = ()) -> Path:
+               full: bool = False, data_bytes: int = 0, without: tuple[str, ...] = (),
+               extra: dict[str, str] | None = None) -> Path:
     """Write a Raspberry Pi OS-shaped image to `path`.
 
     `full` leaves the root file system with a few dozen free blocks, too few for a bake.
     `data_bytes` adds a file of random bytes, so the image holds as much data as a real one.
-    `without` leaves those files out of the root file system.
+    `without` leaves those files out of the root file system; `extra` adds or replaces files.
     """
     layout = LAYOUTS[codename]
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
@@ -221,6 +232,8 @@ def make_image(path: Path, codename: str = "bookworm", rpios: bool = True, root_
         _root_tree(root, layout, rpios)
         for left_out in without:
             (root / left_out.lstrip("/")).unlink()
+        for added, content in (extra or {}).items():
+            _write(root, added, content)
         if data_bytes:
             (root / "opt").mkdir(exist_ok=True)
             with open(root / "opt/data.bin", "wb") as data, open("/dev/urandom", "rb") as random:

@@ -135,6 +135,18 @@ def test_a_link_that_would_dangle_is_refused(project: Path) -> None:
 
 
 @pytest.mark.image
+def test_a_file_that_leads_where_the_node_would_not_see_it_is_refused(project: Path) -> None:
+    image = make_image(project / "base.img")
+    (project / "profiles/app.pid").write_text("1\n")
+    profile = project / "profiles/cluster.yaml"
+    profile.write_text(profile.read_text() + "master:\n  files:\n    - {source: app.pid, path: /var/lock/app/pid}\n")
+    line = len(profile.read_text().splitlines())
+    result = run_pibake("build", "master", "--image", str(image), cwd=project)
+    assert_clean_failure(result, project, f"master: profiles/cluster.yaml:{line}: master.files[0]: /var/lock/app/pid leads to "
+                                          "'/run/lock/app/pid' is under /run, which the node mounts afresh at boot")
+
+
+@pytest.mark.image
 def test_root_file_system_too_full(project: Path) -> None:
     image = make_image(project / "full.img", full=True)
     result = run_pibake("build", "worker", "--count", "1", "--image", str(image), cwd=project)
