@@ -11,7 +11,7 @@ from typing import Any, Callable, Optional
 
 import click
 
-from builder import __version__, progress
+from builder import __version__, progress, urls
 from builder.build import Options, build, inspect_release, plans_for
 from builder.errors import BuildError, ProfileError
 from builder.keys import KeyStore
@@ -36,10 +36,22 @@ Examples:
 """
 
 
+class _Shown(logging.Formatter):
+    """Every log line with the credentials in its URLs hidden."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return urls.shown(super().format(record))
+
+
+def _error(text: str) -> None:
+    """An error line for the user, with the credentials in its URLs hidden."""
+    click.echo(urls.shown(text), err=True)
+
+
 def _setup_logging(verbose: int, quiet: bool) -> None:
     level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("pibake: %(message)s"))
+    handler.setFormatter(_Shown("pibake: %(message)s"))
     log.handlers[:] = [handler]
     log.setLevel(level)
     log.propagate = False
@@ -194,9 +206,9 @@ def images(image_spec: Optional[str], profiles: Path) -> None:
     for spec in offered:
         mark = "*" if chosen is not None and spec.url == chosen.url else " "
         size = f"{spec.download_size / 2**20:.0f} MiB" if spec.download_size else "?"
-        click.echo(f"{mark} {spec.release_date}  {spec.codename:<9} {size:>9}  {spec.name}  {spec.url}")
+        click.echo(f"{mark} {spec.release_date}  {spec.codename:<9} {size:>9}  {spec.name}  {urls.shown(spec.url)}")
     if chosen is not None and all(spec.url != chosen.url for spec in offered):
-        click.echo(f"* {chosen.release_date}  {chosen.codename:<9} {'':>9}  (archived)  {chosen.url}")
+        click.echo(f"* {chosen.release_date}  {chosen.codename:<9} {'':>9}  (archived)  {urls.shown(chosen.url)}")
 
 
 @cli.group("cache")
@@ -247,15 +259,15 @@ def main() -> None:
         # ru_maxrss is in KiB on Linux; this process only, not xz or qemu
         log.debug("peak RSS: %.1f MiB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     except ProfileError as e:
-        click.echo(f"pibake: the profile has {len(e.problems)} problem(s):", err=True)
+        _error(f"pibake: the profile has {len(e.problems)} problem(s):")
         for problem in e.problems:
-            click.echo(f"  {problem}", err=True)
+            _error(f"  {problem}")
         sys.exit(e.exit_code)
     except BuildError as e:
         if _interrupted:
             click.echo(INTERRUPTED, err=True)
             sys.exit(130)
-        click.echo(f"pibake: error: {e}", err=True)
+        _error(f"pibake: error: {e}")
         sys.exit(e.exit_code)
     except (KeyboardInterrupt, click.exceptions.Abort):
         click.echo(INTERRUPTED, err=True)
@@ -266,6 +278,6 @@ def main() -> None:
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
     except OSError as e:
-        click.echo(f"pibake: error: {e.strerror or e}{': ' + e.filename if getattr(e, 'filename', None) else ''}", err=True)
+        _error(f"pibake: error: {e.strerror or e}{': ' + e.filename if getattr(e, 'filename', None) else ''}")
         sys.exit(1)
 

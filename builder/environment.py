@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
+from builder import urls
 from builder.errors import BuildError
 
 # name -> what it sets: the README's table is made from this (tests/test_profile.py checks)
@@ -65,15 +66,14 @@ def signing_key_urls() -> Optional[list[str]]:
 
 def apt_mirrors() -> tuple[dict[str, str], list[str]]:
     """PIBAKE_APT_MIRRORS as {source: mirror}, and the pairs that are not source=mirror."""
-    from builder.catalog import is_url  # catalog reads this module too
-
     mirrors, problems = {}, []
     for pair in (_get("PIBAKE_APT_MIRRORS") or "").split():
         old, _, new = pair.partition("=")
-        if is_url(old) and is_url(new):
-            mirrors[old] = new
+        problem = (urls.problem(old) or urls.problem(new)) if new else f"{urls.shown(pair)[:80]!r} is not source-URL=mirror-URL"
+        if problem:
+            problems.append(f"PIBAKE_APT_MIRRORS: {problem}")
         else:
-            problems.append(f"PIBAKE_APT_MIRRORS: '{pair}' is not source-URL=mirror-URL")
+            mirrors[old] = new
     return mirrors, problems
 
 

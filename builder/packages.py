@@ -33,6 +33,10 @@ APT_FILES = ("/etc/apt/sources.list", "/etc/apt/trusted.gpg", "/etc/apt/preferen
 APT_DIRS = ("/etc/apt/sources.list.d", "/etc/apt/trusted.gpg.d", "/etc/apt/preferences.d")
 STATUS = "/var/lib/dpkg/status"
 SIGNED_BY = re.compile(r"(signed-by=|^Signed-By:\s*)(/\S+?)(?=[\s\]]|$)", re.I | re.M)
+# Source options that turn apt's signature checks off, one-line (`[trusted=yes]`) or
+# deb822 (`Trusted: yes`): the build drops them, so every source it reads is checked.
+UNCHECKED = re.compile(r"(?<=[\[\s])(trusted|allow-insecure|allow-weak|allow-downgrade-to-insecure)=[^\s\]]*"
+                       r"|^(Trusted|Allow-Insecure|Allow-Weak|Allow-Downgrade-To-Insecure):[^\n]*\n?", re.I | re.M)
 
 
 @dataclass(frozen=True)
@@ -179,7 +183,7 @@ class _Apt:
             if path.startswith("/etc/apt/"):
                 target = root / path.lstrip("/")
                 if path.endswith((".list", ".sources")):
-                    content = self._rewrite(content.decode("utf-8", "replace")).encode()
+                    content = self._rewrite(path, content.decode("utf-8", "replace")).encode()
                 target.write_bytes(content)
             elif path in (STATUS, "/var/lib/dpkg/arch"):
                 (root / path.lstrip("/")).write_bytes(content)
@@ -197,11 +201,19 @@ class _Apt:
             'Acquire::Languages "none";\n'
             'APT::Install-Recommends "false";\n'
             f'APT::Sandbox::User "{user}";\n'
+            'Acquire::AllowInsecureRepositories "false";\n'
+            'Acquire::AllowWeakRepositories "false";\n'
+            'Acquire::AllowDowngradeToInsecureRepositories "false";\n'
+            'APT::Get::AllowUnauthenticated "false";\n'
             'Debug::NoLocking "true";\n'
         )
         self.env = {**os.environ, "APT_CONFIG": str(root / "apt.conf"), "LC_ALL": "C.UTF-8"}
 
-    def _rewrite(self, text: str) -> str:
+    def _rewrite(self, path: str, text: str) -> str:
+        for found in UNCHECKED.finditer(text):
+            log.warning("warning: %s: ignoring '%s': pibake checks the signature of every package source",
+                        path, found[0].strip())
+        text = re.sub(r"\[\s*\]\s*", "", UNCHECKED.sub("", text))
         for old, new in self.mirrors.items():
             text = re.sub(rf"(?<=\s){re.escape(old.rstrip('/'))}(?=/?(\s|$))", new.rstrip("/"), text)
         return SIGNED_BY.sub(lambda m: m[1] + str(self.root / "keyrings" / _flat(m[2])), text)

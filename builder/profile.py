@@ -18,8 +18,8 @@ import yaml
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.serialization import load_ssh_public_key
 
-from builder import environment
-from builder.catalog import is_url, parse_spec
+from builder import environment, urls
+from builder.catalog import parse_spec
 from builder.errors import BuildError, ProfileError
 from builder.files import read_regular
 
@@ -109,7 +109,7 @@ def is_private_key(content: bytes) -> bool:
 
 
 def _check_url(value: str) -> Optional[str]:
-    return None if is_url(value) else f"{_q(value)} is not an http(s) URL"
+    return urls.problem(value)
 
 
 def _check_release(value: str) -> Optional[str]:
@@ -909,9 +909,13 @@ def _read_apt_mirrors(r: _Reader) -> dict[str, str]:
     raw = r.value(kp) or {}
     mirrors: dict[str, str] = {}
     for old, new in raw.items():
-        if not (isinstance(old, str) and is_url(old) and isinstance(new, str) and is_url(new)) \
-                or _text_problem(old) or _text_problem(new):
-            r.error(kp + (old,), f"apt.mirrors maps a source URL to a mirror URL, both http(s): not {_q(str(old))}")
+        if not (isinstance(old, str) and isinstance(new, str)):
+            r.error(kp + (old,), f"apt.mirrors maps a source URL to a mirror URL: not {_kind_name(type(old))} to "
+                                 f"{_kind_name(type(new))}")
+            continue
+        problem = urls.problem(old) or urls.problem(new)
+        if problem:
+            r.error(kp + (old,), f"apt.mirrors: {problem}")
         else:
             mirrors[old] = new
     from_environment, problems = environment.apt_mirrors()

@@ -8,6 +8,7 @@ rather than the machine.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import resource
 import subprocess
@@ -165,3 +166,122 @@ def test_values_accepted_silently_wrong_before_are_refused(workdir: Path, key: s
                                                           words: list[str]) -> None:
     write_profile(workdir, f"{body}user:\n  ssh_keys: [{key}]\n")
     assert_refused(workdir, plan(workdir), f"cluster.yaml:{line}: ", *words)
+
+
+# A `files:` destination is a clean absolute path to a file the node will see.
+@pytest.mark.parametrize("path, words", [
+    ('"/etc/shadow\\0.x"', ["control character"]),
+    ("/etc//hostname", ["not a clean path"]),
+    ("/./etc/shadow", ["not a clean path"]),
+    ("/etc/ssh/../shadow", ["not a clean path"]),
+    ("/etc/motd.d/", ["ends in '/'"]),
+    ("/", ["absolute path to a file"]),
+    ("etc/motd", ["absolute path to a file"]),
+    ("~/motd", ["absolute path to a file"]),
+    ("/run/pibake.pid", ["under /run", "never be seen"]),
+    ("/proc/sys/net/ipv4/ip_forward", ["under /proc"]),
+    ("/dev/sda", ["under /dev"]),
+    ("/tmp/token", ["under /tmp"]),
+    ("/etc/" + "n" * 256, ["longer than 255 bytes"]),
+])
+def test_files_destinations_must_be_clean_file_paths(workdir: Path, key: str, path: str, words: list[str]) -> None:
+    (workdir / "motd").write_text("hello\n")
+    write_profile(workdir, f"user:\n  ssh_keys: [{key}]\nworkers:\n  files:\n    - source: motd\n      path: {path}\n")
+    assert_refused(workdir, plan(workdir), "cluster.yaml:6: ", *words)
+
+
+@pytest.mark.parametrize("role, path, ours", [
+    ("master", "/etc/hostname", "write /etc/hostname"),
+    ("workers", "/etc/ssh/pibake/ssh_host_ed25519_key", "write /etc/ssh/pibake/ssh_host_ed25519_key"),
+    ("master", "/etc/shadow", "edit /etc/shadow"),
+    ("workers", "/home/pi/.ssh/authorized_keys", "write /home/pi/.ssh/authorized_keys"),
+    ("master", "/etc/pibake/packages", "write /etc/pibake/packages"),
+])
+def test_files_never_replace_what_pibake_writes(workdir: Path, key: str, role: str, path: str, ours: str) -> None:
+    (workdir / "mine").write_text("mine\n")
+    write_profile(workdir, f"user:\n  ssh_keys: [{key}]\n{role}:\n  files:\n    - {{source: mine, path: {path}}}\n")
+    assert_refused(workdir, plan(workdir), "cluster.yaml:5: ", f"{role}.files[0]", f"pibake writes {path} itself ({ours})")
+
+
+PRIVATE_KEYS = [
+    "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAA\n-----END OPENSSH PRIVATE KEY-----\n",
+    "-----BEGIN RSA PRIVATE KEY-----\nMIIEpAIBAAKCAQEA\n-----END RSA PRIVATE KEY-----\n",
+    "-----BEGIN ENCRYPTED PRIVATE KEY-----\nMIIFHDBOBgkqhkiG9w0BBQ0w\n-----END ENCRYPTED PRIVATE KEY-----\n",
+    "# a comment first\n-----BEGIN EC PRIVATE KEY-----\nMHcCAQEEIB\n-----END EC PRIVATE KEY-----\n",
+    "PuTTY-User-Key-File-3: ssh-ed25519\nEncryption: none\n",
+]
+
+
+@pytest.mark.parametrize("content", PRIVATE_KEYS)
+@pytest.mark.parametrize("mode", ["0644", "0604", "755"])
+def test_a_private_key_never_goes_where_everyone_reads_it(workdir: Path, key: str, content: str, mode: str) -> None:
+    (workdir / "deploy_key").write_text(content)
+    write_profile(workdir, f"user:\n  ssh_keys: [{key}]\nmaster:\n  files:\n"
+                           f"    - {{source: deploy_key, path: /root/.ssh/id_deploy, mode: {mode}}}\n")
+    assert_refused(workdir, plan(workdir), "cluster.yaml:5: ", "master.files[0]", "is a private key", "use 0600")
+
+
+@pytest.mark.parametrize("content, mode", [("token: s3cr3t-9f8e7d\n", "0600"), ("token: s3cr3t-9f8e7d\n", "0640"),
+                                           ("token: s3cr3t-9f8e7d\n", "0400"), (PRIVATE_KEYS[0], "0600")])
+def test_files_that_are_not_for_everyone_show_only_size_and_sha256(workdir: Path, key: str, content: str,
+                                                                 mode: str) -> None:
+    (workdir / "token").write_text(content)
+    write_profile(workdir, f"user:\n  ssh_keys: [{key}]\nworkers:\n  files:\n"
+                           f"    - {{source: token, path: /etc/app/token, mode: {mode}}}\n")
+    result = plan(workdir)
+    assert result.returncode == 0, result.stderr
+    assert "s3cr3t" not in result.stdout + result.stderr and "PRIVATE" not in result.stdout + result.stderr
+    shown = [line for line in result.stdout.splitlines() if "/etc/app/token" in line]
+    digest = hashlib.sha256(content.encode()).hexdigest()
+    assert len(shown) == 5  # workers.count's default
+    assert all(line.endswith(f"<secret, {len(content)} bytes, sha256 {digest[:16]}, redacted>") for line in shown), shown
+
+
+# Every URL meets one rule; the credentials in one are never shown.
+BAD_URLS = [
+    ("http://mirror.lan/debian [trusted=yes]", "spaces and control characters"),
+    ("http://mirror.lan/debian]", "may not hold"),
+    ("http://mirror.lan/de\"bian", "may not hold"),
+    ("http://mirror.lan/%zz", "may not hold"),
+    ("ftp://mirror.lan/debian", "not an http:// or https:// URL"),
+    ("file:///srv/debian", "not an http:// or https:// URL"),
+    ("http:/mirror.lan/debian", "not an http:// or https:// URL"),
+    ("http:///debian", "no valid host name"),
+    ("http://-mirror/debian", "no valid host name"),
+    ("http://[fe80::zz]/debian", "is not a URL"),
+    ("http://mirror.lan:99999/debian", "is not a URL"),
+    ("http://mirror.lan/debian#main", "fragment"),
+]
+
+
+@pytest.mark.parametrize("url, words", BAD_URLS)
+@pytest.mark.parametrize("where", ["mirror", "source", "image.url", "image.download_base"])
+def test_urls_are_checked_as_urls(workdir: Path, key: str, url: str, words: str, where: str) -> None:
+    body = {
+        "mirror": f"apt:\n  mirrors:\n    http://deb.debian.org/debian: '{url}'\n",
+        "source": f"apt:\n  mirrors:\n    '{url}': http://mirror.lan/debian\n",
+        "image.url": f"image:\n  url: '{url}'\n",
+        "image.download_base": f"image:\n  download_base: '{url}'\n",
+    }[where]
+    write_profile(workdir, f"user:\n  ssh_keys: [{key}]\n{body}")
+    assert_refused(workdir, plan(workdir), "cluster.yaml:5: " if where in ("mirror", "source") else "cluster.yaml:4: ",
+                   words)
+
+
+@pytest.mark.parametrize("url, words", BAD_URLS[:6])
+def test_mirror_urls_from_the_environment_are_checked_too(workdir: Path, key: str, url: str, words: str) -> None:
+    write_profile(workdir, f"user:\n  ssh_keys: [{key}]\n")
+    result = plan(workdir, PIBAKE_APT_MIRRORS=f"http://deb.debian.org/debian={url.split()[0]}x{url[len(url.split()[0]):]}"
+                  if " " in url else f"http://deb.debian.org/debian={url}")
+    assert_refused(workdir, result, "PIBAKE_APT_MIRRORS: ")
+
+
+@pytest.mark.parametrize("url", ["http://alice:S3cretPw@mirror lan/debian", "https://token-9z8y7x@mirror.lan/de]bian",
+                                 "http://bob:Pw%40x@[fe80::zz]/debian", "ftp://carol:hunter2@mirror.lan/"])
+def test_credentials_in_a_bad_url_are_never_echoed(workdir: Path, key: str, url: str) -> None:
+    write_profile(workdir, f"user:\n  ssh_keys: [{key}]\napt:\n  mirrors:\n    http://deb.debian.org/debian: '{url}'\n")
+    for result in (plan(workdir), plan(workdir, PIBAKE_APT_MIRRORS=f"http://deb.debian.org/debian={url.replace(' ', '')}")):
+        assert result.returncode != 0
+        secret = url.split("//")[1].split("@")[0]
+        assert secret not in result.stderr and secret.split(":")[-1] not in result.stderr, result.stderr
+        assert "***@" in result.stderr, result.stderr

@@ -82,11 +82,31 @@ def test_archive_signed_by_a_key_the_image_does_not_trust(project: Path, tmp_pat
     assert "is not signed" in result.stderr or "NO_PUBKEY" in result.stderr, result.stderr
 
 
+def test_sources_the_image_marks_trusted_are_checked_all_the_same(project: Path, tmp_path_factory) -> None:
+    # One-line and deb822, as an image (or a careless mirror entry) might say them.
+    make_image(project / "trusting.img", extra={
+        "/etc/apt/sources.list": "deb [arch=arm64 trusted=yes] http://deb.debian.org/debian bookworm main\n",
+        "/etc/apt/sources.list.d/extra.sources": "Types: deb\nURIs: http://deb.debian.org/debian\nSuites: bookworm\n"
+                                                 "Components: main\nAllow-Insecure: yes\nTrusted: yes\n"})
+    impostor = Mirror(apt_repo.build(tmp_path_factory.mktemp("impostor")))
+    try:
+        result = run_pibake("build", "master", "--image", "trusting.img", cwd=project,
+                            env={"PIBAKE_APT_MIRRORS": f"http://deb.debian.org/debian={impostor.base}/debian"})
+    finally:
+        impostor.stop()
+    assert_clean_failure(result, project, "apt could not read the image's package sources")
+    for ignored in ("/etc/apt/sources.list: ignoring 'trusted=yes'", "extra.sources: ignoring 'Trusted: yes'",
+                    "extra.sources: ignoring 'Allow-Insecure: yes'"):
+        assert ignored in result.stderr, result.stderr
+
+
 def test_package_archive_unreachable(project: Path) -> None:
-    result = run_pibake("build", "master", "--image", "base.img", cwd=project,
-                        env={"PIBAKE_APT_MIRRORS": "http://deb.debian.org/debian=http://127.0.0.1:9/debian"})
+    # Credentials in a mirror URL reach apt, and never the screen.
+    result = run_pibake("build", "master", "--image", "base.img", "-vv", cwd=project,
+                        env={"PIBAKE_APT_MIRRORS": "http://deb.debian.org/debian=http://mirror-user:hunter2-pw@127.0.0.1:9/debian"})
     assert_clean_failure(result, project, "package dnsmasq, iptables, tcpdump, fabric not found")
-    assert "127.0.0.1:9" in result.stderr
+    assert "***@127.0.0.1:9" in result.stderr
+    assert "hunter2" not in result.output and "mirror-user" not in result.output
 
 
 def test_no_room_for_the_packages_once_installed(project: Path) -> None:
