@@ -239,10 +239,14 @@ def configure_wifi(ctx: _Context) -> None:
         return
     uplink = ctx.profile.master.uplink
     if ctx.release.network == "networkmanager":
+        # The SSID as its bytes, each a number followed by ';': NetworkManager's keyfile reader
+        # takes that form byte for byte, where text would lose leading and trailing spaces, turn
+        # backslashes into escapes, and read a name like `65;66;` as bytes anyway.
+        ssid = "".join(f"{byte};" for byte in wifi.ssid.encode())
         keyfile = (
             f"[connection]\nid=pibake-uplink\nuuid={uuid.uuid5(uuid.NAMESPACE_DNS, wifi.ssid + '.uplink.pibake')}\n"
             f"type=wifi\ninterface-name={uplink}\nautoconnect=true\n\n"
-            f"[wifi]\nmode=infrastructure\nssid={wifi.ssid}\n\n"
+            f"[wifi]\nmode=infrastructure\nssid={ssid}\n\n"
             f"[wifi-security]\nkey-mgmt=wpa-psk\npsk={wifi.psk}\n\n"
             "[ipv4]\nmethod=auto\n\n[ipv6]\nmethod=auto\n"
         )

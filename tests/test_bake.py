@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from builder.appliance import Appliance, Drive
+from builder.realize import Stat, Tree
 from conftest import WIFI_PASSPHRASE, Result, run_pibake, write_profile
 from rpios_image import make_image
 
@@ -75,10 +76,17 @@ def read_images(base: Path, images: dict[str, Path], boot_dir: str) -> tuple[dic
     return base_tree, trees, files
 
 
+CLUSTER_CA = "-----BEGIN CERTIFICATE-----\nMIIBszCCAVmgAwIBAgIUpibake\n-----END CERTIFICATE-----\n"
+APP_TOKEN = "token: 7f3a9c2e-pibake-test-secret\n"
+UPLINK_SSID = " Home\\Net 65;66; "  # what NetworkManager's keyfile reader would misread as text
+
+
 def bake(tmp: Path, codename: str, profile: str, commands: list[list[str]], env: dict[str, str] | None = None) -> Baked:
     """Run each `pibake build ...` command as a user would, then read every output back."""
     base = make_image(tmp / f"{codename}.img", codename)
     (tmp / "profiles").mkdir()
+    (tmp / "profiles/cluster-ca.pem").write_text(CLUSTER_CA)
+    (tmp / "profiles/app-token").write_text(APP_TOKEN)
     write_profile(tmp / "profiles", profile)
     results = []
     for command in commands:
@@ -100,7 +108,11 @@ def bookworm(tmp_path_factory, operator_key: Path) -> Baked:
           ssh_keys: [{operator_key}]
         master:
           uplink:
-            wifi: {{ssid: HomeNet, country: DE}}
+            wifi: {{ssid: '{UPLINK_SSID}', country: DE}}
+          files:
+            # merged /usr, then openssl's absolute link: it lands in /etc/ssl/certs
+            - {{source: cluster-ca.pem, path: /lib/ssl/certs/pibake-cluster-ca.pem}}
+            - {{source: app-token, path: /etc/app/token, mode: 0600, owner: USER}}
         workers:
           count: 3
         """, [["master", "-vv"], ["worker", "--count", "2", "-v"]],
@@ -165,6 +177,25 @@ def entry(baked: Baked, node: str, path: str) -> tuple:
     return e["type"], oct(e["mode"]), e["uid"], e["gid"]
 
 
+class _Snapshot:
+    """A snapshot read back from an image, as the base a plan is played against."""
+
+    def __init__(self, tree: dict) -> None:
+        self.tree = tree
+
+    def lstat(self, path: str) -> Stat | None:
+        e = self.tree.get(path)
+        return Stat(e["type"], e["mode"], (e["uid"], e["gid"]), e.get("target", "")) if e else None
+
+    def read(self, path: str) -> bytes:
+        raise AssertionError(path)
+
+
+def landed(baked: Baked, node: str, path: str) -> str:
+    """Where a path of the plan is in the node's image, its links followed."""
+    return Tree(_Snapshot(baked.trees[node]), baked.boot_dir).resolve_parent(path)
+
+
 def changed_paths(baked: Baked, node: str) -> set[str]:
     before, after = baked.base_tree, baked.trees[node]
     return {p for p in before.keys() | after.keys() if before.get(p) != after.get(p)}
@@ -175,7 +206,7 @@ def allowed_changes(baked: Baked, node: str) -> set[str]:
     ops = json.loads((baked.output / "manifest.json").read_text())["nodes"][node]["operations"]
     allowed = set()
     for op in ops:
-        allowed.add(op["path"])
+        allowed.add(landed(baked, node, op["path"]))
         if op["op"] == "move":
             destination = op["summary"].removeprefix("-> ")
             allowed |= {p for p in baked.base_tree if p.startswith(op["path"] + "/") or p == op["path"]}
@@ -223,7 +254,7 @@ def assert_every_operation_landed(baked: Baked, node: str) -> None:
     tree = baked.trees[node]
     last = {op["path"]: i for i, op in enumerate(ops)}
     for i, op in enumerate(ops):
-        path, final = op["path"], last[op["path"]] == i
+        path, final = landed(baked, node, op["path"]), last[op["path"]] == i
         on_boot = path.startswith(baked.boot_dir + "/")
         if op["op"] == "delete":
             assert path not in tree or not final, path
@@ -339,10 +370,12 @@ def test_master_gateway_configuration(bookworm: Baked) -> None:
 
 def test_master_wifi_uplink(bookworm: Baked) -> None:
     keyfile_path = "/etc/NetworkManager/system-connections/pibake-uplink.nmconnection"
+    import nm_keyfile  # libnm, from the system's packages
+
     keyfile = text(bookworm, "master", keyfile_path)
-    psk = hashlib.pbkdf2_hmac("sha1", WIFI_PASSPHRASE.encode(), b"HomeNet", 4096, 32).hex()
-    assert "type=wifi\ninterface-name=wlan0\n" in keyfile and "ssid=HomeNet\n" in keyfile
-    assert f"key-mgmt=wpa-psk\npsk={psk}\n" in keyfile and WIFI_PASSPHRASE not in keyfile
+    psk = hashlib.pbkdf2_hmac("sha1", WIFI_PASSPHRASE.encode(), UPLINK_SSID.encode(), 4096, 32).hex()
+    assert nm_keyfile.wifi(keyfile) == (UPLINK_SSID.encode(), psk, "wlan0")
+    assert "type=wifi\ninterface-name=wlan0\n" in keyfile and WIFI_PASSPHRASE not in keyfile
     assert entry(bookworm, "master", keyfile_path)[1:] == ("0o600", 0, 0)
     assert "WirelessEnabled=true" in text(bookworm, "master", "/var/lib/NetworkManager/NetworkManager.state")
     for platform in ("3f300000", "fe300000"):
@@ -377,10 +410,10 @@ def test_outputs_checksums_and_manifest(bookworm: Baked) -> None:
 
 
 def test_no_secret_in_outputs_or_logs(bookworm: Baked) -> None:
-    psk = hashlib.pbkdf2_hmac("sha1", WIFI_PASSPHRASE.encode(), b"HomeNet", 4096, 32).hex()
+    psk = hashlib.pbkdf2_hmac("sha1", WIFI_PASSPHRASE.encode(), UPLINK_SSID.encode(), 4096, 32).hex()
     private_bodies = [line for key in (bookworm.state / "keys").glob("*_key") for line in key.read_text().splitlines()[1:-1]]
     private_bodies += (bookworm.state / "keys/cluster_id_ed25519").read_text().splitlines()[1:-1]
-    secrets = [WIFI_PASSPHRASE, psk, PASSWORD_HASH, "PRIVATE KEY", *private_bodies]
+    secrets = [WIFI_PASSPHRASE, psk, PASSWORD_HASH, "PRIVATE KEY", APP_TOKEN.split()[1], *private_bodies]
     # Every command's output (the master's build handles the PSK and the cluster key, at -vv;
     # the workers' at -v), and every file beside the images and in the state folder but
     # the private keys themselves.
@@ -404,6 +437,19 @@ def test_no_secret_in_outputs_or_logs(bookworm: Baked) -> None:
         assert image.stat().st_mode & 0o777 == 0o600, image
     for folder in (bookworm.state, bookworm.state / "keys"):
         assert folder.stat().st_mode & 0o777 == 0o700, folder
+
+
+def test_files_land_through_the_image_s_links(bookworm: Baked) -> None:
+    tree, base = bookworm.trees["master"], bookworm.base_tree
+    assert base["/lib"]["target"] == "usr/lib" and base["/usr/lib/ssl/certs"]["target"] == "/etc/ssl/certs"
+    ca = tree["/etc/ssl/certs/pibake-cluster-ca.pem"]
+    assert (ca["type"], ca["mode"], ca["uid"], ca["sha256"]) == ("file", 0o644, 0, hashlib.sha256(CLUSTER_CA.encode()).hexdigest())
+    assert tree["/lib"] == base["/lib"] and tree["/usr/lib/ssl/certs"] == base["/usr/lib/ssl/certs"]
+    token = tree["/etc/app/token"]
+    assert (token["mode"], token["uid"], token["gid"]) == (0o600, 1000, 1000)
+    manifest = json.loads((bookworm.output / "manifest.json").read_text())
+    shown = next(op for op in manifest["nodes"]["master"]["operations"] if op["path"] == "/etc/app/token")
+    assert shown["summary"].startswith(f"<secret, {len(APP_TOKEN)} bytes, sha256 ") and shown["sha256"] == token["sha256"]
 
 
 def test_adding_a_worker_later_and_rebuilding_one(bookworm: Baked) -> None:

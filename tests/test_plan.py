@@ -305,3 +305,24 @@ def test_key_files_are_not_followed_nor_their_public_half_read_back(operator_key
     authorized = next(op for op in plan.ops if op.path.endswith("/authorized_keys")).content.decode()
     assert "planted" not in authorized and "command=" not in authorized
     assert cluster_pub.read_text() == clean
+
+
+SSIDS = ["Home\\Net", "  spaced out  ", "65;66;67;", "7;", "7", "#not a comment", "[wifi]", "a=b;c", "Café ☕ 5G",
+         "\\s\\n\\t\\\\", "x" * 32, "it's \"quoted\"", ";", "ssid=1;2;"]
+
+
+@pytest.mark.parametrize("ssid", SSIDS)
+def test_networkmanager_reads_the_ssid_back_byte_for_byte(operator_key: Path, tmp_path: Path, monkeypatch,
+                                                          ssid: str) -> None:
+    import nm_keyfile  # libnm, from the system's packages
+
+    monkeypatch.setenv("PIBAKE_WIFI_PASSPHRASE", WIFI_PASSPHRASE)
+    yaml_ssid = ssid.replace("'", "''")
+    profile = load(write_profile(tmp_path, f"user:\n  ssh_keys: [{operator_key}]\n"
+                                           f"master:\n  uplink:\n    wifi: {{ssid: '{yaml_ssid}'}}\n"))
+    assert profile.master.wifi.ssid == ssid
+    ops = _by_path(plan_node(profile, profile.master.node, named("bookworm"), KeyStore(tmp_path / "state")).ops)
+    uplink = ops["/etc/NetworkManager/system-connections/pibake-uplink.nmconnection"][0].content.decode()
+    assert nm_keyfile.wifi(uplink) == (ssid.encode(), profile.master.wifi.psk, "wlan0")
+    lan = nm_keyfile.read(ops["/etc/NetworkManager/system-connections/pibake-lan.nmconnection"][0].content.decode())
+    assert lan.get_interface_name() == "eth0" and lan.verify()
