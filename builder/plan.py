@@ -85,16 +85,30 @@ def _literal(text: str) -> str:
     return text.replace("\\", "\\\\")
 
 
-def _hosts_lines(profile: Profile) -> str:
-    return "".join(f"{n.address}\t{n.hostname}\n" for n in profile.nodes)
+# What lists the whole cluster is made once and shared by every node's plan, so that
+# planning N nodes takes memory in proportion to N, not N squared.
+@functools.lru_cache(maxsize=8)
+def _hosts_lines(nodes: tuple[Node, ...]) -> str:
+    return "".join(f"{n.address}\t{n.hostname}\n" for n in nodes)
 
 
-def _known_hosts(profile: Profile, keys: KeyStore) -> str:
-    return "".join(f"{n.hostname},{n.address} {_key_only(keys.host_key(n.hostname))}\n" for n in profile.nodes)
+@functools.lru_cache(maxsize=8)
+def _known_hosts(nodes: tuple[Node, ...], keys: KeyStore) -> str:
+    return "".join(f"{n.hostname},{n.address} {_key_only(keys.host_key(n.hostname))}\n" for n in nodes)
+
+
+@functools.lru_cache(maxsize=8)
+def _encoded(text: str) -> bytes:
+    return text.encode()
 
 
 def _key_only(pair: KeyPair) -> str:
     return " ".join(pair.public.split()[:2])
+
+
+@functools.lru_cache(maxsize=8)
+def _cluster_section(lines: str) -> str:
+    return "\n# pibake cluster\n" + lines
 
 
 def template_values(profile: Profile, node: Node) -> dict[str, str]:
@@ -117,7 +131,7 @@ def template_values(profile: Profile, node: Node) -> dict[str, str]:
         "lease": master.lease,
         "uplink": master.uplink,
         "dhcp_hosts": dhcp_hosts,
-        "cluster_hosts": _hosts_lines(profile),
+        "cluster_hosts": _hosts_lines(profile.nodes),
         "connection_uuid": str(uuid.uuid5(uuid.NAMESPACE_DNS, f"{node.hostname}.lan.pibake")),
         "host_key_dir": HOST_KEY_DIR,
     }
@@ -131,7 +145,7 @@ def configure_hostname(ctx: _Context) -> None:
     ctx.ops.append(Write("/etc/hostname", f"{name}\n".encode()))
     # What raspi-config's do_hostname does: rename the 127.0.1.1 line.
     ctx.ops.append(EditLines("/etc/hosts", r"^127\.0\.1\.1\s.*$", _literal(f"127.0.1.1\t\t{name}")))
-    ctx.ops.append(Append("/etc/hosts", "\n# pibake cluster\n" + _hosts_lines(ctx.profile)))
+    ctx.ops.append(Append("/etc/hosts", _cluster_section(_hosts_lines(ctx.profile.nodes))))
 
 
 def configure_user(ctx: _Context) -> None:
@@ -177,7 +191,7 @@ def configure_ssh(ctx: _Context) -> None:
     ctx.ops.append(Mkdir(HOST_KEY_DIR))
     ctx.ops.append(Write(f"{HOST_KEY_DIR}/ssh_host_ed25519_key", host.private, 0o600, secret=True))
     ctx.ops.append(Write(f"{HOST_KEY_DIR}/ssh_host_ed25519_key.pub", f"{host.public}\n".encode()))
-    ctx.ops.append(Write("/etc/ssh/ssh_known_hosts", _known_hosts(ctx.profile, ctx.keys).encode()))
+    ctx.ops.append(Write("/etc/ssh/ssh_known_hosts", _encoded(_known_hosts(ctx.profile.nodes, ctx.keys))))
     cluster = ctx.keys.cluster_key()
     authorized = [*ctx.profile.user.ssh_keys, cluster.public]
     ctx.ops.append(Mkdir(f"{ctx.home}/.ssh", 0o700, USER_IDS))
@@ -350,8 +364,6 @@ def plan_node(profile: Profile, node: Node, release: Release, keys: KeyStore, de
     return NodePlan(node, release, tuple(ctx.ops), sum(d.installed_size for d in debs))
 
 
-def known_hosts(profile: Profile, keys: KeyStore) -> str:
-    return _known_hosts(profile, keys)
 class _MadeUpKeys(KeyStore):
     """Keys that are neither read nor kept: for a plan made only to be checked."""
 
@@ -370,3 +382,5 @@ def check_plan(profile: Profile, nodes: tuple[Node, ...], release: Release) -> N
         plan_node(profile, next(n for n in nodes if n.role == role), release, _MadeUpKeys())
 
 
+def known_hosts(profile: Profile, keys: KeyStore) -> str:
+    return _known_hosts(profile.nodes, keys)

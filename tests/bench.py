@@ -11,7 +11,10 @@ Bake section (tests/bench_bake.py): `pibake build cluster` against the copy
 floor and against one appliance launch per image, at N = 6 on a base the size of
 Bookworm Lite and N = 50 on a small one, and a rebuild after one worker changes.
 
-`python tests/bench.py [fetch] [bake]` runs one section; both by default. Prints a
+Plan section: the memory the plans of a cluster hold (tracemalloc, in this process),
+at N = 25, 125 and 250 workers; it must grow in proportion to N, not N squared.
+
+`python tests/bench.py [fetch] [bake] [plan]` runs those sections; all by default. Prints a
 table and writes the figures to output/bench/fetch.json and bake.json.
 PIBAKE_BENCH_RUNS sets the runs per measurement (3); one appliance per image at
 N = 50 takes about 20 minutes a run under TCG, so it is measured
@@ -178,6 +181,52 @@ def bench_bake() -> dict:
     return {"machine": machine(), "runs": RUNS, "cases": cases, "rebuild": rebuild}
 
 
+PLAN_SIZES = (25, 125, 250)
+
+
+def bench_plan() -> dict:
+    import tempfile
+    import tracemalloc
+
+    from builder.build import plans_for
+    from builder.keys import KeyStore
+    from builder.profile import load
+    from builder.release import named
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        key = Path(tmp) / "id_ed25519"
+        run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)])
+        for n in PLAN_SIZES:
+            profile_path = Path(tmp) / f"cluster-{n}.yaml"
+            profile_path.write_text(f"user:\n  ssh_keys: [{key}.pub]\nnetwork:\n  subnet: 10.5.0.0/16\n"
+                                    f"workers:\n  count: {n}\n")
+            profile = load(profile_path)
+            keys = KeyStore(Path(tmp) / f"state-{n}")
+            plans_for(profile, profile.nodes, named("bookworm"), keys)  # keys made, caches warm
+            tracemalloc.start()
+            started = time.perf_counter()
+            plans = plans_for(profile, profile.nodes, named("bookworm"), keys)
+            seconds = time.perf_counter() - started
+            held, _ = tracemalloc.get_traced_memory()
+            tracemalloc.stop()
+            rows.append({"workers": n, "nodes": len(plans), "bytes": held, "bytes_per_node": held / len(plans),
+                         "seconds": seconds})
+            del plans
+    growth = rows[-1]["bytes_per_node"] / rows[0]["bytes_per_node"]
+    return {"machine": machine(), "rows": rows, "per_node_growth": growth}
+
+
+def print_plan(plan: dict) -> None:
+    print(f"{'plan (held by the plans)':<30}{'nodes':>7}{'KiB':>9}{'KiB/node':>10}{'s':>7}")
+    for row in plan["rows"]:
+        print(f"{'':<30}{row['nodes']:>7}{row['bytes'] / 1024:>9.0f}{row['bytes_per_node'] / 1024:>10.1f}{row['seconds']:>7.2f}")
+    first, last = plan["rows"][0], plan["rows"][-1]
+    print(f"  per-node memory at N={last['nodes']} / at N={first['nodes']}: {plan['per_node_growth']:.2f} "
+          f"(target <= 1.25, linear in nodes: {met(plan['per_node_growth'] <= 1.25)})")
+    print(f"  figures: {WORK / 'plan.json'}")
+
+
 def machine() -> dict:
     return {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
             "kvm": os.path.exists("/dev/kvm")}
@@ -212,7 +261,7 @@ def print_bake(bake: dict) -> None:
 
 
 def main() -> None:
-    sections = sys.argv[1:] or ["fetch", "bake"]
+    sections = sys.argv[1:] or ["fetch", "bake", "plan"]
     WORK.mkdir(parents=True, exist_ok=True)
     if "fetch" in sections:
         if shutil.which("curl") is None:
@@ -224,11 +273,16 @@ def main() -> None:
         print(f"bake: {RUNS} alternating runs of the floor, one appliance per image, and `pibake build cluster`")
         bake = bench_bake()
         (WORK / "bake.json").write_text(json.dumps(bake, indent=2) + "\n")
+    if "plan" in sections:
+        plan = bench_plan()
+        (WORK / "plan.json").write_text(json.dumps(plan, indent=2) + "\n")
     print()
     if "fetch" in sections:
         print_fetch(fetch)
     if "bake" in sections:
         print_bake(bake)
+    if "plan" in sections:
+        print_plan(plan)
 
 
 if __name__ == "__main__":
