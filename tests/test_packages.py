@@ -13,7 +13,7 @@ import pytest
 
 import apt_repo
 from builder.appliance import Appliance, Drive
-from conftest import run_pibake, write_profile
+from conftest import Result, run_pibake, write_profile
 from mirror import Mirror
 from rpios_image import make_image
 from test_bad_input import PREVIOUS, assert_clean_failure
@@ -71,13 +71,18 @@ def test_unknown_package(project: Path) -> None:
                                           "(http://deb.debian.org/debian via http://127.0.0.1:")
 
 
-def test_archive_signed_by_a_key_the_image_does_not_trust(project: Path, tmp_path_factory) -> None:
+def _build_from_an_impostor(project: Path, image: str, tmp_path_factory) -> Result:
+    """Build the master with its packages from an archive signed by a key the image does not trust."""
     impostor = Mirror(apt_repo.build(tmp_path_factory.mktemp("impostor")))
     try:
-        result = run_pibake("build", "master", "--image", "base.img", cwd=project,
-                            env={"PIBAKE_APT_MIRRORS": f"http://deb.debian.org/debian={impostor.base}/debian"})
+        return run_pibake("build", "master", "--image", image, cwd=project,
+                          env={"PIBAKE_APT_MIRRORS": f"http://deb.debian.org/debian={impostor.base}/debian"})
     finally:
         impostor.stop()
+
+
+def test_archive_signed_by_a_key_the_image_does_not_trust(project: Path, tmp_path_factory) -> None:
+    result = _build_from_an_impostor(project, "base.img", tmp_path_factory)
     assert_clean_failure(result, project, "apt could not read the image's package sources")
     assert "is not signed" in result.stderr or "NO_PUBKEY" in result.stderr, result.stderr
 
@@ -88,12 +93,7 @@ def test_sources_the_image_marks_trusted_are_checked_all_the_same(project: Path,
         "/etc/apt/sources.list": "deb [arch=arm64 trusted=yes] http://deb.debian.org/debian bookworm main\n",
         "/etc/apt/sources.list.d/extra.sources": "Types: deb\nURIs: http://deb.debian.org/debian\nSuites: bookworm\n"
                                                  "Components: main\nAllow-Insecure: yes\nTrusted: yes\n"})
-    impostor = Mirror(apt_repo.build(tmp_path_factory.mktemp("impostor")))
-    try:
-        result = run_pibake("build", "master", "--image", "trusting.img", cwd=project,
-                            env={"PIBAKE_APT_MIRRORS": f"http://deb.debian.org/debian={impostor.base}/debian"})
-    finally:
-        impostor.stop()
+    result = _build_from_an_impostor(project, "trusting.img", tmp_path_factory)
     assert_clean_failure(result, project, "apt could not read the image's package sources")
     for ignored in ("/etc/apt/sources.list: ignoring 'trusted=yes'", "extra.sources: ignoring 'Trusted: yes'",
                     "extra.sources: ignoring 'Allow-Insecure: yes'"):
