@@ -50,6 +50,11 @@ class Options:
 def plans_for(profile: Profile, nodes: tuple[Node, ...], release: Release, keys: KeyStore,
               debs: dict[tuple[str, ...], tuple[Deb, ...]] | None = None) -> list[NodePlan]:
     check_plan(profile, nodes, release)
+    if profile.user.operator_key:
+        made = not keys.operator_key_path.exists()
+        keys.operator_key()
+        log.info("no SSH key in the profile and none of ~/.ssh/id_{ed25519,ecdsa,rsa}.pub: %s the operator key %s, "
+                 "which output/ssh_config names", "made" if made else "using", keys.operator_key_path)
     # Every node's host key exists before any plan is made: each node's
     # ssh_known_hosts lists the whole cluster.
     for node in profile.nodes:

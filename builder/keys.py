@@ -23,6 +23,7 @@ from builder.files import write_file
 
 log = logging.getLogger(__name__)
 _HELD: dict[Path, int] = {}  # state folders' lock files this process holds
+OPERATOR_KEY = "operator_id_ed25519"
 
 
 @dataclass(frozen=True)
@@ -147,6 +148,15 @@ class KeyStore:
 
     def host_key(self, hostname: str) -> KeyPair:
         return self._pair(f"{hostname}_ssh_host_ed25519_key", f"root@{hostname}")
+
+    def operator_key(self) -> KeyPair:
+        """The key pibake makes for the operator when the profile names none and ssh's usual
+        ones do not exist; output/ssh_config names it with IdentityFile."""
+        return self._pair(OPERATOR_KEY, "pibake-operator")
+
+    @property
+    def operator_key_path(self) -> Path:
+        return self.dir / OPERATOR_KEY
 
     def cluster_key(self) -> KeyPair:
         return self._pair("cluster_id_ed25519", "pibake-cluster")

@@ -193,7 +193,8 @@ def configure_ssh(ctx: _Context) -> None:
     ctx.ops.append(Write(f"{HOST_KEY_DIR}/ssh_host_ed25519_key.pub", f"{host.public}\n".encode()))
     ctx.ops.append(Write("/etc/ssh/ssh_known_hosts", _encoded(_known_hosts(ctx.profile.nodes, ctx.keys))))
     cluster = ctx.keys.cluster_key()
-    authorized = [*ctx.profile.user.ssh_keys, cluster.public]
+    operator = [ctx.keys.operator_key().public] if ctx.profile.user.operator_key else []
+    authorized = [*ctx.profile.user.ssh_keys, *operator, cluster.public]
     ctx.ops.append(Mkdir(f"{ctx.home}/.ssh", 0o700, USER_IDS))
     ctx.ops.append(Write(f"{ctx.home}/.ssh/authorized_keys", "".join(f"{k}\n" for k in authorized).encode(), 0o600, USER_IDS))
     if ctx.node.role == "master":

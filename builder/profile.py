@@ -7,6 +7,7 @@ Every problem in a profile is collected and reported at once, each with the
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import os
 import re
 from dataclasses import dataclass, field
@@ -76,6 +77,18 @@ def _check_hostname(value: str) -> Optional[str]:
     return None
 
 
+def _check_host(value: str) -> Optional[str]:
+    try:
+        ipaddress.ip_address(value)
+        return None
+    except ValueError:
+        pass
+    labels = value.removesuffix(".").split(".")
+    if len(value) <= 253 and all(re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?", label) for label in labels):
+        return None
+    return f"{_q(value)} is not an IP address or a DNS name"
+
+
 def _check_interface(value: str) -> Optional[str]:
     return None if INTERFACE_RE.fullmatch(value) else f"{_q(value)} is not a valid interface name"
 
@@ -106,6 +119,13 @@ def destination_problem(path: str) -> Optional[str]:
 def is_private_key(content: bytes) -> bool:
     """OpenSSH, PEM and PKCS#8 private keys, encrypted or not, and PuTTY's."""
     return bool(re.search(rb"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----|^PuTTY-User-Key-File-", content, re.M))
+
+
+# The master answers to <hostname>.local on the home network, which output/ssh_config
+# relies on: Raspberry Pi OS Lite has avahi-daemon; an image without it gets it staged.
+MDNS = "avahi-daemon"
+# The keys ssh tries first, and so the ones to authorize when the profile names none.
+DEFAULT_KEYS = ("~/.ssh/id_ed25519.pub", "~/.ssh/id_ecdsa.pub", "~/.ssh/id_rsa.pub")
 
 
 def _check_url(value: str) -> Optional[str]:
@@ -185,7 +205,9 @@ SETTINGS: tuple[Setting, ...] = (
             "SSH stays key-only",
             lambda v: None if CRYPT_RE.fullmatch(v) else
             "must be a crypt hash such as the output of `openssl passwd -6` (a plain password is not accepted)"),
-    Setting("user.ssh_keys", list, ["~/.ssh/id_ed25519.pub"], "public key files allowed to log in"),
+    Setting("user.ssh_keys", list, list(DEFAULT_KEYS), "public key files allowed to log in",
+            shown="those of `~/.ssh/id_ed25519.pub`, `id_ecdsa.pub`, `id_rsa.pub` that exist; if none, pibake makes "
+                  "an operator key in the state folder"),
     Setting("user.sudo", str, "nopasswd", "`nopasswd`, `password` (needs `password_hash`) or `none`",
             _one_of("nopasswd", "password", "none")),
     Setting("network.subnet", str, "192.168.5.0/24", "the cluster LAN"),
@@ -199,6 +221,9 @@ SETTINGS: tuple[Setting, ...] = (
             lambda v: None if LEASE_RE.fullmatch(v) else
             f"lease {_q(v)} must be a number with an optional unit s, m, h, d or w, or 'infinite'"),
     Setting("master.uplink.interface", str, "wlan0", "the way out to the internet", _check_interface),
+    Setting("master.uplink.address", str, None, "how your machine reaches the master from the home network "
+            "(an address or a DNS name), for output/ssh_config", _check_host,
+            shown="`<master.hostname>.local` (mDNS)"),
     Setting("master.uplink.nat", bool, True, "masquerade the LAN out of the uplink (needs `iptables` in the packages)"),
     Setting("master.uplink.wifi.ssid", str, None, "Wi-Fi network; none leaves Wi-Fi unconfigured",
             lambda v: None if 1 <= len(v.encode()) <= 32 and v.isprintable() else "an SSID is 1 to 32 printable bytes"),
@@ -288,6 +313,9 @@ class User:
     password_hash: Optional[str] = field(repr=False)
     ssh_keys: tuple[str, ...]
     sudo: str  # nopasswd | password | none
+    # The profile names no key and the operator has none of ssh's usual ones: pibake makes
+    # one in the state folder, authorizes it and names it in output/ssh_config.
+    operator_key: bool = False
 
 
 @dataclass(frozen=True)
@@ -610,6 +638,12 @@ def _read_user(r: _Reader) -> User:
     if sudo == "password" and password_hash is None:
         r.error(("user", "sudo"), "user.sudo is 'password' but user.password_hash is not set, so sudo could never succeed")
     keys: list[str] = []
+    if r.raw(("user", "ssh_keys")) is None:
+        # Not named: whichever of ssh's usual keys exist, or one pibake makes.
+        for i, text in enumerate(r.strings(("user", "ssh_keys"))):
+            if r.local_path(text).exists():
+                keys.extend(_read_public_keys(r, ("user", "ssh_keys", i), text))
+        return User(name or "pi", password_hash, tuple(keys), sudo or "nopasswd", operator_key=not keys)
     key_paths = r.strings(("user", "ssh_keys"))
     for i, text in enumerate(key_paths):
         keys.extend(_read_public_keys(r, ("user", "ssh_keys", i), text))
@@ -783,7 +817,7 @@ def _check_addresses(r: _Reader, network: IPv4Network, master: Master, workers: 
     in_range = lambda a: master.dhcp_start <= a <= master.dhcp_end  # noqa: E731
     if in_range(master.node.address):
         r.error(mkp + ("dhcp", "start"), f"DHCP range {master.dhcp_start}-{master.dhcp_end} covers the master's address {master.node.address}")
-    seen_names = {master.node.hostname: "the master"}
+    seen_names = {master.node.hostname: "the master", f"{master.node.hostname}-lan": "the master's LAN alias in ssh_config"}
     seen_addresses = {master.node.address: "the master"}
     explicit = r.raw(("workers", "nodes")) is not None
     for node in workers:

@@ -1,0 +1,126 @@
+"""Tier 1: what the operator's machine gets to reach the cluster from the home network.
+
+output/ssh_config is read back with the real `ssh -G`, known_hosts with the real
+`ssh-keygen -F`, and the inventory with a YAML parser; the operator key that pibake
+makes when there is none is a real key pair in the state folder.
+"""
+
+from __future__ import annotations
+
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from builder.build import plans_for
+from builder.keys import KeyStore
+from builder.outputs import write_ssh_files
+from builder.profile import load
+from builder.release import named
+from conftest import run_pibake, write_profile
+
+
+def resolved(output: Path, host: str) -> dict[str, str]:
+    """ssh's own reading of output/ssh_config for `host`."""
+    text = subprocess.run(["ssh", "-G", "-F", str(output / "ssh_config"), host], capture_output=True, text=True,
+                          check=True).stdout
+    return dict(line.split(" ", 1) for line in text.splitlines() if " " in line)
+
+
+def outputs(workdir: Path, body: str, home: Path | None = None, monkeypatch=None) -> tuple[Path, KeyStore, list]:
+    if home is not None:
+        monkeypatch.setenv("HOME", str(home))
+    profile = load(write_profile(workdir, body))
+    keys = KeyStore(workdir / "state")
+    plans = plans_for(profile, profile.nodes, named("bookworm"), keys)
+    (workdir / "output").mkdir()
+    write_ssh_files(workdir / "output", profile, keys)
+    return workdir / "output", keys, plans
+
+
+@pytest.mark.parametrize("uplink, expected", [(None, "master.local"), ("10.0.0.7", "10.0.0.7"),
+                                               ("pi-master.home.arpa", "pi-master.home.arpa"), ("fd00::7", "fd00::7")])
+def test_master_by_its_uplink_name_and_workers_through_it(workdir: Path, operator_key: Path, uplink: str | None,
+                                                          expected: str) -> None:
+    address = f"\n    address: '{uplink}'" if uplink else ""
+    output, _, _ = outputs(workdir, f"user:\n  ssh_keys: [{operator_key}]\nmaster:\n  uplink:{address or ' {}'}\n"
+                                    "workers:\n  count: 3\n")
+    master = resolved(output, "master")
+    assert (master["hostname"], master["hostkeyalias"], master.get("proxyjump")) == (expected, "master", None)
+    lan = resolved(output, "master-lan")
+    assert (lan["hostname"], lan["hostkeyalias"], lan.get("proxyjump")) == ("192.168.5.1", "master", None)
+    for n in (1, 3):
+        worker = resolved(output, f"worker{n}")
+        assert (worker["hostname"], worker["hostkeyalias"], worker["proxyjump"]) == (f"192.168.5.10{n}", f"worker{n}",
+                                                                                    "master")
+        assert worker["stricthostkeychecking"] == "true" and worker["userknownhostsfile"] == str(output / "known_hosts")
+        assert worker["passwordauthentication"] == "no" and worker["user"] == "pi"
+    # Strict checking holds whichever name reaches the master, and for tools that ignore HostKeyAlias.
+    for name in ("master", expected, "192.168.5.1", "worker2", "192.168.5.102"):
+        found = subprocess.run(["ssh-keygen", "-F", name, "-f", str(output / "known_hosts")], capture_output=True)
+        assert found.returncode == 0, name
+    inventory = yaml.safe_load((output / "inventory.yaml").read_text())["all"]
+    assert inventory["vars"] == {"ansible_user": "pi", "ansible_ssh_common_args": f"-F {output / 'ssh_config'}"}
+    assert list(inventory["children"]["master"]["hosts"]) == ["master"]
+    assert list(inventory["children"]["workers"]["hosts"]) == ["worker1", "worker2", "worker3"]
+
+
+def test_no_key_at_all_gets_an_operator_key(workdir: Path, monkeypatch) -> None:
+    home = workdir / "home"
+    home.mkdir()
+    output, keys, plans = outputs(workdir, "workers:\n  count: 1\n", home, monkeypatch)
+    private = keys.operator_key_path
+    assert stat.S_IMODE(private.stat().st_mode) == 0o600
+    public = subprocess.run(["ssh-keygen", "-y", "-f", str(private)], capture_output=True, text=True, check=True).stdout
+    for plan in plans:
+        authorized = next(op for op in plan.ops if op.path == "/home/pi/.ssh/authorized_keys").content.decode()
+        assert public.split()[1] in authorized
+    for host in ("master", "worker1"):
+        assert resolved(output, host)["identityfile"] == str(private)
+
+
+def test_no_key_through_the_cli_says_so_in_one_line(workdir: Path) -> None:
+    home = workdir / "home"
+    home.mkdir()
+    write_profile(workdir, "workers:\n  count: 1\n")
+    result = run_pibake("plan", "cluster", "--release", "bookworm", "--profiles", "cluster.yaml", cwd=workdir,
+                        env={"HOME": str(home)})
+    assert result.code == 0, result.output
+    said = [line for line in result.stderr.splitlines() if "operator key" in line]
+    assert len(said) == 1 and str(workdir / "state/keys/operator_id_ed25519") in said[0], result.stderr
+    again = run_pibake("plan", "cluster", "--release", "bookworm", "--profiles", "cluster.yaml", cwd=workdir,
+                       env={"HOME": str(home)})
+    assert "using the operator key" in again.stderr, again.stderr
+
+
+@pytest.mark.parametrize("kind", ["ecdsa", "rsa"])
+def test_ssh_s_usual_keys_are_found_before_one_is_made(workdir: Path, monkeypatch, kind: str) -> None:
+    home = workdir / "home"
+    (home / ".ssh").mkdir(parents=True)
+    subprocess.run(["ssh-keygen", "-q", "-t", kind, "-N", "", "-f", str(home / f".ssh/id_{kind}")], check=True)
+    output, keys, plans = outputs(workdir, "workers:\n  count: 1\n", home, monkeypatch)
+    assert not keys.operator_key_path.exists() and "identityfile" not in (output / "ssh_config").read_text().lower()
+    authorized = next(op for op in plans[0].ops if op.path == "/home/pi/.ssh/authorized_keys").content.decode()
+    assert (home / f".ssh/id_{kind}.pub").read_text().split()[1] in authorized
+
+
+def test_a_key_file_named_and_missing_is_still_an_error(workdir: Path) -> None:
+    write_profile(workdir, "user:\n  ssh_keys: [~/.ssh/id_ed25519.pub]\n")
+    result = run_pibake("plan", "cluster", "--release", "bookworm", "--profiles", "cluster.yaml", cwd=workdir,
+                        env={"HOME": str(workdir)})
+    assert result.code == 2 and "cluster.yaml:2: cannot read SSH public key" in result.stderr, result.stderr
+    assert not (workdir / "state").exists()
+
+
+@pytest.mark.parametrize("body, words", [
+    ("master:\n  uplink:\n    address: 'master.local; ProxyCommand x'\n", "is not an IP address or a DNS name"),
+    ("master:\n  uplink:\n    address: '-oProxyCommand=x'\n", "is not an IP address or a DNS name"),
+    ("master:\n  uplink:\n    address: 'a..b'\n", "is not an IP address or a DNS name"),
+    ("workers:\n  nodes:\n    - {hostname: master-lan}\n", "the master's LAN alias in ssh_config"),
+])
+def test_names_for_ssh_config_are_checked(workdir: Path, operator_key: Path, body: str, words: str) -> None:
+    write_profile(workdir, f"user:\n  ssh_keys: [{operator_key}]\n{body}")
+    result = run_pibake("plan", "cluster", "--release", "bookworm", "--profiles", "cluster.yaml", cwd=workdir)
+    assert result.code == 2 and words in result.stderr and "cluster.yaml:" in result.stderr, result.stderr
