@@ -380,7 +380,9 @@ class Profile:
         return (self.master.node, *self.workers.nodes)
 
     def packages(self, node: Node) -> tuple[str, ...]:
-        return self.master.packages if node.role == "master" else self.workers.packages
+        if node.role == "master":
+            return self.master.packages + ((MDNS,) if MDNS not in self.master.packages else ())
+        return self.workers.packages
 
     def files(self, node: Node) -> tuple[ExtraFile, ...]:
         return self.master.files if node.role == "master" else self.workers.files

@@ -58,7 +58,7 @@ STAGED = ("dnsmasq", "iptables", "tcpdump", "fabric")
 # (polkitd's among them) need apt's configure order.
 INCLUDE = ("systemd-sysv", "dbus", "udev", "kmod", "initramfs-tools", "sudo", "python3", "ca-certificates", "fdisk",
            "iproute2", "iputils-ping", "less")
-LITE = ("network-manager", "dnsmasq-base", "openssh-server", "linux-image-arm64")
+LITE = ("network-manager", "dnsmasq-base", "openssh-server", "avahi-daemon", "linux-image-arm64")
 # Trixie: busybox gives the initramfs the sed and od its set_partuuid step uses;
 # cloud-init is what pi-gen's stage2/04-cloud-init installs.
 EXTRA_INCLUDE = {"trixie": ("busybox",)}

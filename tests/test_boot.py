@@ -133,7 +133,7 @@ def _diagnose(running: Cluster, ssh: Ssh, nodes: list[str] | None = None) -> str
 def _check_master(ssh: Ssh) -> None:
     assert ssh.check("master", "hostname").strip() == "master"
     assert "inet 192.168.5.1/24" in ssh.check("master", "ip -4 -o addr show dev eth0")
-    assert ssh.check("master", "systemctl is-active dnsmasq").strip() == "active"
+    assert ssh.check("master", "systemctl is-active dnsmasq avahi-daemon").split() == ["active", "active"]
     leases = ssh.check("master", "cat /var/lib/misc/dnsmasq.leases")
     for name, address in WORKERS.items():
         assert f" {address} {name} " in leases, leases
@@ -144,6 +144,9 @@ def _check_master(ssh: Ssh) -> None:
     for name in WORKERS:
         # By name, with the cluster key, against the cluster's known hosts.
         assert ssh.check("master", f"ssh -o BatchMode=yes -o StrictHostKeyChecking=yes {name} hostname").strip() == name
+    # One command on every worker by name: the master's Fabric and its list of workers.
+    ran = ssh.check("master", "fab -H \"$(grep -v '^#' /etc/pibake/workers | paste -sd,)\" -- hostname")
+    assert sorted(ran.split()) == sorted(WORKERS), ran
 
 
 def _check_node(ssh: Ssh, name: str, address: str | None) -> None:

@@ -41,7 +41,7 @@ def _packages(project: Path, packages: str) -> None:
 def test_missing_packages_and_their_dependencies_are_staged(project: Path, apt_archive: Mirror) -> None:
     result = run_pibake("build", "cluster", "--image", "base.img", cwd=project)
     assert result.code == 0, result.output
-    assert "packages: dnsmasq iptables tcpdump fabric -> 7 .deb file(s)" in result.stderr
+    assert "packages: dnsmasq iptables tcpdump fabric avahi-daemon -> 9 .deb file(s)" in result.stderr
     with Appliance([Drive(project / "output/master.img", readonly=True),
                     Drive(project / "output/worker1.img", readonly=True)]) as a:
         a.mount(0, "/boot/firmware", readonly=True)
@@ -52,9 +52,10 @@ def test_missing_packages_and_their_dependencies_are_staged(project: Path, apt_a
         worker_has_debs = a.g.exists("/var/cache/pibake/debs")
         a.g.umount_all()
     # Everything installing them needs, and nothing the image already has (libc6, python3).
-    assert staged == [f"{n}_1.0-1_arm64.deb" for n in ("dnsmasq-base", "dnsmasq", "fabric", "iptables", "libpcap0.8",
+    assert staged == [f"{n}_1.0-1_arm64.deb" for n in ("avahi-daemon", "dnsmasq-base", "dnsmasq", "fabric", "iptables",
+                                                       "libavahi-core7", "libpcap0.8",
                                                        "python3-fabric", "tcpdump")]
-    assert listed == ["dnsmasq", "iptables", "tcpdump", "fabric"]
+    assert listed == ["dnsmasq", "iptables", "tcpdump", "fabric", "avahi-daemon"]  # mDNS: pibake adds it
     assert not worker_has_debs
     assert "/debian/dists/bookworm/InRelease" in apt_archive.paths()
     # A second build takes the lists and .debs from the cache: no package is downloaded again.
@@ -122,4 +123,4 @@ def test_apt_mirrors_in_the_profile(project: Path, apt_archive: Mirror) -> None:
         text + f"apt:\n  mirrors:\n    http://deb.debian.org/debian: {apt_archive.base}/debian\n")
     result = run_pibake("build", "master", "--image", "base.img", cwd=project, env={"PIBAKE_APT_MIRRORS": None})
     assert result.code == 0, result.output
-    assert "7 .deb file(s)" in result.stderr
+    assert "9 .deb file(s)" in result.stderr

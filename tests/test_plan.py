@@ -65,6 +65,8 @@ def test_master_plan_on_bookworm(profile: Profile, tmp_path: Path) -> None:
     assert WIFI_PASSPHRASE not in wifi.content.decode()
     assert ops["/boot/firmware/cmdline.txt"][0].replacement.endswith(" cfg80211.ieee80211_regdom=DE")
     assert "/etc/dhcpcd.conf" not in ops
+    workers = ops["/etc/pibake/workers"][0].content.decode()
+    assert [line for line in workers.splitlines() if not line.startswith("#")] == ["worker1", "worker2", "worker3"]
     # the cluster key goes to the master's user only
     private = ops["/home/alice/.ssh/id_ed25519"][0]
     assert private.secret and private.mode == 0o600 and private.owner == (1000, 1000)
