@@ -133,6 +133,7 @@ def template_values(profile: Profile, node: Node) -> dict[str, str]:
         "dhcp_hosts": dhcp_hosts,
         "cluster_hosts": _hosts_lines(profile.nodes),
         "worker_names": "".join(f"{n.hostname}\n" for n in profile.workers.nodes),
+        "nat": "on" if master.nat else "off",
         "connection_uuid": str(uuid.uuid5(uuid.NAMESPACE_DNS, f"{node.hostname}.lan.pibake")),
         "host_key_dir": HOST_KEY_DIR,
     }

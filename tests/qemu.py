@@ -61,6 +61,7 @@ class Guest:
     lan: str  # multicast group:port
     mac: str
     ssh_port: int | None = None  # a forward from 127.0.0.1 to the guest's uplink port 22
+    uplink_plugged: bool = True  # False: the next boot has no uplink NIC at all
     memory: str = "768"
     boots: int = 0
     _process: subprocess.Popen | None = None
@@ -75,7 +76,7 @@ class Guest:
     def command(self) -> list[str]:
         netdevs = ["-netdev", f"socket,id=lan,mcast={self.lan},localaddr=127.0.0.1",
                    "-device", f"virtio-net-pci,netdev=lan,mac={self.mac},romfile="]
-        if self.ssh_port:
+        if self.ssh_port and self.uplink_plugged:
             netdevs += ["-netdev", f"user,id=uplink,restrict=on,hostfwd=tcp:127.0.0.1:{self.ssh_port}-:22",
                         "-device", "virtio-net-pci,netdev=uplink,romfile="]
         return ["qemu-system-aarch64", "-M", "virt", "-accel", "tcg", "-cpu", "cortex-a72", "-smp", "1",
@@ -145,9 +146,11 @@ class Cluster:
         self.lan = f"230.{random.randint(1, 254)}.{random.randint(1, 254)}.{random.randint(1, 254)}:{free_port()}"
         self.guests: dict[str, Guest] = {}
 
-    def add(self, name: str, image: Path, kernel: Path, initrd: Path, uplink: bool = False) -> Guest:
+    def add(self, name: str, image: Path, kernel: Path, initrd: Path, uplink: bool = False,
+            ssh_port: int | None = None) -> Guest:
+        """`uplink`: give the guest an uplink NIC, with its SSH on 127.0.0.1:`ssh_port` (or a free port)."""
         mac = "52:54:00:%02x:%02x:%02x" % (0x50, len(self.guests), random.randint(0, 255))
-        guest = Guest(name, image, kernel, initrd, self.folder, self.lan, mac, free_port() if uplink else None)
+        guest = Guest(name, image, kernel, initrd, self.folder, self.lan, mac, (ssh_port or free_port()) if uplink else None)
         self.guests[name] = guest
         return guest
 

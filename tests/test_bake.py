@@ -52,7 +52,8 @@ class Baked:
 READ = ("/etc/hostname", "/etc/hosts", "/etc/passwd", "/etc/shadow", "/etc/group", "/etc/gshadow", "/etc/subuid",
         "/etc/ssh/sshd_config.d/pibake.conf", "/etc/ssh/ssh_known_hosts", "/etc/ssh/pibake/ssh_host_ed25519_key",
         "/etc/ssh/pibake/ssh_host_ed25519_key.pub", "/etc/dnsmasq.d/pibake-cluster.conf", "/etc/pibake/cluster.hosts",
-        "/etc/sysctl.d/90-pibake-forward.conf", "/etc/iptables/rules.v4", "/etc/systemd/system/pibake-nat.service", "/etc/pibake/packages",
+        "/etc/iptables/rules.v4", "/etc/iptables/rules.v6", "/etc/systemd/system/pibake-firewall.service", "/etc/pibake/nat",
+    "/etc/pibake/packages",
         "/etc/NetworkManager/system-connections/pibake-lan.nmconnection",
         "/etc/NetworkManager/system-connections/pibake-uplink.nmconnection",
         "/var/lib/NetworkManager/NetworkManager.state", "/etc/dhcpcd.conf", "/etc/wpa_supplicant/wpa_supplicant.conf",
@@ -351,15 +352,19 @@ def test_master_gateway_configuration(bookworm: Baked) -> None:
                  "dhcp-host=worker3,192.168.5.103,24h", "addn-hosts=/etc/pibake/cluster.hosts", "no-hosts"):
         assert f"\n{line}\n" in dnsmasq
     assert "192.168.5.102\tworker2\n" in text(bookworm, "master", "/etc/pibake/cluster.hosts")
-    assert "\nnet.ipv4.ip_forward=1\n" in text(bookworm, "master", "/etc/sysctl.d/90-pibake-forward.conf")
+    assert "/etc/sysctl.d/90-pibake-forward.conf" not in bookworm.trees["master"]
     assert "\n-A POSTROUTING -s 192.168.5.0/24 -o wlan0 -j MASQUERADE\nCOMMIT\n" in text(bookworm, "master", "/etc/iptables/rules.v4")
+    assert "\n:FORWARD DROP [0:0]\n" in text(bookworm, "master", "/etc/iptables/rules.v6")
     tree = bookworm.trees["master"]
-    assert tree["/etc/systemd/system/multi-user.target.wants/pibake-nat.service"]["target"] == "/etc/systemd/system/pibake-nat.service"
-    assert "\nExecStart=/usr/sbin/iptables-restore /etc/iptables/rules.v4\n" in text(bookworm, "master", "/etc/systemd/system/pibake-nat.service")
+    unit = "/etc/systemd/system/pibake-firewall.service"
+    assert tree["/etc/systemd/system/multi-user.target.wants/pibake-firewall.service"]["target"] == unit
+    assert "\nBefore=network-pre.target shutdown.target\n" in text(bookworm, "master", unit)
+    assert entry(bookworm, "master", "/usr/local/sbin/pibake-nat")[1:] == ("0o755", 0, 0)
+    assert text(bookworm, "master", "/etc/pibake/nat").splitlines()[-1] == "on"
     lan = text(bookworm, "master", "/etc/NetworkManager/system-connections/pibake-lan.nmconnection")
     assert "interface-name=eth0\n" in lan and "method=manual\naddress1=192.168.5.1/24\n" in lan
     assert entry(bookworm, "master", "/etc/NetworkManager/system-connections/pibake-lan.nmconnection")[1:] == ("0o600", 0, 0)
-    assert text(bookworm, "master", "/etc/pibake/packages") == "dnsmasq\niptables\ntcpdump\nfabric\n"
+    assert text(bookworm, "master", "/etc/pibake/packages") == "dnsmasq\niptables\ntcpdump\nfabric\navahi-daemon\n"
     for node in ("worker1", "worker2"):
         assert not any("dnsmasq" in p or "iptables" in p or "pibake-uplink" in p for p in bookworm.trees[node])
         # DHCP on the cluster LAN that keeps asking until the master's server is up.

@@ -53,10 +53,13 @@ def test_master_plan_on_bookworm(profile: Profile, tmp_path: Path) -> None:
     assert "dhcp-range=192.168.5.2,192.168.5.64,255.255.255.0,24h\n" in dnsmasq
     for n in (1, 2, 3):
         assert f"dhcp-host=worker{n},192.168.5.{100 + n},24h\n" in dnsmasq
-    assert ops["/etc/sysctl.d/90-pibake-forward.conf"][0].content.decode().strip().endswith("net.ipv4.ip_forward=1")
+    # Forwarding is switched on by the firewall's unit once its rules are loaded, never by sysctl.d.
+    assert not any(path.startswith("/etc/sysctl.d/") for path in ops)
     assert "-A POSTROUTING -s 192.168.5.0/24 -o wlan0 -j MASQUERADE" in ops["/etc/iptables/rules.v4"][0].content.decode()
-    assert ops["/etc/systemd/system/multi-user.target.wants/pibake-nat.service"] == [
-        Symlink("/etc/systemd/system/multi-user.target.wants/pibake-nat.service", "/etc/systemd/system/pibake-nat.service")]
+    assert ops["/etc/systemd/system/multi-user.target.wants/pibake-firewall.service"] == [
+        Symlink("/etc/systemd/system/multi-user.target.wants/pibake-firewall.service",
+                "/etc/systemd/system/pibake-firewall.service")]
+    assert ops["/usr/local/sbin/pibake-nat"][0].mode == 0o755
     lan = ops["/etc/NetworkManager/system-connections/pibake-lan.nmconnection"][0]
     assert (lan.mode, lan.owner) == (0o600, (0, 0)) and "address1=192.168.5.1/24" in lan.content.decode()
     wifi = ops["/etc/NetworkManager/system-connections/pibake-uplink.nmconnection"][0]
