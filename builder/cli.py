@@ -19,6 +19,7 @@ from builder.plan import NodePlan, describe
 from builder import cache
 from builder.cache import Choice, obtain
 from builder.catalog import Source, is_url, looks_like_file
+from builder.check import probe_all, table, verdicts
 from builder.download import session
 from builder.profile import ImageSettings, Profile, load, load_image_settings
 from builder.release import NAMES, named
@@ -176,6 +177,35 @@ def plan(role: str, count: Optional[int], first: int, profiles: Path, state: Opt
         log.warning("warning: %s", chosen.caveat)
     for node_plan in plans_for(profile, nodes, chosen, KeyStore(_state(state, output))):
         _print_plan(node_plan)
+
+
+@cli.command(epilog=EPILOG)
+@click.option("--profiles", type=click.Path(path_type=Path), default=Path("profiles"), show_default=True,
+              envvar="PIBAKE_PROFILES", help="Profile file, or folder holding cluster.yaml.")
+@click.option("--output", "-o", type=click.Path(path_type=Path), default=Path("output"), show_default=True,
+              help="Where the build left ssh_config and known_hosts.")
+@click.option("-v", "--verbose", count=True, help="Say more.")
+def check(profiles: Path, output: Path, verbose: int) -> None:
+    """Log in to every node through output/ssh_config and say whether it holds.
+
+    One row per node: reached, host key as baked, first boot done (and how long it
+    took), address and DHCP lease as reserved, and on the master dnsmasq, mDNS, the
+    firewall (IPv4 and IPv6), NAT and the uplink's address. Exit 0 only if every
+    node holds.
+    """
+    _setup_logging(verbose, False)
+    profile = load(profiles)
+    ssh_config = output / "ssh_config"
+    if not ssh_config.is_file():
+        raise BuildError(f"{ssh_config} does not exist: build the cluster first (pibake build cluster)", exit_code=2)
+    rows = verdicts(profile, probe_all(profile, profile.nodes, ssh_config))
+    click.echo(table(rows))
+    wrong = [(row.node, problem) for row in rows for problem in row.problems]
+    for node, problem in wrong:
+        _error(f"pibake: {node}: {problem}")
+    if wrong:
+        raise SystemExit(1)
+    click.echo(f"pibake: all {len(rows)} nodes hold")
 
 
 @cli.command()

@@ -86,6 +86,7 @@ def write_ssh_files(output: Path, profile: Profile, keys: KeyStore) -> None:
     plugged into the cluster's switch."""
     master = profile.master.node
     uplink = uplink_name(profile)
+    port = f"    Port {profile.setting('master.uplink.port')}\n" if profile.setting("master.uplink.port") != 22 else ""
     write_atomic(output / "known_hosts", known_hosts(profile, keys).replace(
         f"{master.hostname},{master.address} ", f"{master.hostname},{master.address},{uplink} ", 1))
     known = (output / "known_hosts").resolve()
@@ -95,13 +96,17 @@ def write_ssh_files(output: Path, profile: Profile, keys: KeyStore) -> None:
         f"#   ssh -F {config} worker1\n"
         f"# {master.hostname} is reached by {uplink}, the workers through it; {master.hostname}-lan is its LAN\n"
         "# address. HostKeyAlias keeps strict checking working whatever HostName says.\n",
-        f"Host {master.hostname}\n    HostName {uplink}\n    HostKeyAlias {master.hostname}\n",
+        f"Host {master.hostname}\n    HostName {uplink}\n    HostKeyAlias {master.hostname}\n{port}",
         f"Host {master.hostname}-lan\n    HostName {master.address}\n    HostKeyAlias {master.hostname}\n",
     ]
     for node in profile.workers.nodes:
         blocks.append(f"Host {node.hostname}\n    HostName {node.address}\n    HostKeyAlias {node.hostname}\n"
                       f"    ProxyJump {master.hostname}\n")
-    identity = f"    IdentityFile {keys.operator_key_path.resolve()}\n" if profile.user.operator_key else ""
+    # The private halves of the profile's keys, where they sit beside them (ssh tries only
+    # its usual names by itself), and the operator key pibake made, if it made one.
+    private = [f.with_suffix("") for f in profile.user.key_files if f.suffix == ".pub" and f.with_suffix("").is_file()]
+    private += [keys.operator_key_path] if profile.user.operator_key else []
+    identity = "".join(f"    IdentityFile {p.resolve()}\n" for p in private)
     blocks.append(
         f"Host *\n    User {profile.user.name}\n    UserKnownHostsFile {known}\n"
         f"    StrictHostKeyChecking yes\n    PasswordAuthentication no\n{identity}"

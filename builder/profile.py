@@ -224,7 +224,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("master.uplink.address", str, None, "how your machine reaches the master from the home network "
             "(an address or a DNS name), for output/ssh_config", _check_host,
             shown="`<master.hostname>.local` (mDNS)"),
-    Setting("master.uplink.nat", bool, True, "masquerade the LAN out of the uplink (needs `iptables` in the packages)"),
+    Setting("master.uplink.port", int, 22, "the SSH port that reaches the master at that address (a router's "
+            "port forward, say), for output/ssh_config"),
+    Setting("master.uplink.nat", bool, True, "the workers may go out of the uplink (masqueraded) when the image "
+            "first boots; `sudo pibake-nat on|off` on the master changes it"),
     Setting("master.uplink.wifi.ssid", str, None, "Wi-Fi network; none leaves Wi-Fi unconfigured",
             lambda v: None if 1 <= len(v.encode()) <= 32 and v.isprintable() else "an SSID is 1 to 32 printable bytes"),
     Setting("master.uplink.wifi.country", str, "GB", "two-letter regulatory domain",
@@ -316,6 +319,7 @@ class User:
     # The profile names no key and the operator has none of ssh's usual ones: pibake makes
     # one in the state folder, authorizes it and names it in output/ssh_config.
     operator_key: bool = False
+    key_files: tuple[Path, ...] = ()  # the public key files read: ssh_config names their private halves
 
 
 @dataclass(frozen=True)
@@ -640,18 +644,21 @@ def _read_user(r: _Reader) -> User:
     if sudo == "password" and password_hash is None:
         r.error(("user", "sudo"), "user.sudo is 'password' but user.password_hash is not set, so sudo could never succeed")
     keys: list[str] = []
+    files: list[Path] = []
     if r.raw(("user", "ssh_keys")) is None:
         # Not named: whichever of ssh's usual keys exist, or one pibake makes.
         for i, text in enumerate(r.strings(("user", "ssh_keys"))):
             if r.local_path(text).exists():
                 keys.extend(_read_public_keys(r, ("user", "ssh_keys", i), text))
-        return User(name or "pi", password_hash, tuple(keys), sudo or "nopasswd", operator_key=not keys)
+                files.append(r.local_path(text))
+        return User(name or "pi", password_hash, tuple(keys), sudo or "nopasswd", not keys, tuple(files))
     key_paths = r.strings(("user", "ssh_keys"))
     for i, text in enumerate(key_paths):
         keys.extend(_read_public_keys(r, ("user", "ssh_keys", i), text))
+        files.append(r.local_path(text))
     if not key_paths:
         r.error(("user", "ssh_keys"), "user.ssh_keys must list at least one public key file, or you could never log in")
-    return User(name or "pi", password_hash, tuple(keys), sudo or "nopasswd")
+    return User(name or "pi", password_hash, tuple(keys), sudo or "nopasswd", key_files=tuple(files))
 
 
 def _read_public_keys(r: _Reader, keypath: KeyPath, text: str) -> list[str]:
@@ -851,13 +858,16 @@ def _read_master(r: _Reader, network: IPv4Network, interface: str) -> Master:
     if uplink == interface:
         r.error(kp + ("uplink", "interface"), f"master.uplink.interface is {uplink}, the cluster LAN's port: "
                                               "the uplink must be another interface")
+    port = r.value(kp + ("uplink", "port"))
+    if not 1 <= port <= 65535:
+        r.error(kp + ("uplink", "port"), f"master.uplink.port must be a TCP port, 1 to 65535, not {port}")
     nat = r.value(kp + ("uplink", "nat"))
     wifi = _read_wifi(r)
     packages = _read_packages(r, kp + ("packages",))
     if "dnsmasq" not in packages:
         r.error(kp + ("packages",), "master.packages must include dnsmasq: the master is the cluster's DHCP server")
-    if nat and "iptables" not in packages:
-        r.error(kp + ("packages",), "master.packages must include iptables when master.uplink.nat is true")
+    if "iptables" not in packages:
+        r.error(kp + ("packages",), "master.packages must include iptables: the master's firewall needs it")
     files = _read_files(r, kp + ("files",))
     return Master(Node("master", 0, hostname, address), start, end, lease, uplink, nat, wifi, packages, files)
 

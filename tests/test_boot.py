@@ -14,6 +14,7 @@ deb.debian.org, signatures included, and the guests themselves have no way out.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -23,7 +24,7 @@ import pytest
 from boot_fixture import DISK_ID, fixture_dir
 from conftest import run_pibake, write_profile
 from mirror import Mirror
-from qemu import Cluster, Ssh, wait_for
+from qemu import Cluster, Ssh, free_port, wait_for
 
 pytestmark = pytest.mark.boot
 
@@ -62,6 +63,8 @@ def baked(fixture: Path, debian_mirror: Mirror, operator_key: Path, tmp_path_fac
     """The user's project folder after `pibake build master` and `pibake build worker --count 2`."""
     work = tmp_path_factory.mktemp(f"boot-{fixture.name}")
     (work / "profiles").mkdir()
+    # This machine stands on the master's uplink side: the master's SSH is QEMU's forward
+    # from 127.0.0.1, pinned in the profile as a home router's port forward would be.
     write_profile(work / "profiles", f"""
         user:
           name: alice
@@ -69,6 +72,8 @@ def baked(fixture: Path, debian_mirror: Mirror, operator_key: Path, tmp_path_fac
         master:
           uplink:
             interface: eth1
+            address: 127.0.0.1
+            port: {free_port()}
         workers:
           count: 2
         """)
@@ -87,7 +92,8 @@ def baked(fixture: Path, debian_mirror: Mirror, operator_key: Path, tmp_path_fac
 def cluster(baked: Path, fixture: Path, operator_key: Path):
     output = baked / "output"
     with Cluster(baked) as running:
-        running.add("master", output / "master.img", fixture / "vmlinuz", fixture / "initrd.img", uplink=True)
+        port = int(re.search(r"^    Port (\d+)$", (output / "ssh_config").read_text(), re.M)[1])
+        running.add("master", output / "master.img", fixture / "vmlinuz", fixture / "initrd.img", uplink=True, ssh_port=port)
         for name in WORKERS:
             running.add(name, output / f"{name}.img", fixture / "vmlinuz", fixture / "initrd.img")
         running.start()
@@ -133,12 +139,10 @@ def _diagnose(running: Cluster, ssh: Ssh, nodes: list[str] | None = None) -> str
 def _check_master(ssh: Ssh) -> None:
     assert ssh.check("master", "hostname").strip() == "master"
     assert "inet 192.168.5.1/24" in ssh.check("master", "ip -4 -o addr show dev eth0")
-    assert ssh.check("master", "systemctl is-active dnsmasq avahi-daemon").split() == ["active", "active"]
-    leases = ssh.check("master", "cat /var/lib/misc/dnsmasq.leases")
-    for name, address in WORKERS.items():
-        assert f" {address} {name} " in leases, leases
-    assert ssh.check("master", "cat /proc/sys/net/ipv4/ip_forward").strip() == "1"
     assert "-A POSTROUTING -s 192.168.5.0/24 -o eth1 -j MASQUERADE" in ssh.check("master", "sudo iptables -t nat -S POSTROUTING")
+    forward = ssh.check("master", "sudo iptables -S FORWARD").splitlines()
+    assert forward[0] == "-P FORWARD DROP" and "-A FORWARD -s 192.168.5.0/24 -i eth0 -o eth1 -j pibake-out" in forward
+    assert "-P FORWARD DROP" in ssh.check("master", "sudo ip6tables -S FORWARD")
     ssh.check("master", "tcpdump --version")
     ssh.check("master", "fab --version")
     for name in WORKERS:
@@ -147,6 +151,32 @@ def _check_master(ssh: Ssh) -> None:
     # One command on every worker by name: the master's Fabric and its list of workers.
     ran = ssh.check("master", "fab -H \"$(grep -v '^#' /etc/pibake/workers | paste -sd,)\" -- hostname")
     assert sorted(ran.split()) == sorted(WORKERS), ran
+
+
+def _check_from_the_uplink_side(baked: Path) -> None:
+    """What the operator runs on the home network: `pibake check`, and ssh by name through output/ssh_config.
+
+    pibake check holds what these tests would otherwise ask each node themselves: host
+    key, first boot, address and lease as reserved, dnsmasq, mDNS, the firewall (v4 and
+    v6), forwarding and NAT."""
+    result = run_pibake("check", cwd=baked)
+    assert result.code == 0, result.output
+    rows = {line.split()[0]: line for line in result.stdout.splitlines()[1:] if line.split() and line.split()[0] in
+            ("master", *WORKERS)}
+    assert set(rows) == {"master", *WORKERS}, result.stdout
+    assert "firewall v4 loaded v6 loaded, NAT on (workers' way out open)" in rows["master"], result.stdout
+    assert "mDNS active" in rows["master"] and "dnsmasq active" in rows["master"]
+    for name, address in WORKERS.items():
+        assert rows[name].split()[1:4] == ["ok", "ok", "done"] and f" {address} " in rows[name], result.stdout
+        # The workers only through the master (ProxyJump), strict host key checking at both hops.
+        done = subprocess.run(["ssh", "-F", str(baked / "output/ssh_config"), "-o", "BatchMode=yes", name, "hostname"],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0 and done.stdout.strip() == name, done.stderr
+
+
+def _nat_status(ssh: Ssh) -> dict[str, str]:
+    text = ssh.check("master", "sudo pibake-nat status")
+    return dict(line.split(": ", 1) for line in text.splitlines() if ": " in line)
 
 
 def _check_node(ssh: Ssh, name: str, address: str | None) -> None:
@@ -183,9 +213,10 @@ def _state(ssh: Ssh, name: str, address: str | None) -> str:
                            " sha256sum /etc/ssh/ssh_host_*_key.pub /etc/ssh/pibake/*.pub; getent passwd 1000", address)
 
 
-def test_cluster_configures_itself_on_first_boot(cluster, release: str) -> None:
+def test_cluster_configures_itself_on_first_boot(cluster, baked: Path, release: str) -> None:
     running, ssh = cluster
     _check_master(ssh)
+    _check_from_the_uplink_side(baked)
     for name, address in NODES:
         _check_node(ssh, name, address)
         _check_first_boot_ran(ssh, name, address, release)
@@ -202,10 +233,14 @@ def test_cluster_configures_itself_on_first_boot(cluster, release: str) -> None:
     assert ssh.check("master", "dpkg --audit; dpkg-query -W -f='${db:Status-Abbrev}${Package}\\n' "
                                "dnsmasq iptables tcpdump fabric").split() == \
         ["ii", "dnsmasq", "ii", "fabric", "ii", "iptables", "ii", "tcpdump"]  # dpkg-query sorts
-    assert ssh.check("master", "systemctl is-active dnsmasq pibake-nat").split() == ["active", "active"]
+    assert ssh.check("master", "systemctl is-active dnsmasq pibake-firewall").split() == ["active", "active"]
+    # No forwarding before the firewall: on the first boot iptables came with the
+    # packages, so the firewall's unit found none and left forwarding off until then.
+    stayed_off = console.find("iptables is not installed yet: forwarding stays off")
+    assert 0 <= stayed_off < console.find("firewall loaded (IPv4 and IPv6), forwarding on"), console[-3000:]
 
 
-def test_second_boot_changes_nothing(cluster, release: str) -> None:
+def test_second_boot_changes_nothing(cluster, baked: Path, release: str) -> None:
     running, ssh = cluster
     before = {name: _state(ssh, name, address) for name, address in NODES}
     boots = {name: guest.boots for name, guest in running.guests.items()}
@@ -219,7 +254,49 @@ def test_second_boot_changes_nothing(cluster, release: str) -> None:
         assert _state(ssh, name, address) == before[name], name
         _check_node(ssh, name, address)
         _check_first_boot_ran(ssh, name, address, release)
+    _check_from_the_uplink_side(baked)
     assert ssh.check("master", "systemctl show -p ConditionResult --value pibake-firstboot").strip() == "no"
+    # The firewall is loaded before any interface comes up.
+    times = ssh.check("master", "systemctl show -p ActiveEnterTimestampMonotonic --value pibake-firewall network-pre.target;"
+                                " systemctl show -p ExecMainStartTimestampMonotonic --value NetworkManager").split()
+    firewall, network_pre, network_manager = (int(t) for t in times)
+    assert 0 < firewall <= network_pre < network_manager, times
     if release == "bookworm":
         assert ssh.check("master", "systemctl is-enabled regenerate_ssh_host_keys.service || true").strip() == "disabled"
     _check_master(ssh)
+
+
+def test_workers_way_out_switches_at_run_time(cluster) -> None:
+    running, ssh = cluster
+    ssh.check("master", "sudo pibake-nat off")
+    assert _nat_status(ssh)["workers-out"] == "closed"
+    assert "-j ACCEPT" not in ssh.check("master", "sudo iptables -S pibake-out")
+    # The master, and SSH through it, keep working.
+    for name, address in WORKERS.items():
+        assert ssh.check(name, "hostname", address).strip() == name
+    ssh.check("master", "sudo pibake-nat on")
+    assert _nat_status(ssh) == {"nat": "on", "firewall-v4": "loaded", "workers-out": "open", "firewall-v6": "loaded",
+                                "forwarding": "1"}
+
+
+def test_the_firewall_loads_with_no_uplink_at_boot(cluster, baked: Path) -> None:
+    """A boot with the uplink's NIC not there at all, then one with it plugged in again."""
+    running, ssh = cluster
+    master = running.guests["master"]
+    boots = master.boots
+    master.uplink_plugged = False
+    ssh.run("master", "sudo systemctl --no-block reboot", timeout=60)
+    deadline = time.monotonic() + BOOT_MINUTES * 60
+
+    def loaded_this_boot() -> bool:
+        text = master.console.read_text(errors="replace")
+        this_boot = text.rsplit(f"=== boot {boots + 1}:", 1)[-1] if master.boots > boots else ""
+        return "firewall loaded (IPv4 and IPv6), forwarding on" in this_boot
+
+    wait_for(loaded_this_boot, deadline, "the master's firewall to load with no uplink")
+    assert "-netdev user" not in master.console.read_text(errors="replace").rsplit("=== boot ", 1)[-1].splitlines()[0]
+    master.uplink_plugged = True
+    master.power_cut()
+    wait_for(lambda: master.boots > boots + 1, deadline, "the master to power on again")
+    _wait_until_configured(running, ssh)
+    _check_from_the_uplink_side(baked)

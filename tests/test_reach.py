@@ -15,11 +15,13 @@ import pytest
 import yaml
 
 from builder.build import plans_for
+from builder.check import Report, verdicts
 from builder.keys import KeyStore
 from builder.outputs import write_ssh_files
 from builder.profile import load
 from builder.release import named
 from conftest import run_pibake, write_profile
+from qemu import free_port
 
 
 def resolved(output: Path, host: str) -> dict[str, str]:
@@ -57,6 +59,8 @@ def test_master_by_its_uplink_name_and_workers_through_it(workdir: Path, operato
                                                                                     "master")
         assert worker["stricthostkeychecking"] == "true" and worker["userknownhostsfile"] == str(output / "known_hosts")
         assert worker["passwordauthentication"] == "no" and worker["user"] == "pi"
+        # The key the profile names, in a folder ssh would not look in by itself.
+        assert worker["identityfile"] == str(operator_key.with_suffix(""))
     # Strict checking holds whichever name reaches the master, and for tools that ignore HostKeyAlias.
     for name in ("master", expected, "192.168.5.1", "worker2", "192.168.5.102"):
         found = subprocess.run(["ssh-keygen", "-F", name, "-f", str(output / "known_hosts")], capture_output=True)
@@ -101,7 +105,8 @@ def test_ssh_s_usual_keys_are_found_before_one_is_made(workdir: Path, monkeypatc
     (home / ".ssh").mkdir(parents=True)
     subprocess.run(["ssh-keygen", "-q", "-t", kind, "-N", "", "-f", str(home / f".ssh/id_{kind}")], check=True)
     output, keys, plans = outputs(workdir, "workers:\n  count: 1\n", home, monkeypatch)
-    assert not keys.operator_key_path.exists() and "identityfile" not in (output / "ssh_config").read_text().lower()
+    assert not keys.operator_key_path.exists()
+    assert resolved(output, "worker1")["identityfile"] == str(home / f".ssh/id_{kind}")
     authorized = next(op for op in plans[0].ops if op.path == "/home/pi/.ssh/authorized_keys").content.decode()
     assert (home / f".ssh/id_{kind}.pub").read_text().split()[1] in authorized
 
@@ -114,13 +119,79 @@ def test_a_key_file_named_and_missing_is_still_an_error(workdir: Path) -> None:
     assert not (workdir / "state").exists()
 
 
+def test_a_port_forward_to_the_master(workdir: Path, operator_key: Path) -> None:
+    output, _, _ = outputs(workdir, f"user:\n  ssh_keys: [{operator_key}]\n"
+                                    "master:\n  uplink:\n    address: router.home.arpa\n    port: 2222\n")
+    assert (resolved(output, "master")["hostname"], resolved(output, "master")["port"]) == ("router.home.arpa", "2222")
+    assert resolved(output, "master-lan")["port"] == "22" and resolved(output, "worker1")["port"] == "22"
+
+
 @pytest.mark.parametrize("body, words", [
     ("master:\n  uplink:\n    address: 'master.local; ProxyCommand x'\n", "is not an IP address or a DNS name"),
     ("master:\n  uplink:\n    address: '-oProxyCommand=x'\n", "is not an IP address or a DNS name"),
     ("master:\n  uplink:\n    address: 'a..b'\n", "is not an IP address or a DNS name"),
     ("workers:\n  nodes:\n    - {hostname: master-lan}\n", "the master's LAN alias in ssh_config"),
+    ("master:\n  uplink:\n    port: 70000\n", "must be a TCP port, 1 to 65535, not 70000"),
+    ("master:\n  uplink:\n    port: 0\n", "must be a TCP port"),
+    ("master:\n  uplink:\n    port: '22 -oProxyCommand=x'\n", "must be an integer"),
 ])
 def test_names_for_ssh_config_are_checked(workdir: Path, operator_key: Path, body: str, words: str) -> None:
     write_profile(workdir, f"user:\n  ssh_keys: [{operator_key}]\n{body}")
     result = run_pibake("plan", "cluster", "--release", "bookworm", "--profiles", "cluster.yaml", cwd=workdir)
     assert result.code == 2 and words in result.stderr and "cluster.yaml:" in result.stderr, result.stderr
+
+
+def test_check_says_why_a_node_is_down(workdir: Path, operator_key: Path) -> None:
+    """Every node unreachable: the master's uplink address answers nothing (a closed port on loopback)."""
+    port = free_port()
+    (workdir / "profiles").mkdir()
+    write_profile(workdir / "profiles", f"user:\n  ssh_keys: [{operator_key}]\nmaster:\n  uplink:\n"
+                                        f"    address: 127.0.0.1\n    port: {port}\nworkers:\n  count: 2\n")
+    profile = load(workdir / "profiles")
+    (workdir / "output").mkdir()
+    write_ssh_files(workdir / "output", profile, KeyStore(workdir / "state"))
+    result = run_pibake("check", cwd=workdir)
+    assert result.code == 1, result.output
+    table = result.stdout.splitlines()
+    assert table[0].split() == ["node", "reach", "host", "key", "first", "boot", "address", "lease", "master"]
+    assert [line.split()[:2] for line in table[1:]] == [["master", "no"], ["worker1", "no"], ["worker2", "no"]]
+    reasons = [line for line in result.stderr.splitlines() if line.startswith("pibake: ")]
+    assert len(reasons) == 3 and all("unreachable: " in line and "Connection refused" in line for line in reasons), reasons
+
+
+def test_check_before_any_build(workdir: Path, operator_key: Path) -> None:
+    (workdir / "profiles").mkdir()
+    write_profile(workdir / "profiles", f"user:\n  ssh_keys: [{operator_key}]\n")
+    result = run_pibake("check", cwd=workdir)
+    assert result.code == 2 and result.stderr.strip() == (
+        "pibake: error: output/ssh_config does not exist: build the cluster first (pibake build cluster)")
+
+
+def _report(profile, node, **facts) -> Report:
+    return Report(node, True, "", {"hostname": node.hostname, "first-boot": "done 130s",
+                                   "address": f"{node.address}/24", **facts})
+
+
+MASTER_FACTS = {"dnsmasq": "active", "mdns": "active", "nat": "on", "firewall-v4": "loaded", "workers-out": "open",
+                "firewall-v6": "loaded", "forwarding": "1", "uplink-address": "10.0.2.15/24"}
+
+
+@pytest.mark.parametrize("change, problem", [
+    ({}, None),
+    ({"master": {"firewall-v6": "not loaded"}}, "master: firewall-v6 is not loaded, not loaded"),
+    ({"master": {"forwarding": "0"}}, "master: forwarding is 0, not 1"),
+    ({"master": {"dnsmasq": "failed"}}, "master: dnsmasq is failed, not active"),
+    ({"worker1": {"first-boot": "running"}}, "worker1: first boot is running"),
+    ({"worker2": {"address": "192.168.5.7/24"}}, "worker2: its address is 192.168.5.7, not 192.168.5.102"),
+    ({"worker2": {"hostname": "raspberrypi"}}, "worker2: it calls itself 'raspberrypi'"),
+    ({"lease": "1 aa 192.168.5.9 worker1 *"}, "worker1: the master has leased 192.168.5.9 for it, not 192.168.5.101"),
+])
+def test_check_verdicts(workdir: Path, operator_key: Path, change: dict, problem: str | None) -> None:
+    profile = load(write_profile(workdir, f"user:\n  ssh_keys: [{operator_key}]\nworkers:\n  count: 2\n"))
+    master, worker1, worker2 = profile.nodes
+    reports = [_report(profile, master, **{**MASTER_FACTS, **change.get("master", {})}),
+               _report(profile, worker1, **change.get("worker1", {})),
+               _report(profile, worker2, **change.get("worker2", {}))]
+    reports[0].leases = [change.get("lease", "1 aa 192.168.5.101 worker1 *"), "1 bb 192.168.5.102 worker2 *"]
+    found = [f"{row.node}: {p}" for row in verdicts(profile, reports) for p in row.problems]
+    assert found == ([problem] if problem else []), found
