@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -172,6 +173,12 @@ def _check_from_the_uplink_side(baked: Path) -> None:
         done = subprocess.run(["ssh", "-F", str(baked / "output/ssh_config"), "-o", "BatchMode=yes", name, "hostname"],
                               capture_output=True, text=True, timeout=120)
         assert done.returncode == 0 and done.stdout.strip() == name, done.stderr
+    # One command on every node from this machine: the generated fabfile, with Fabric.
+    fab = Path(sys.executable).with_name("fab")
+    ran = subprocess.run([fab, "-r", str(baked / "output"), "on", "--cmd", "hostname"], capture_output=True, text=True,
+                         timeout=300)
+    assert ran.returncode == 0 and ran.stdout.splitlines() == [f"{n}: {n}" for n in ("master", *WORKERS)], \
+        ran.stdout + ran.stderr
 
 
 def _nat_status(ssh: Ssh) -> dict[str, str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -124,6 +125,32 @@ def test_a_port_forward_to_the_master(workdir: Path, operator_key: Path) -> None
                                     "master:\n  uplink:\n    address: router.home.arpa\n    port: 2222\n")
     assert (resolved(output, "master")["hostname"], resolved(output, "master")["port"]) == ("router.home.arpa", "2222")
     assert resolved(output, "master-lan")["port"] == "22" and resolved(output, "worker1")["port"] == "22"
+    # The form known_hosts uses for another port, for tools that ignore HostKeyAlias (Fabric's paramiko).
+    found = subprocess.run(["ssh-keygen", "-F", "[router.home.arpa]:2222", "-f", str(output / "known_hosts")])
+    assert found.returncode == 0
+
+
+def test_the_fabfile_runs_through_ssh_config_and_refuses_other_keys(workdir: Path, operator_key: Path) -> None:
+    """The boot tests run it against a cluster; here Fabric loads it, and meets a master that is down."""
+    port = free_port()
+    output, _, _ = outputs(workdir, f"user:\n  ssh_keys: [{operator_key}]\nmaster:\n  uplink:\n"
+                                    f"    address: 127.0.0.1\n    port: {port}\nworkers:\n  count: 2\n")
+    fab = Path(sys.executable).with_name("fab")
+    listed = subprocess.run([fab, "-r", str(output), "--list"], capture_output=True, text=True, timeout=60)
+    assert listed.returncode == 0 and "on " in listed.stdout, listed.stdout + listed.stderr
+    down = subprocess.run([fab, "-r", str(output), "on", "--cmd", "true"], capture_output=True, text=True, timeout=60)
+    assert down.returncode != 0 and "Traceback" not in down.stderr, down.stderr
+    assert down.stdout.splitlines() == [f"{host}: cannot run it there: [Errno None] Unable to connect to port {port} on "
+                                        "127.0.0.1" for host in ("master", "worker1", "worker2")], down.stdout
+    assert down.stderr.strip() == "failed on master, worker1, worker2"
+    namespace: dict = {"__file__": str(output / "fabfile.py")}
+    exec(compile((output / "fabfile.py").read_text(), "fabfile.py", "exec"), namespace)
+    assert (namespace["MASTER"], namespace["WORKERS"]) == ("master", ["worker1", "worker2"])
+    connection = namespace["connect"]("worker2")
+    assert (connection.host, connection.port, connection.user) == ("192.168.5.102", 22, "pi")
+    assert (connection.gateway.host, connection.gateway.port) == ("127.0.0.1", port)
+    for hop in (connection, connection.gateway):
+        assert type(hop.client._policy).__name__ == "RejectPolicy"
 
 
 @pytest.mark.parametrize("body, words", [
