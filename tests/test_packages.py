@@ -105,7 +105,7 @@ def test_package_archive_unreachable(project: Path) -> None:
     # Credentials in a mirror URL reach apt, and never the screen.
     result = run_pibake("build", "master", "--image", "base.img", "-vv", cwd=project,
                         env={"PIBAKE_APT_MIRRORS": "http://deb.debian.org/debian=http://mirror-user:hunter2-pw@127.0.0.1:9/debian"})
-    assert_clean_failure(result, project, "package dnsmasq, iptables, tcpdump, fabric not found")
+    assert_clean_failure(result, project, "package dnsmasq, iptables, tcpdump, fabric, avahi-daemon not found")
     assert "***@127.0.0.1:9" in result.stderr
     assert "hunter2" not in result.output and "mirror-user" not in result.output
 
