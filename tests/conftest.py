@@ -31,15 +31,16 @@ class Result:
         return self.stdout + self.stderr
 
 
-def run_pibake(*args: str, cwd: Path, env: dict[str, str | None] | None = None, timeout: int = 900) -> Result:
-    """Run the real `pibake` command line, as a user would."""
+def run_pibake(*args: str, cwd: Path, env: dict[str, str | None] | None = None, timeout: int = 900,
+               within: tuple[str, ...] = ()) -> Result:
+    """Run the real `pibake` command line, as a user would; `within`: a command that runs it (`ip netns exec NS`)."""
     # Nothing may leave loopback: unless a test serves its own mirror, downloads
     # go to a closed local port (the discard port) and fail at once.
     full_env = {**os.environ, "PIBAKE_WIFI_PASSPHRASE": WIFI_PASSPHRASE,
                 "PIBAKE_DOWNLOAD_BASE": "http://127.0.0.1:9", **(env or {})}
     full_env = {k: v for k, v in full_env.items() if v is not None}  # None unsets
     full_env["PYTHONFAULTHANDLER"] = "1"
-    proc = subprocess.Popen([sys.executable, "-m", "builder", *args], cwd=cwd, env=full_env, stdin=subprocess.DEVNULL,
+    proc = subprocess.Popen([*within, sys.executable, "-m", "builder", *args], cwd=cwd, env=full_env, stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         stdout, stderr = proc.communicate(timeout=timeout)

@@ -7,16 +7,20 @@ runs with -no-reboot, and when the guest reboots, QEMU ends and is started again
 with the cmdline.txt now on the image.
 
 Network safety: the LAN between guests is a QEMU multicast socket bound to
-127.0.0.1; the master's uplink is QEMU user networking with restrict=on, so the
-guests reach nothing but each other, and the host reaches the master through a
-forward on 127.0.0.1 only.
+127.0.0.1. The master's uplink is a tap device in a network namespace of the
+test's own (HomeNetwork), which stands in for the home network: it has a DHCP
+server, the test's SSH client and whatever else the tests put there, and no link
+to anything else, so the guests reach nothing but each other and that namespace.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import random
 import shlex
+import struct
 import shutil
 import socket
 import subprocess
@@ -51,6 +55,61 @@ def kernel_args(cmdline: str) -> str:
     return " ".join(args + ["console=ttyAMA0,115200", "net.ifnames=0"])
 
 
+TUNSETIFF = 0x400454CA
+IFF_TAP, IFF_NO_PI = 0x0002, 0x1000
+
+
+class HomeNetwork:
+    """The master's uplink side: a network namespace holding the other end of a tap device.
+
+    The tap is opened once, here, and handed to every QEMU the master's supervisor
+    starts (a reboot is a new QEMU), then moved into the namespace, where dnsmasq
+    gives the master ADDRESS by DHCP with this side as its router. Commands run
+    there with `argv()`.
+    """
+
+    HOST = "10.77.0.1"  # this side
+    ADDRESS = "10.77.0.2"  # what the master's uplink gets
+
+    def __init__(self, folder: Path) -> None:
+        self.name = f"pibake-home-{os.getpid()}-{random.randint(0, 1 << 16)}"
+        self.tap = f"pbk{random.randint(0, 1 << 24):x}"
+        self.folder = folder
+        self.fd = -1
+        self.dhcp: subprocess.Popen | None = None
+        subprocess.run(["ip", "netns", "add", self.name], check=True)
+        try:
+            self.fd = os.open("/dev/net/tun", os.O_RDWR)
+            fcntl.ioctl(self.fd, TUNSETIFF, struct.pack("16sH", self.tap.encode(), IFF_TAP | IFF_NO_PI))
+            os.set_inheritable(self.fd, True)
+            for command in (["ip", "link", "set", self.tap, "netns", self.name],
+                            [*self.argv(), "ip", "addr", "add", f"{self.HOST}/24", "dev", self.tap],
+                            [*self.argv(), "ip", "link", "set", self.tap, "up"],
+                            [*self.argv(), "ip", "link", "set", "lo", "up"]):
+                subprocess.run(command, check=True)
+            self.dhcp = subprocess.Popen(
+                [*self.argv(), "dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--port=0", "--user=root",
+                 f"--interface={self.tap}", "--bind-interfaces", f"--dhcp-range={self.ADDRESS},{self.ADDRESS},1h",
+                 f"--dhcp-option=option:router,{self.HOST}", f"--dhcp-leasefile={folder / 'home-dhcp.leases'}",
+                 "--pid-file=", "--log-dhcp", f"--log-facility={folder / 'home-dhcp.log'}"],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        except BaseException:
+            self.close()
+            raise
+
+    def argv(self) -> list[str]:
+        return ["ip", "netns", "exec", self.name]
+
+    def close(self) -> None:
+        if self.dhcp and self.dhcp.poll() is None:
+            self.dhcp.terminate()
+            self.dhcp.wait(timeout=20)
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        subprocess.run(["ip", "netns", "delete", self.name], capture_output=True)
+
+
 @dataclass
 class Guest:
     name: str
@@ -60,7 +119,7 @@ class Guest:
     folder: Path
     lan: str  # multicast group:port
     mac: str
-    ssh_port: int | None = None  # a forward from 127.0.0.1 to the guest's uplink port 22
+    home: HomeNetwork | None = None  # the network the guest's uplink NIC joins (the master's)
     uplink_plugged: bool = True  # False: the next boot has no uplink NIC at all
     memory: str = "768"
     boots: int = 0
@@ -76,9 +135,8 @@ class Guest:
     def command(self) -> list[str]:
         netdevs = ["-netdev", f"socket,id=lan,mcast={self.lan},localaddr=127.0.0.1",
                    "-device", f"virtio-net-pci,netdev=lan,mac={self.mac},romfile="]
-        if self.ssh_port and self.uplink_plugged:
-            netdevs += ["-netdev", f"user,id=uplink,restrict=on,hostfwd=tcp:127.0.0.1:{self.ssh_port}-:22",
-                        "-device", "virtio-net-pci,netdev=uplink,romfile="]
+        if self.home and self.uplink_plugged:
+            netdevs += ["-netdev", f"tap,id=uplink,fd={self.home.fd}", "-device", "virtio-net-pci,netdev=uplink,romfile="]
         return ["qemu-system-aarch64", "-M", "virt", "-accel", "tcg", "-cpu", "cortex-a72", "-smp", "1",
                 "-m", self.memory, "-nodefaults", "-display", "none", "-no-reboot",
                 "-serial", "stdio",
@@ -98,7 +156,8 @@ class Guest:
             with open(self.console, "ab") as console:
                 console.write(f"\n=== boot {self.boots + 1}: {shlex.join(command)}\n".encode())
                 console.flush()
-                self._process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=console, stderr=subprocess.STDOUT)
+                self._process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=console, stderr=subprocess.STDOUT,
+                                                 pass_fds=(self.home.fd,) if self.home else ())
                 self.boots += 1
                 code = self._process.wait()
             if self._power_cut.is_set():
@@ -145,12 +204,12 @@ class Cluster:
         self.folder = folder
         self.lan = f"230.{random.randint(1, 254)}.{random.randint(1, 254)}.{random.randint(1, 254)}:{free_port()}"
         self.guests: dict[str, Guest] = {}
+        self.home = HomeNetwork(folder)
 
-    def add(self, name: str, image: Path, kernel: Path, initrd: Path, uplink: bool = False,
-            ssh_port: int | None = None) -> Guest:
-        """`uplink`: give the guest an uplink NIC, with its SSH on 127.0.0.1:`ssh_port` (or a free port)."""
+    def add(self, name: str, image: Path, kernel: Path, initrd: Path, uplink: bool = False) -> Guest:
+        """`uplink`: give the guest an uplink NIC on the home network."""
         mac = "52:54:00:%02x:%02x:%02x" % (0x50, len(self.guests), random.randint(0, 255))
-        guest = Guest(name, image, kernel, initrd, self.folder, self.lan, mac, (ssh_port or free_port()) if uplink else None)
+        guest = Guest(name, image, kernel, initrd, self.folder, self.lan, mac, self.home if uplink else None)
         self.guests[name] = guest
         return guest
 
@@ -161,6 +220,7 @@ class Cluster:
     def stop(self) -> None:
         for guest in self.guests.values():
             guest.stop()
+        self.home.close()
 
     def report(self) -> str:
         return "\n".join(f"--- {g.name}: last lines of the serial console ({g.console})\n{g.tail()}" for g in self.guests.values())
@@ -184,7 +244,7 @@ class Ssh:
     identity: Path
     known_hosts: Path
     user: str
-    port: int
+    home: HomeNetwork  # where the ssh client stands: the master's uplink side
     master: str = "master"
     control: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="pibake-ssh-")))
 
@@ -199,12 +259,11 @@ class Ssh:
     def argv(self, node: str, address: str | None = None, multiplex: bool = True) -> list[str]:
         """The ssh command line for `node`; multiplex=False for a login of its own (an authentication check)."""
         if node == self.master:
-            return ["ssh", *self.options(node, multiplex), "-p", str(self.port), f"{self.user}@127.0.0.1"]
-        jump = shlex.join(["ssh", *self.options(self.master), "-p", str(self.port), "-W", f"{address}:22",
-                           f"{self.user}@127.0.0.1"])
+            return [*self.home.argv(), "ssh", *self.options(node, multiplex), f"{self.user}@{self.home.ADDRESS}"]
+        jump = shlex.join(["ssh", *self.options(self.master), "-W", f"{address}:22", f"{self.user}@{self.home.ADDRESS}"])
         # ssh expands % in a ProxyCommand: the inner ControlPath's %C must reach the inner ssh as it is.
         jump = jump.replace("%", "%%")
-        return ["ssh", *self.options(node, multiplex), "-o", f"ProxyCommand={jump}", f"{self.user}@{address}"]
+        return [*self.home.argv(), "ssh", *self.options(node, multiplex), "-o", f"ProxyCommand={jump}", f"{self.user}@{address}"]
 
     def close(self) -> None:
         """End every shared connection."""

@@ -14,7 +14,6 @@ deb.debian.org, signatures included, and the guests themselves have no way out.
 
 from __future__ import annotations
 
-import re
 import subprocess
 import sys
 import time
@@ -25,7 +24,7 @@ import pytest
 from boot_fixture import DISK_ID, fixture_dir
 from conftest import run_pibake, write_profile
 from mirror import Mirror
-from qemu import Cluster, Ssh, free_port, wait_for
+from qemu import Cluster, HomeNetwork, Ssh, wait_for
 
 pytestmark = pytest.mark.boot
 
@@ -64,8 +63,8 @@ def baked(fixture: Path, debian_mirror: Mirror, operator_key: Path, tmp_path_fac
     """The user's project folder after `pibake build master` and `pibake build worker --count 2`."""
     work = tmp_path_factory.mktemp(f"boot-{fixture.name}")
     (work / "profiles").mkdir()
-    # This machine stands on the master's uplink side: the master's SSH is QEMU's forward
-    # from 127.0.0.1, pinned in the profile as a home router's port forward would be.
+    # The tests stand on the master's uplink side, the stand-in home network, where its
+    # DHCP server gives the master one address, pinned here as a user may pin theirs.
     write_profile(work / "profiles", f"""
         user:
           name: alice
@@ -73,8 +72,7 @@ def baked(fixture: Path, debian_mirror: Mirror, operator_key: Path, tmp_path_fac
         master:
           uplink:
             interface: eth1
-            address: 127.0.0.1
-            port: {free_port()}
+            address: {HomeNetwork.ADDRESS}
         workers:
           count: 2
         """)
@@ -93,13 +91,12 @@ def baked(fixture: Path, debian_mirror: Mirror, operator_key: Path, tmp_path_fac
 def cluster(baked: Path, fixture: Path, operator_key: Path):
     output = baked / "output"
     with Cluster(baked) as running:
-        port = int(re.search(r"^    Port (\d+)$", (output / "ssh_config").read_text(), re.M)[1])
-        running.add("master", output / "master.img", fixture / "vmlinuz", fixture / "initrd.img", uplink=True, ssh_port=port)
+        running.add("master", output / "master.img", fixture / "vmlinuz", fixture / "initrd.img", uplink=True)
         for name in WORKERS:
             running.add(name, output / f"{name}.img", fixture / "vmlinuz", fixture / "initrd.img")
         running.start()
         master = running.guests["master"]
-        ssh = Ssh(operator_key.with_suffix(""), output / "known_hosts", "alice", master.ssh_port)
+        ssh = Ssh(operator_key.with_suffix(""), output / "known_hosts", "alice", running.home)
         try:
             # Pull the master's plug while dpkg is installing its packages: the
             # next boot must finish the job (checked in the first test).
@@ -154,13 +151,13 @@ def _check_master(ssh: Ssh) -> None:
     assert sorted(ran.split()) == sorted(WORKERS), ran
 
 
-def _check_from_the_uplink_side(baked: Path) -> None:
+def _check_from_the_uplink_side(baked: Path, home: HomeNetwork) -> None:
     """What the operator runs on the home network: `pibake check`, and ssh by name through output/ssh_config.
 
     pibake check holds what these tests would otherwise ask each node themselves: host
     key, first boot, address and lease as reserved, dnsmasq, mDNS, the firewall (v4 and
     v6), forwarding and NAT."""
-    result = run_pibake("check", cwd=baked)
+    result = run_pibake("check", cwd=baked, within=tuple(home.argv()))
     assert result.code == 0, result.output
     rows = {line.split()[0]: line for line in result.stdout.splitlines()[1:] if line.split() and line.split()[0] in
             ("master", *WORKERS)}
@@ -170,12 +167,12 @@ def _check_from_the_uplink_side(baked: Path) -> None:
     for name, address in WORKERS.items():
         assert rows[name].split()[1:4] == ["ok", "ok", "done"] and f" {address} " in rows[name], result.stdout
         # The workers only through the master (ProxyJump), strict host key checking at both hops.
-        done = subprocess.run(["ssh", "-F", str(baked / "output/ssh_config"), "-o", "BatchMode=yes", name, "hostname"],
+        done = subprocess.run([*home.argv(), "ssh", "-F", str(baked / "output/ssh_config"), "-o", "BatchMode=yes", name, "hostname"],
                               capture_output=True, text=True, timeout=120)
         assert done.returncode == 0 and done.stdout.strip() == name, done.stderr
     # One command on every node from this machine: the generated fabfile, with Fabric.
     fab = Path(sys.executable).with_name("fab")
-    ran = subprocess.run([fab, "-r", str(baked / "output"), "on", "--cmd", "hostname"], capture_output=True, text=True,
+    ran = subprocess.run([*home.argv(), fab, "-r", str(baked / "output"), "on", "--cmd", "hostname"], capture_output=True, text=True,
                          timeout=300)
     assert ran.returncode == 0 and ran.stdout.splitlines() == [f"{n}: {n}" for n in ("master", *WORKERS)], \
         ran.stdout + ran.stderr
@@ -223,7 +220,7 @@ def _state(ssh: Ssh, name: str, address: str | None) -> str:
 def test_cluster_configures_itself_on_first_boot(cluster, baked: Path, release: str) -> None:
     running, ssh = cluster
     _check_master(ssh)
-    _check_from_the_uplink_side(baked)
+    _check_from_the_uplink_side(baked, running.home)
     for name, address in NODES:
         _check_node(ssh, name, address)
         _check_first_boot_ran(ssh, name, address, release)
@@ -261,7 +258,7 @@ def test_second_boot_changes_nothing(cluster, baked: Path, release: str) -> None
         assert _state(ssh, name, address) == before[name], name
         _check_node(ssh, name, address)
         _check_first_boot_ran(ssh, name, address, release)
-    _check_from_the_uplink_side(baked)
+    _check_from_the_uplink_side(baked, running.home)
     assert ssh.check("master", "systemctl show -p ConditionResult --value pibake-firstboot").strip() == "no"
     # The firewall is loaded before any interface comes up.
     times = ssh.check("master", "systemctl show -p ActiveEnterTimestampMonotonic --value pibake-firewall network-pre.target;"
@@ -273,17 +270,55 @@ def test_second_boot_changes_nothing(cluster, baked: Path, release: str) -> None
     _check_master(ssh)
 
 
+def _connect_from_home(home: HomeNetwork, host: str, port: int) -> str:
+    """A TCP connection from the home network: "open", or why not."""
+    code = (f"import socket\ntry:\n    socket.create_connection(({host!r}, {port}), timeout=15).close()\n    print('open')\n"
+            "except OSError as e:\n    print(e.strerror or type(e).__name__)")
+    return subprocess.run([*home.argv(), sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          timeout=60).stdout.strip()
+
+
+def test_nothing_from_the_home_network_reaches_the_lan(cluster) -> None:
+    running, ssh = cluster
+    home = running.home
+    # A host on the home network that routes the cluster's LAN through the master.
+    subprocess.run([*home.argv(), "ip", "route", "replace", "192.168.5.0/24", "via", home.ADDRESS], check=True)
+    try:
+        assert _connect_from_home(home, home.ADDRESS, 22) == "open"  # the master's SSH, on its uplink
+        assert _connect_from_home(home, "192.168.5.1", 22) == "open"  # the master itself, by its LAN address
+        for address in WORKERS.values():
+            assert _connect_from_home(home, address, 22) == "No route to host"  # rejected, not forwarded
+    finally:
+        subprocess.run([*home.argv(), "ip", "route", "del", "192.168.5.0/24"], check=True)
+
+
 def test_workers_way_out_switches_at_run_time(cluster) -> None:
     running, ssh = cluster
-    ssh.check("master", "sudo pibake-nat off")
-    assert _nat_status(ssh)["workers-out"] == "closed"
-    assert "-j ACCEPT" not in ssh.check("master", "sudo iptables -S pibake-out")
-    # The master, and SSH through it, keep working.
-    for name, address in WORKERS.items():
-        assert ssh.check(name, "hostname", address).strip() == name
-    ssh.check("master", "sudo pibake-nat on")
-    assert _nat_status(ssh) == {"nat": "on", "firewall-v4": "loaded", "workers-out": "open", "firewall-v6": "loaded",
-                                "forwarding": "1"}
+    home = running.home
+    # A service on the home network; it writes down whom each connection came from.
+    seen = running.folder / "home-service.log"
+    server = subprocess.Popen([*home.argv(), sys.executable, "-c",
+                               "import socket, sys\n"
+                               f"s = socket.create_server(({home.HOST!r}, 8470))\n"
+                               "while True:\n    c, peer = s.accept()\n    print(peer[0], flush=True)\n    c.close()\n"],
+                              stdout=open(seen, "w"), stderr=subprocess.DEVNULL)
+    reach = f"timeout 20 bash -c 'exec 3<>/dev/tcp/{home.HOST}/8470' && echo open || echo closed"
+    try:
+        wait_for(lambda: _connect_from_home(home, home.HOST, 8470) == "open", time.monotonic() + 60, "the home service")
+        assert ssh.check("worker1", reach, WORKERS["worker1"]).strip() == "open"
+        assert seen.read_text().split()[-1] == home.ADDRESS  # masqueraded as the master's uplink address
+        ssh.check("master", "sudo pibake-nat off")
+        assert _nat_status(ssh)["workers-out"] == "closed"
+        for name, address in WORKERS.items():
+            assert ssh.check(name, reach, address).strip() == "closed"
+            assert ssh.check(name, "hostname", address).strip() == name  # SSH through the master still works
+        ssh.check("master", "sudo pibake-nat on")
+        assert _nat_status(ssh) == {"nat": "on", "firewall-v4": "loaded", "workers-out": "open", "firewall-v6": "loaded",
+                                    "forwarding": "1"}
+        assert ssh.check("worker2", reach, WORKERS["worker2"]).strip() == "open"
+    finally:
+        server.kill()
+        server.wait()
 
 
 def test_the_firewall_loads_with_no_uplink_at_boot(cluster, baked: Path) -> None:
@@ -306,4 +341,4 @@ def test_the_firewall_loads_with_no_uplink_at_boot(cluster, baked: Path) -> None
     master.power_cut()
     wait_for(lambda: master.boots > boots + 1, deadline, "the master to power on again")
     _wait_until_configured(running, ssh)
-    _check_from_the_uplink_side(baked)
+    _check_from_the_uplink_side(baked, running.home)
