@@ -20,6 +20,7 @@ from builder.profile import Node, Profile
 CONNECT_SECONDS = 15
 PROBE = r"""
 echo "hostname: $(hostname)"
+echo "system: $(systemctl is-system-running 2>/dev/null)"
 if [ -e /var/lib/pibake/firstboot.done ]; then
     echo "first-boot: done $(grep -o '[0-9]*s' /var/lib/pibake/firstboot.done 2>/dev/null | head -n 1)"
 elif [ -e /etc/pibake/packages ]; then
@@ -116,6 +117,9 @@ def verdicts(profile: Profile, reports: list[Report]) -> list[Row]:
             continue
         facts = report.facts
         cells["reach"] = cells["host key"] = "ok"
+        if facts.get("system") in ("initializing", "starting"):
+            # What a node reports before start-up has finished is not yet what it will hold.
+            problems.append(f"it is still starting up (systemctl is-system-running: {facts['system']}); try again shortly")
         if facts.get("hostname") != node.hostname:
             problems.append(f"it calls itself {facts.get('hostname')!r}")
         first = facts.get("first-boot", "?")

@@ -211,6 +211,9 @@ MASTER_FACTS = {"dnsmasq": "active", "mdns": "active", "nat": "on", "firewall-v4
     ({"worker1": {"first-boot": "running"}}, "worker1: first boot is running"),
     ({"worker2": {"address": "192.168.5.7/24"}}, "worker2: its address is 192.168.5.7, not 192.168.5.102"),
     ({"worker2": {"hostname": "raspberrypi"}}, "worker2: it calls itself 'raspberrypi'"),
+    ({"worker1": {"system": "starting"}}, "worker1: it is still starting up (systemctl is-system-running: starting); "
+                                          "try again shortly"),
+    ({"worker1": {"system": "degraded"}}, None),
     ({"lease": "1 aa 192.168.5.9 worker1 *"}, "worker1: the master has leased 192.168.5.9 for it, not 192.168.5.101"),
 ])
 def test_check_verdicts(workdir: Path, operator_key: Path, change: dict, problem: str | None) -> None:
