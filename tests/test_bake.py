@@ -230,7 +230,7 @@ def test_build_reports_its_accelerator_and_summary(bookworm: Baked) -> None:
     assert lines[2].split()[1:] == ["output/worker2.img", "0.63", "GiB",
                                     hash_of(bookworm.output / "worker2.img")[:12], "worker2", "192.168.5.102", "baked"]
     assert sorted(p.name for p in bookworm.output.iterdir()) == [
-        "SHA256SUMS", "inventory.yaml", "known_hosts", "manifest.json", "master.img", "ssh_config",
+        "SHA256SUMS", "fabfile.py", "inventory.yaml", "known_hosts", "manifest.json", "master.img", "ssh_config",
         "worker1.img", "worker2.img"]
 
 
