@@ -49,7 +49,13 @@ class Options:
 
 def plans_for(profile: Profile, nodes: tuple[Node, ...], release: Release, keys: KeyStore,
               debs: dict[tuple[str, ...], tuple[Deb, ...]] | None = None) -> list[NodePlan]:
+    """Every node's plan; a profile the plan refuses is refused before any key is made."""
     check_plan(profile, nodes, release)
+    return _checked_plans(profile, nodes, release, keys, debs)
+
+
+def _checked_plans(profile: Profile, nodes: tuple[Node, ...], release: Release, keys: KeyStore,
+                   debs: dict[tuple[str, ...], tuple[Deb, ...]] | None) -> list[NodePlan]:
     if profile.user.operator_key:
         made = not keys.operator_key_path.exists()
         keys.operator_key()
@@ -144,10 +150,10 @@ def _plans(profile: Profile, nodes: tuple[Node, ...], facts: BaseFacts, options:
     log.info("release: %s (%s)", release.codename, release.reason)
     if release.caveat:
         log.warning("warning: %s", release.caveat)
+    check_plan(profile, nodes, release)  # before any key is made or package downloaded
     if debs is None:
-        check_plan(profile, nodes, release)
         debs = stage_packages(profile, nodes, facts.apt, options.cache)
-    return plans_for(profile, nodes, release, keys, debs)
+    return _checked_plans(profile, nodes, release, keys, debs)
 
 
 class _ImageCheck:

@@ -3,8 +3,8 @@
 Every node is reached through output/ssh_config (the master by its uplink name, the
 workers through it), with strict host key checking against output/known_hosts, so a
 row that says `ok` is the whole path working: name, route, host key, login. What a
-node reports comes from one probe script, and the verdicts from `verdicts()`, which
-the boot tests use as they are.
+node reports comes from one probe script, and the verdicts from `verdicts()`; the boot
+tests run `pibake check` itself rather than asking the nodes again.
 """
 
 from __future__ import annotations
@@ -148,11 +148,3 @@ def verdicts(profile: Profile, reports: list[Report]) -> list[Row]:
                                f"uplink {facts.get('uplink-address') or 'no address'}")
         rows.append(Row(node.hostname, cells, tuple(problems)))
     return rows
-
-
-def table(rows: list[Row]) -> str:
-    lines = [[r.cells[c] for c in COLUMNS] for r in rows]
-    widths = [max(len(c), *(len(line[i]) for line in lines)) for i, c in enumerate(COLUMNS)]
-    out = ["  ".join(c.ljust(w) for c, w in zip(COLUMNS, widths)).rstrip()]
-    out += ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines]
-    return "\n".join(out)

@@ -7,7 +7,7 @@ import resource
 import signal
 import sys
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import click
 
@@ -19,7 +19,7 @@ from builder.plan import NodePlan, describe
 from builder import cache
 from builder.cache import Choice, obtain
 from builder.catalog import Source, is_url, looks_like_file
-from builder.check import probe_all, table, verdicts
+from builder.check import COLUMNS, probe_all, verdicts
 from builder.download import session
 from builder.profile import ImageSettings, Profile, load, load_image_settings
 from builder.release import NAMES, named
@@ -146,6 +146,11 @@ def _print_summary(built: list) -> None:
         label = "master" if node.role == "master" else f"worker{node.index}"
         rows.append((label, str(b.path), f"{b.size / 2**30:.2f} GiB", b.sha256[:12], node.hostname, str(node.address),
                      "unchanged" if b.skipped else "baked"))
+    _echo_table(rows)
+
+
+def _echo_table(rows: Sequence[Sequence[str]]) -> None:
+    """Rows of cells (the first one the header) in aligned columns."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
         click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
@@ -199,7 +204,7 @@ def check(profiles: Path, output: Path, verbose: int) -> None:
     if not ssh_config.is_file():
         raise BuildError(f"{ssh_config} does not exist: build the cluster first (pibake build cluster)", exit_code=2)
     rows = verdicts(profile, probe_all(profile, profile.nodes, ssh_config))
-    click.echo(table(rows))
+    _echo_table([COLUMNS, *([row.cells[c] for c in COLUMNS] for row in rows)])
     wrong = [(row.node, problem) for row in rows for problem in row.problems]
     for node, problem in wrong:
         _error(f"pibake: {node}: {problem}")

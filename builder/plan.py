@@ -93,8 +93,10 @@ def _hosts_lines(nodes: tuple[Node, ...]) -> str:
 
 
 @functools.lru_cache(maxsize=8)
-def _known_hosts(nodes: tuple[Node, ...], keys: KeyStore) -> str:
-    return "".join(f"{n.hostname},{n.address} {_key_only(keys.host_key(n.hostname))}\n" for n in nodes)
+def _known_hosts(nodes: tuple[Node, ...], keys: KeyStore, master_names: tuple[str, ...] = ()) -> str:
+    """One line per node: its names, then its host key. `master_names`: other names the master goes by."""
+    return "".join(f"{','.join((n.hostname, str(n.address), *(master_names if n.role == 'master' else ())))} "
+                   f"{_key_only(keys.host_key(n.hostname))}\n" for n in nodes)
 
 
 @functools.lru_cache(maxsize=8)
@@ -385,5 +387,5 @@ def check_plan(profile: Profile, nodes: tuple[Node, ...], release: Release) -> N
         plan_node(profile, next(n for n in nodes if n.role == role), release, _MadeUpKeys())
 
 
-def known_hosts(profile: Profile, keys: KeyStore) -> str:
-    return _known_hosts(profile.nodes, keys)
+def known_hosts(profile: Profile, keys: KeyStore, master_names: tuple[str, ...] = ()) -> str:
+    return _known_hosts(profile.nodes, keys, master_names)

@@ -82,11 +82,7 @@ def _check_host(value: str) -> Optional[str]:
         ipaddress.ip_address(value)
         return None
     except ValueError:
-        pass
-    labels = value.removesuffix(".").split(".")
-    if len(value) <= 253 and all(re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?", label) for label in labels):
-        return None
-    return f"{_q(value)} is not an IP address or a DNS name"
+        return None if urls.is_host_name(value) else f"{_q(value)} is not an IP address or a DNS name"
 
 
 def _check_interface(value: str) -> Optional[str]:
@@ -645,20 +641,16 @@ def _read_user(r: _Reader) -> User:
         r.error(("user", "sudo"), "user.sudo is 'password' but user.password_hash is not set, so sudo could never succeed")
     keys: list[str] = []
     files: list[Path] = []
-    if r.raw(("user", "ssh_keys")) is None:
-        # Not named: whichever of ssh's usual keys exist, or one pibake makes.
-        for i, text in enumerate(r.strings(("user", "ssh_keys"))):
-            if r.local_path(text).exists():
-                keys.extend(_read_public_keys(r, ("user", "ssh_keys", i), text))
-                files.append(r.local_path(text))
-        return User(name or "pi", password_hash, tuple(keys), sudo or "nopasswd", not keys, tuple(files))
+    # Not named: whichever of ssh's usual keys exist, or, if none, one pibake makes.
+    named = r.raw(("user", "ssh_keys")) is not None
     key_paths = r.strings(("user", "ssh_keys"))
     for i, text in enumerate(key_paths):
-        keys.extend(_read_public_keys(r, ("user", "ssh_keys", i), text))
-        files.append(r.local_path(text))
-    if not key_paths:
+        if named or r.local_path(text).exists():
+            keys.extend(_read_public_keys(r, ("user", "ssh_keys", i), text))
+            files.append(r.local_path(text))
+    if named and not key_paths:
         r.error(("user", "ssh_keys"), "user.ssh_keys must list at least one public key file, or you could never log in")
-    return User(name or "pi", password_hash, tuple(keys), sudo or "nopasswd", key_files=tuple(files))
+    return User(name or "pi", password_hash, tuple(keys), sudo or "nopasswd", not named and not keys, tuple(files))
 
 
 def _read_public_keys(r: _Reader, keypath: KeyPath, text: str) -> list[str]:

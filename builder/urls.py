@@ -24,6 +24,11 @@ _USERINFO_RE = re.compile(r"([A-Za-z0-9._~!$&'()*+,;=:-]|%[0-9A-Fa-f]{2})*")
 _CREDENTIALS = re.compile(r"(?<=://)[^/?#\s]*@")
 
 
+def is_host_name(name: str) -> bool:
+    """A DNS name: dot-separated labels of letters, digits and inner '-', at most 253 characters."""
+    return bool(_HOST_RE.fullmatch(name)) and len(name) <= 253
+
+
 def shown(text: str) -> str:
     """Text with the credentials of every URL in it replaced by ***."""
     return _CREDENTIALS.sub("***@", text)
@@ -55,7 +60,7 @@ def problem(url: str) -> Optional[str]:
             ipaddress.IPv6Address(host[1:-1])
         except ValueError:
             return f"{_short(url)} has no valid host: {host} is not an IPv6 address"
-    elif not (_HOST_RE.fullmatch(host) and len(host) <= 253):
+    elif not is_host_name(host):
         return f"{_short(url)} has no valid host name"
     if port == 0:
         return f"{_short(url)} has port 0"
