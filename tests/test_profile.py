@@ -32,6 +32,12 @@ def test_shipped_profile_reproduces_the_reference_cluster(operator_key: Path, tm
     assert profile.user.ssh_keys == (operator_key.read_text().strip(),)
 
 
+def test_shipped_profile_works_for_someone_with_no_ssh_key(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.ssh at all
+    profile = load(REPO / "profiles")
+    assert profile.user.operator_key and profile.user.ssh_keys == ()
+
+
 def test_an_empty_profile_gets_the_same_defaults(operator_key: Path, tmp_path: Path) -> None:
     path = write_profile(tmp_path, f"user:\n  ssh_keys: [{operator_key}]\n")
     profile = load(path)
