@@ -22,14 +22,15 @@ from typing import Callable, Iterator
 from builder import __version__
 from builder.progress import bar
 
-from builder import environment, image, packages
+from builder import bmap, environment, image, packages
 from builder.appliance import Appliance, Drive
 from builder.cache import BaseImage, Layout
 from builder.errors import BuildError
 from builder.keys import KeyStore
 from builder.packages import AptInputs, Deb
 from builder.facts import BaseFacts, BaseReads, remembered
-from builder.outputs import BuiltImage, read_manifest, update_manifest, write_ssh_files
+from builder.files import write_file
+from builder.outputs import BuiltImage, read_manifest, refresh_manifest, update_manifest, write_ssh_files
 from builder.plan import NodePlan, check_plan, plan_node
 from builder.profile import Node, Profile
 from builder.release import Release
@@ -296,6 +297,13 @@ def _rebuild(profile: Profile, nodes: tuple[Node, ...], entries: dict, sha: str,
             again.append(plan)
     if again:
         built += _bake(profile, _nodes(again), again, sha, options, keys) or []  # refuses nothing
+    # An unchanged image keeps its block map; one an earlier pibake left without one gets it.
+    missing = [s for s in skipped if not bmap.path_for(s.path).is_file() ]
+    for image_left in missing:
+        log.info("%s: writing its block map", image_left.path.name)
+        write_file(bmap.path_for(image_left.path), bmap.to_xml(bmap.create(image_left.path)), sync=True)
+    if missing and not built:
+        refresh_manifest(options.output)
     if not built:
         log.info("every image is up to date; nothing to bake")
         with _no_interrupt():
@@ -379,8 +387,10 @@ def _copied_and_launched(base: Path, nodes: tuple[Node, ...], staged: list[Path]
 
 
 def _finish(path: Path, offset: int, state: "hashlib._Hash", pool: ThreadPoolExecutor) -> tuple[str, str]:
+    """Hash a baked image and write its block map, while the disk writes it."""
     synced = pool.submit(image.fsync, path)  # the disk writes while the page cache is read
     sha, blocks = image.hash_data(path, (offset, state))
+    write_file(bmap.path_for(path), bmap.to_xml(bmap.create(path)), sync=True)
     synced.result()
     assert sha is not None
     return sha, blocks
@@ -447,6 +457,7 @@ def _bake(profile: Profile, nodes: tuple[Node, ...], plans: list[NodePlan] | Non
                 # Wi-Fi PSK too): readable by its owner only.
                 os.chmod(path, 0o600)
                 path.replace(result.path)
+                bmap.path_for(path).replace(bmap.path_for(result.path))
             update_manifest(options.output, base, base_sha256(), built)
             write_ssh_files(options.output, profile, keys)
     return built

@@ -5,6 +5,7 @@ Each file is written to a temporary name and renamed, so a reader never sees hal
 
 from __future__ import annotations
 
+import datetime
 import json
 import string
 from dataclasses import dataclass
@@ -12,13 +13,17 @@ from pathlib import Path
 
 import yaml
 
-from builder import __version__
+from builder import __version__, bmap
 from builder.files import read_json, write_file
 from builder.keys import KeyStore
 from builder.plan import NodePlan, describe, known_hosts
 from builder.profile import Profile
 
 MANIFEST = "manifest.json"
+OS_LIST = "os_list.json"
+# The boards Raspberry Pi OS Lite (64-bit) is offered for in Imager's own list: Imager
+# hides an entry whose tags do not name the board chosen.
+DEVICES = ("pi5-64bit", "pi4-64bit", "pi3-64bit")
 
 
 @dataclass(frozen=True)
@@ -41,9 +46,7 @@ def read_manifest(output: Path) -> dict:
 
 def update_manifest(output: Path, base: Path, base_sha256: str, built: list[BuiltImage]) -> dict:
     """Record the images just built, keeping entries for earlier images still present."""
-    manifest = read_manifest(output)
-    nodes = {name: entry for name, entry in manifest.get("nodes", {}).items()
-             if (output / entry.get("image", "")).is_file()}
+    nodes = _present(output, read_manifest(output))
     base_stat = base.stat()
     for image in built:
         plan = image.plan
@@ -64,11 +67,59 @@ def update_manifest(output: Path, base: Path, base_sha256: str, built: list[Buil
                         "first_boot": plan.release.first_boot},
             "operations": [describe(op) for op in plan.ops],
         }
-    manifest = {"pibake": __version__, "nodes": dict(sorted(nodes.items()))}
+    return _write_manifest(output, nodes)
+
+
+def _present(output: Path, manifest: dict) -> dict:
+    return {name: entry for name, entry in manifest.get("nodes", {}).items()
+            if (output / entry.get("image", "")).is_file()}
+
+
+def refresh_manifest(output: Path) -> dict:
+    """The manifest and what is made from it written again, for the images present."""
+    return _write_manifest(output, _present(output, read_manifest(output)))
+
+
+def _write_manifest(output: Path, nodes: dict) -> dict:
+    for entry in nodes.values():
+        made = bmap.path_for(output / entry["image"])
+        if made.is_file():
+            entry["bmap"] = made.name
+        else:
+            entry.pop("bmap", None)
+    ordered = dict(sorted(nodes.items()))
+    manifest = {"pibake": __version__, "nodes": ordered}
     write_atomic(output / MANIFEST, json.dumps(manifest, indent=2) + "\n")
-    lines = "".join(f"{e['sha256']}  {e['image']}\n" for e in manifest["nodes"].values())
+    lines = "".join(f"{e['sha256']}  {e['image']}\n" for e in ordered.values())
     write_atomic(output / "SHA256SUMS", lines)
+    write_atomic(output / OS_LIST, json.dumps(os_list(output, manifest), indent=2) + "\n")
     return manifest
+
+
+def os_list(output: Path, manifest: dict) -> dict:
+    """Raspberry Pi Imager's repository format (`rpi-imager --repo output/os_list.json`):
+    one entry per node, the master first. init_format "none": Imager offers none of its
+    own OS customisation, which would be applied over the node's configuration."""
+    entries = []
+    nodes = sorted(manifest["nodes"].values(), key=lambda e: (e["role"] != "master", e["hostname"]))
+    for entry in nodes:
+        path = (output / entry["image"]).resolve()
+        built = datetime.datetime.fromtimestamp(path.stat().st_mtime, datetime.timezone.utc).date()
+        release = entry.get("release", {}).get("codename", "?")
+        entries.append({
+            "name": f"{entry['hostname']} ({entry['address']})",
+            "description": f"pibake {entry['role']} {entry['hostname']}, {entry['address']}: Raspberry Pi OS "
+                           f"{release}, configured. Answer No to OS customisation.",
+            "icon": "",
+            "url": path.as_uri(),
+            "extract_size": entry["size"],
+            "extract_sha256": entry["sha256"],
+            "image_download_size": entry["size"],
+            "release_date": built.isoformat(),
+            "init_format": "none",
+            "devices": list(DEVICES),
+        })
+    return {"os_list": entries}
 
 
 def uplink_name(profile: Profile) -> str:

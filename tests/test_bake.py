@@ -70,7 +70,7 @@ def read_images(base: Path, images: dict[str, Path], boot_dir: str) -> tuple[dic
             trees[name] = a.snapshot(index, boot_dir)
             a.mount(index, boot_dir, readonly=True)
             home = next(p for p in trees[name] if re.fullmatch(r"/home/[^/]+", p))
-            wanted = READ + (f"{boot_dir}/cmdline.txt", f"{home}/.ssh/authorized_keys", f"{home}/.ssh/id_ed25519",
+            wanted = READ + (f"{boot_dir}/cmdline.txt", f"{boot_dir}/user-data", f"{home}/.ssh/authorized_keys", f"{home}/.ssh/id_ed25519",
                              f"{home}/.ssh/id_ed25519.pub")
             files[name] = {p: a.read(p) for p in wanted if p in trees[name]}
             a.g.umount_all()
@@ -230,8 +230,16 @@ def test_build_reports_its_accelerator_and_summary(bookworm: Baked) -> None:
     assert lines[2].split()[1:] == ["output/worker2.img", "0.63", "GiB",
                                     hash_of(bookworm.output / "worker2.img")[:12], "worker2", "192.168.5.102", "baked"]
     assert sorted(p.name for p in bookworm.output.iterdir()) == [
-        "SHA256SUMS", "fabfile.py", "inventory.yaml", "known_hosts", "manifest.json", "master.img", "ssh_config",
-        "worker1.img", "worker2.img"]
+        "SHA256SUMS", "fabfile.py", "inventory.yaml", "known_hosts", "manifest.json", "master.img", "master.img.bmap",
+        "os_list.json", "ssh_config", "worker1.img", "worker1.img.bmap", "worker2.img", "worker2.img.bmap"]
+
+
+def test_imager_1_customisation_is_steered_away(bookworm: Baked, bullseye: Baked) -> None:
+    # Imager 1.x picks cloud-init, not its firstrun.sh, when user-data is on the boot
+    # partition; these releases have no cloud-init to read it.
+    for baked in (bookworm, bullseye):
+        for node in ("master", "worker1"):
+            assert text(baked, node, f"{baked.boot_dir}/user-data").startswith("#cloud-config\n# Written by pibake")
 
 
 def test_nothing_else_changed(bookworm: Baked) -> None:
