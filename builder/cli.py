@@ -6,15 +6,17 @@ import logging
 import resource
 import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import click
 
-from builder import __version__, progress, urls
+from builder import __version__, flash, progress, urls
 from builder.build import Options, build, inspect_release, plans_for
 from builder.errors import BuildError, ProfileError
 from builder.keys import KeyStore
+from builder.outputs import read_manifest
 from builder.plan import NodePlan, describe
 from builder import cache
 from builder.cache import Choice, obtain
@@ -211,6 +213,104 @@ def check(profiles: Path, output: Path, verbose: int) -> None:
     if wrong:
         raise SystemExit(1)
     click.echo(f"pibake: all {len(rows)} nodes hold")
+
+
+@cli.command("flash")
+@click.argument("args", nargs=-1, metavar="NODE DEVICE | --all DEVICE... | --list")
+@click.option("--all", "all_nodes", is_flag=True, help="Flash the nodes in order (master first) onto the devices given.")
+@click.option("--list", "list_disks", is_flag=True, help="List the disks, and whether each can be flashed.")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask before overwriting (for scripts).")
+@click.option("--force", is_flag=True, help="Allow a disk that is not removable (not USB or an SD slot).")
+@click.option("--output", "-o", type=click.Path(path_type=Path), default=Path("output"), show_default=True,
+              help="Where the build left the images.")
+@click.option("-v", "--verbose", count=True, help="Say more.")
+@click.option("-q", "--quiet", is_flag=True, help="Only errors; no progress bars.")
+def flash_command(args: tuple[str, ...], all_nodes: bool, list_disks: bool, yes: bool, force: bool, output: Path,
+                  verbose: int, quiet: bool) -> None:
+    """Write node images to SD cards: only their used blocks, read back and checked.
+
+    \b
+      pibake flash --list                      # the disks, and which can be flashed
+      pibake flash worker3 /dev/sdb            # one card
+      pibake flash --all /dev/sdb /dev/sdc     # master, worker1, ... onto these, at once
+
+    It refuses the disk holding /, any disk with a mounted or held file system, a
+    disk smaller than the image, and one that is not removable unless --force. It
+    shows what it will overwrite and asks first (--yes for scripts). A card that
+    holds an earlier build gets only the blocks that differ.
+    """
+    _setup_logging(verbose, quiet)
+    if list_disks:
+        if args or all_nodes:
+            raise BuildError("--list takes no node or device", exit_code=2)
+        root = flash.root_numbers()
+        rows = [("device", "size", "transport", "removable", "model", "flash")]
+        for disk in flash.disks(flash.lsblk()):
+            why = flash.refusal(disk, None, False, root)
+            rows.append((disk.path, f"{disk.size / 2**30:.1f} GiB", disk.transport or "-", "yes" if disk.removable else "no",
+                         disk.model or "-", "yes" if why is None else f"no: {why}"))
+        _echo_table(rows)
+        return
+    manifest = read_manifest(output)
+    if all_nodes:
+        nodes = [e["hostname"] for e in flash.nodes_in_order(manifest)]
+        if not args:
+            raise BuildError("--all needs the devices to write, one per node in order: " + " ".join(nodes), exit_code=2)
+        if len(args) > len(nodes):
+            raise BuildError(f"{len(args)} devices for {len(nodes)} node(s) ({' '.join(nodes)})", exit_code=2)
+        pairs = list(zip(nodes, args))
+        if len(args) < len(nodes):
+            log.info("flashing %s; not this time: %s", " ".join(nodes[: len(args)]), " ".join(nodes[len(args):]))
+    else:
+        if len(args) != 2:
+            raise BuildError("give a node and a device (pibake flash worker3 /dev/sdb), --all and devices, or --list",
+                             exit_code=2)
+        pairs = [(args[0], args[1])]
+    jobs = flash.prepare(output, manifest, pairs, force)
+    for job in jobs:
+        on_it = ", ".join(job.device.contents) or "no partitions"
+        click.echo(f"{job.node} ({job.image.name}, {job.bmap.mapped_bytes / 2**30:.2f} GiB to write of "
+                   f"{job.bmap.image_size / 2**30:.2f}) -> {job.device.describe()}; on it now: {on_it}")
+    if not yes:
+        if not sys.stdin.isatty():
+            raise BuildError("flash overwrites whole disks and asks first: not on a terminal, pass --yes to go on",
+                             exit_code=2)
+        click.confirm(f"Overwrite {'this disk' if len(jobs) == 1 else f'these {len(jobs)} disks'}? Everything on it is lost",
+                      abort=True)
+    bars = [progress.bar(total=job.bmap.mapped_bytes, unit="B", unit_scale=True, desc=f"{job.node} -> {job.device.path}",
+                         position=i) for i, job in enumerate(jobs)]
+    stop = threading.Event()
+    try:
+        outcomes = flash.write_cards(jobs, stop, [b.update for b in bars])
+    except KeyboardInterrupt:
+        for b in bars:
+            b.close()
+        for job in jobs:
+            _error(f"pibake: {flash.explain(job, flash.Interrupted())}")
+        raise SystemExit(130) from None
+    for b in bars:
+        b.close()
+    failed = 0
+    for job, outcome in zip(jobs, outcomes):
+        if isinstance(outcome, flash.Result):
+            click.echo(f"pibake: {_flashed(outcome)}")
+        else:
+            failed += 1
+            _error(f"pibake: {flash.explain(job, outcome)}")
+    if failed:
+        raise SystemExit(1)
+
+
+def _flashed(result: "flash.Result") -> str:
+    job = result.job
+    held = result.previous or {}
+    if result.mode == "changed":
+        what = (f"it held {held.get('node', '?')} ({str(held.get('image_sha256', '?'))[:12]}): wrote the "
+                f"{result.written / 2**20:.1f} MiB that differed, of {result.compared / 2**30:.2f} GiB compared")
+    else:
+        what = f"wrote {result.written / 2**30:.2f} GiB"
+    return (f"{job.node} on {job.device.path}: {what}; read back {result.verified / 2**20:.1f} MiB and verified; "
+            "the card can be removed")
 
 
 @cli.command()

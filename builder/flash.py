@@ -1,0 +1,532 @@
+"""Writing node images to cards: the device chosen safely, only the mapped blocks
+written, read back, and on a card holding an earlier build only what differs.
+
+Safety comes first: a device is refused, before anything is opened for writing, if
+it holds the running system or any mounted or held file system, is read-only, is
+smaller than the image, or is not removable (USB, MMC) unless forced. It is then
+opened exclusively (O_EXCL), which the kernel refuses while anything uses it.
+
+pibake keeps a record on the card, in the 4 KiB before the first MiB (which Raspberry
+Pi OS's layout leaves unused, and which no image's block map covers): which node and
+build it holds, and whether its write finished. A card whose record says it holds a
+finished build is compared block by block with the new image, and only the blocks
+that differ are written. A write cut short leaves the record saying so, and the next
+flash writes the card in full.
+"""
+
+from __future__ import annotations
+
+import datetime
+import errno
+import fcntl
+import hashlib
+import json
+import mmap
+import os
+import stat
+import struct
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from builder import bmap as bmaps
+from builder import image, run
+from builder.errors import BuildError
+
+CHUNK = 4 << 20  # writes are up to this long, and do not cross a multiple of it
+PIECE = 1 << 20  # a piece of a chunk this long that is all zeros in the image is read first, written only if needed
+RECORD_AT = (1 << 20) - 4096
+RECORD_SIZE = 4096
+RECORD_MAGIC = b"pibake card record v1\n"
+BLKZEROOUT = 0x127F  # _IO(0x12, 127)
+REMOVABLE_TRANSPORTS = {"usb", "mmc", "sdio", "ieee1394"}
+LSBLK = ["lsblk", "--json", "--bytes", "--tree",
+         "--output", "NAME,PATH,MAJ:MIN,TYPE,SIZE,RM,HOTPLUG,TRAN,VENDOR,MODEL,RO,FSTYPE,LABEL,MOUNTPOINTS"]
+GONE = {errno.EIO, errno.ENODEV, errno.ENXIO, errno.ENOMEDIUM, errno.ESHUTDOWN, errno.ENOSPC}
+
+
+@dataclass(frozen=True)
+class Disk:
+    """A whole disk as lsblk shows it, with what sits on it."""
+
+    path: str
+    name: str
+    numbers: frozenset[str]  # MAJ:MIN of the disk and of everything on it
+    size: int
+    removable: bool
+    transport: str
+    model: str
+    readonly: bool
+    mounts: tuple[str, ...]  # mount points on it (its partitions', and theirs)
+    holders: tuple[str, ...]  # devices built on it: LVM, dm-crypt, RAID
+    contents: tuple[str, ...]  # "sdb1 vfat bootfs"
+    partitions: frozenset[str] = field(default_factory=frozenset)  # the paths of its partitions
+
+    def describe(self) -> str:
+        kind = f"{self.transport or 'disk'}, {'removable' if self.removable else 'not removable'}"
+        return f"{self.path} ({self.model or 'no model name'}, {self.size / 2**30:.1f} GiB, {kind})"
+
+
+def lsblk() -> dict:
+    result = run.run(LSBLK, what="cannot list the block devices")
+    try:
+        return json.loads(result.stdout[: 16 << 20])
+    except ValueError:
+        raise BuildError("cannot list the block devices: lsblk's answer is not JSON") from None
+
+
+def disks(tree: dict) -> list[Disk]:
+    """The whole disks of lsblk's JSON tree (`lsblk --json --tree` with LSBLK's columns)."""
+    out = []
+    for top in tree.get("blockdevices", []):
+        if top.get("type") not in ("disk", "loop"):
+            continue
+        below = list(_below(top))
+        mounts = tuple(m for node in [top, *below] for m in (node.get("mountpoints") or []) if m)
+        tran = (top.get("tran") or "").lower()
+        name = top.get("name", "")
+        out.append(Disk(
+            path=top.get("path") or f"/dev/{name}",
+            name=name,
+            numbers=frozenset(n.get("maj:min", "") for n in [top, *below]),
+            size=int(top.get("size") or 0),
+            removable=_flag(top.get("rm")) or _flag(top.get("hotplug")) or tran in REMOVABLE_TRANSPORTS
+            or name.startswith("mmcblk"),
+            transport=tran,
+            model=" ".join(filter(None, [(top.get("vendor") or "").strip(), (top.get("model") or "").strip()])),
+            readonly=_flag(top.get("ro")),
+            mounts=mounts,
+            holders=tuple(n.get("path") or n.get("name", "") for n in below if n.get("type") != "part"),
+            contents=tuple(" ".join(filter(None, [n.get("name"), n.get("fstype"), n.get("label")])) for n in below),
+            partitions=frozenset(n.get("path", "") for n in top.get("children", []) if n.get("type") == "part"),
+        ))
+    return out
+
+
+def _below(node: dict) -> Any:
+    for child in node.get("children", []) or []:
+        yield child
+        yield from _below(child)
+
+
+def _flag(value: Any) -> bool:
+    return value is True or value in ("1", 1, "true")
+
+
+def root_numbers() -> set[str]:
+    """MAJ:MIN of the device holding /, when it is a block device."""
+    number = os.stat("/").st_dev
+    return {f"{os.major(number)}:{os.minor(number)}"}
+
+
+def refusal(disk: Disk, image_size: int | None, force: bool, root: set[str]) -> str | None:
+    """Why `disk` must not be written, or None. `image_size` None: any size will do."""
+    if "/" in disk.mounts or disk.numbers & root:
+        return "it holds the running system (/)"
+    if disk.mounts:
+        return f"it has mounted file systems ({', '.join(sorted(disk.mounts))}): unmount them first"
+    if disk.holders:
+        return f"it is in use by {', '.join(disk.holders)} (LVM, encryption or RAID)"
+    if disk.readonly:
+        return "it is read-only (a card's lock switch?)"
+    if image_size is not None and disk.size < image_size:
+        return f"it is too small: {disk.size / 2**30:.2f} GiB for a {image_size / 2**30:.2f} GiB image"
+    if not disk.removable and not force:
+        return "it is not a removable disk (USB or SD card): pass --force if it really is the card"
+    return None
+
+
+def find(device: str, all_disks: list[Disk]) -> Disk:
+    """The whole disk DEVICE names (a path, or a link to one); BuildError if it is none."""
+    path = os.path.realpath(device)
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise BuildError(f"{device}: no such device ({e.strerror})", exit_code=2) from None
+    if not stat.S_ISBLK(st.st_mode):
+        raise BuildError(f"{device} is not a block device: give a card's device, such as /dev/sdb or /dev/mmcblk0",
+                         exit_code=2)
+    number = f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
+    for disk in all_disks:
+        if path in disk.partitions:
+            raise BuildError(f"{device} is a partition of {disk.path}: give the whole card, {disk.path}", exit_code=2)
+        if disk.path == path or number == _own_number(disk):
+            return disk
+    raise BuildError(f"{device} is not a whole disk lsblk knows (a partition, or a device mapper volume?)", exit_code=2)
+
+
+def _own_number(disk: Disk) -> str:
+    try:
+        st = os.stat(disk.path)
+    except OSError:
+        return ""
+    return f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
+
+
+# ------------------------------------------------------------------ the card's record
+
+
+def record_fits(bmap: bmaps.Bmap, image_path: Path) -> bool:
+    """Whether the record's block is free in this image: unmapped, and before partition 1."""
+    block = RECORD_AT // bmap.block_size
+    if any(r.first <= block <= r.last for r in bmap.ranges):
+        return False
+    parts = image.read_partitions(image_path)
+    return bool(parts) and min(p.start for p in parts) >= RECORD_AT + RECORD_SIZE
+
+
+def encode_record(fields: dict) -> bytes:
+    body = json.dumps(fields, sort_keys=True).encode()
+    blob = RECORD_MAGIC + struct.pack(">I", len(body)) + body + hashlib.sha256(body).digest()
+    assert len(blob) <= RECORD_SIZE
+    return blob.ljust(RECORD_SIZE, b"\0")
+
+
+def decode_record(blob: bytes) -> dict | None:
+    if not blob.startswith(RECORD_MAGIC):
+        return None
+    at = len(RECORD_MAGIC)
+    (length,) = struct.unpack_from(">I", blob, at)
+    body = blob[at + 4 : at + 4 + length]
+    if length > RECORD_SIZE - at - 36 or blob[at + 4 + length : at + 36 + length] != hashlib.sha256(body).digest():
+        return None
+    try:
+        fields = json.loads(body)
+    except ValueError:
+        return None
+    return fields if isinstance(fields, dict) else None
+
+
+# ------------------------------------------------------------------ writing
+
+
+@dataclass(frozen=True)
+class Job:
+    node: str
+    image: Path
+    bmap: bmaps.Bmap
+    image_sha256: str
+    device: Disk
+
+
+@dataclass
+class Result:
+    job: Job
+    mode: str = "full"  # or "changed": only the blocks that differ
+    written: int = 0  # bytes written (or zeroed) on the card
+    compared: int = 0  # bytes of the card read and compared before writing
+    verified: int = 0  # bytes read back after writing
+    previous: dict | None = None  # the record the card had
+
+
+class Interrupted(Exception):
+    pass
+
+
+class _Buffer:
+    """A page-aligned buffer, as O_DIRECT wants."""
+
+    def __init__(self, size: int) -> None:
+        self.map = mmap.mmap(-1, size)
+        self.view = memoryview(self.map)
+
+    def close(self) -> None:
+        try:
+            self.view.release()
+            self.map.close()
+        except BufferError:  # a slice of it is still held (by an error's traceback): freed with it
+            pass
+
+
+def _chunks(start: int, stop: int) -> Any:
+    while start < stop:
+        end = min(stop, (start // CHUNK + 1) * CHUNK)
+        yield start, end
+        start = end
+
+
+def _pread(fd: int, view: memoryview, length: int, offset: int) -> int:
+    done = 0
+    while done < length:
+        n = os.preadv(fd, [view[done:length]], offset + done)
+        if n <= 0:
+            break
+        done += n
+    return done
+
+
+def _pwrite(fd: int, view: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(view):
+        done += os.pwritev(fd, [view[done:]], offset + done)
+
+
+class _Card:
+    """One card's write, in its own thread."""
+
+    def __init__(self, job: Job, stop: threading.Event, progress: Callable[[int], None]) -> None:
+        self.job, self.stop, self.progress = job, stop, progress
+        self.result = Result(job)
+        self.sector = 512
+
+    def _open(self) -> int:
+        flags = os.O_RDWR | os.O_EXCL | os.O_CLOEXEC
+        try:
+            return os.open(self.job.device.path, flags | os.O_DIRECT)
+        except OSError as e:
+            if e.errno == errno.EINVAL:  # no O_DIRECT here: writes are flushed by fsync all the same
+                return os.open(self.job.device.path, flags)
+            if e.errno == errno.EBUSY:
+                raise BuildError(f"{self.job.device.path} is in use (mounted, or opened by another program): "
+                                 "nothing was written") from None
+            raise
+
+    def run(self) -> Result:
+        job = self.job
+        fd = self._open()
+        try:
+            source = os.open(job.image, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                self._flash(fd, source)
+            finally:
+                os.close(source)
+        finally:
+            os.close(fd)
+        return self.result
+
+    def _aligned(self, length: int) -> int:
+        return -(-length // self.sector) * self.sector
+
+    def _flash(self, fd: int, source: int) -> None:
+        job, result = self.job, self.result
+        try:
+            self.sector = max(512, struct.unpack("i", fcntl.ioctl(fd, 0x1268, b"\0" * 4))[0])  # BLKSSZGET
+        except OSError:
+            pass
+        keeps_record = record_fits(job.bmap, job.image)
+        card, src = _Buffer(CHUNK), _Buffer(CHUNK)
+        try:
+            if keeps_record:
+                n = _pread(fd, card.view, RECORD_SIZE, RECORD_AT)
+                result.previous = decode_record(bytes(card.view[:n]))
+                if result.previous is not None:  # it is no longer true once writing starts
+                    if result.previous.get("state") == "finished":
+                        result.mode = "changed"
+                    self._record(fd, card, "writing")
+            written_runs = self._write(fd, source, card, src)
+            os.fsync(fd)
+            self._verify(fd, source, card, src, written_runs)
+            if keeps_record:
+                self._record(fd, card, "finished")
+                os.fsync(fd)
+        finally:
+            card.close()
+            src.close()
+
+    def _record(self, fd: int, buffer: _Buffer, state: str) -> None:
+        job = self.job
+        fields = {"state": state, "node": job.node, "image": job.image.name, "image_sha256": job.image_sha256,
+                  "at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+        buffer.view[:RECORD_SIZE] = encode_record(fields)
+        _pwrite(fd, buffer.view[:RECORD_SIZE], RECORD_AT)
+        os.fsync(fd)
+
+    def _write(self, fd: int, source: int, card: _Buffer, src: _Buffer) -> list[tuple[int, int]]:
+        """Write (or, in "changed" mode, compare and write where different) every mapped
+        block, checking the image against the block map's checksums on the way."""
+        job, result = self.job, self.result
+        written: list[tuple[int, int]] = []
+        for r in job.bmap.ranges:
+            digest = hashlib.sha256()
+            start, stop = job.bmap.span(r)
+            for lo, hi in _chunks(start, stop):
+                if self.stop.is_set():
+                    raise Interrupted()
+                length = hi - lo
+                if _pread(source, src.view, length, lo) != length:
+                    raise BuildError(f"{job.image} is shorter than its block map says: rebuild it")
+                digest.update(src.view[:length])
+                padded = self._aligned(length)
+                src.view[length:padded] = bytes(padded - length)
+                if result.mode == "changed":
+                    if _pread(fd, card.view, padded, lo) != padded:
+                        raise OSError(errno.EIO, "the card ended early")
+                    result.compared += length
+                    for a, b in self._differing(card.view, src.view, length):
+                        _pwrite(fd, src.view[a : a + self._aligned(b - a)], lo + a)
+                        written.append((lo + a, lo + b))
+                        result.written += b - a
+                else:
+                    for a, b in self._pieces(fd, card, src, lo, hi):
+                        written.append((lo + a, lo + b))
+                        result.written += b - a
+                self.progress(length)
+            if digest.hexdigest() != r.sha256:
+                raise BuildError(f"{job.image} does not match its block map at blocks {r.first}-{r.last}: "
+                                 "the image changed or is damaged; rebuild it (the card is marked as unfinished)")
+        return written
+
+    @staticmethod
+    def _differing(card: memoryview, want: memoryview, length: int) -> list[tuple[int, int]]:
+        """The byte ranges, in whole 4 KiB blocks, where the card differs from the image."""
+        if card[:length] == want[:length]:
+            return []
+        runs: list[tuple[int, int]] = []
+        block = bmaps.BLOCK
+        for at in range(0, length, block):
+            end = min(at + block, length)
+            if card[at:end] != want[at:end]:
+                if runs and runs[-1][1] == at:
+                    runs[-1] = (runs[-1][0], end)
+                else:
+                    runs.append((at, end))
+        return runs
+
+    def _pieces(self, fd: int, card: _Buffer, src: _Buffer, lo: int, hi: int) -> list[tuple[int, int]]:
+        """Write a chunk whose image bytes are in `src`; return what was written, relative to `lo`.
+
+        Its data is written in one go per run of pieces. A piece that is all zeros in the
+        image is read from the card first (reading is cheaper than writing, and a new
+        card reads zeros), and zeroed only if it does not read zeros already."""
+        done: list[tuple[int, int]] = []
+        at = lo
+        while at < hi:
+            end = min(hi, (at // PIECE + 1) * PIECE)
+            zero = _is_zero(src.view[at - lo :], end - at)
+            while not zero and end < hi and not _is_zero(src.view[end - lo :], min(hi, end + PIECE) - end):
+                end = min(hi, end + PIECE)  # data pieces run together into one write
+            a, b = at - lo, end - lo
+            padded = self._aligned(b - a)
+            if zero:
+                if _pread(fd, card.view, padded, at) != padded:
+                    raise OSError(errno.EIO, "the card ended early")
+                self.result.compared += b - a
+                if not _is_zero(card.view, b - a):
+                    self._zero(fd, at, padded, src.view[a : a + padded])
+                    done.append((a, b))
+            else:
+                _pwrite(fd, src.view[a : a + padded], at)
+                done.append((a, b))
+            at = end
+        return done
+
+    @staticmethod
+    def _zero(fd: int, offset: int, length: int, zeros: memoryview) -> None:
+        """Zeros by BLKZEROOUT, which the device may do without them crossing the bus,
+        else written."""
+        try:
+            fcntl.ioctl(fd, BLKZEROOUT, struct.pack("QQ", offset, length))
+        except OSError:
+            _pwrite(fd, zeros, offset)
+
+    def _verify(self, fd: int, source: int, card: _Buffer, src: _Buffer, runs: list[tuple[int, int]]) -> None:
+        """Read back what was written, from the card itself (O_DIRECT: not the page cache),
+        and compare it with the image, whose bytes matched the block map's checksums."""
+        job = self.job
+        for start, stop in runs:
+            for lo, hi in _chunks(start, stop):
+                if self.stop.is_set():
+                    raise Interrupted()
+                length = hi - lo
+                _pread(source, src.view, length, lo)
+                if _pread(fd, card.view, self._aligned(length), lo) < length or card.view[:length] != src.view[:length]:
+                    raise BuildError(f"{job.device.path}: what was read back differs from {job.image.name} near byte "
+                                     f"{lo}: the card did not keep what was written (failing, or fake capacity)")
+                self.result.verified += length
+
+
+_ZERO = bytes(CHUNK)
+
+
+def _is_zero(view: memoryview, length: int) -> bool:
+    return view[:length] == _ZERO[:length]
+
+
+def write_cards(jobs: list[Job], stop: threading.Event, progress: list[Callable[[int], None]]) -> list[Result | BaseException]:
+    """Flash every job's card in parallel; each gets its result, or the error that stopped it."""
+    outcomes: list[Result | BaseException] = [Interrupted()] * len(jobs)
+
+    def one(index: int) -> None:
+        try:
+            outcomes[index] = _Card(jobs[index], stop, progress[index]).run()
+        except BaseException as e:  # reported per card by the caller
+            outcomes[index] = e
+
+    threads = [threading.Thread(target=one, args=(i,), name=f"flash-{job.node}") for i, job in enumerate(jobs)]
+    for t in threads:
+        t.start()
+    try:
+        for t in threads:
+            while t.is_alive():
+                t.join(0.2)
+    except KeyboardInterrupt:
+        stop.set()
+        for t in threads:
+            t.join()
+        raise
+    return outcomes
+
+
+def explain(job: Job, error: BaseException) -> str:
+    """One line for a card whose write did not finish."""
+    where = f"{job.node} on {job.device.path}"
+    if isinstance(error, Interrupted):
+        return f"{where}: interrupted; the card is unfinished, and its next flash writes it in full"
+    if isinstance(error, BuildError):
+        return f"{where}: {error}"
+    if isinstance(error, OSError):
+        if error.errno in GONE:
+            return (f"{where}: the card failed or was removed ({error.strerror}); "
+                    "its next flash writes it in full")
+        return f"{where}: {error.strerror or error}"
+    return f"{where}: {error!r}"
+
+
+# ------------------------------------------------------------------ what the command line asks for
+
+
+def nodes_in_order(manifest: dict) -> list[dict]:
+    """The manifest's nodes, the master first, then the workers by address."""
+    import ipaddress
+
+    def key(entry: dict) -> tuple:
+        try:
+            address = int(ipaddress.ip_address(entry.get("address", "")))
+        except ValueError:
+            address = 0
+        return entry.get("role") != "master", address, entry.get("hostname", "")
+
+    return sorted(manifest.get("nodes", {}).values(), key=key)
+
+
+def prepare(output: Path, manifest: dict, pairs: list[tuple[str, str]], force: bool) -> list[Job]:
+    """The jobs for (node, device) pairs, every device checked; BuildError at the first refusal,
+    before anything is opened for writing."""
+    nodes = manifest.get("nodes", {})
+    all_disks = disks(lsblk())
+    root = root_numbers()
+    jobs, seen = [], set()
+    for node, device in pairs:
+        entry = nodes.get(node)
+        if entry is None:
+            known = ", ".join(e["hostname"] for e in nodes_in_order(manifest)) or "none: build first (pibake build cluster)"
+            raise BuildError(f"no image of {node!r} in {output}/manifest.json (nodes: {known})", exit_code=2)
+        image_path = output / entry["image"]
+        bmap_path = bmaps.path_for(image_path)
+        if not image_path.is_file():
+            raise BuildError(f"{image_path} is gone: build it again (pibake build)", exit_code=2)
+        if not bmap_path.is_file():
+            raise BuildError(f"{bmap_path} is missing: build again (pibake build) to write it", exit_code=2)
+        block_map = bmaps.read(bmap_path)
+        if block_map.image_size != image_path.stat().st_size:
+            raise BuildError(f"{bmap_path} is not {image_path.name}'s block map (another size): build again", exit_code=2)
+        disk = find(device, all_disks)
+        if disk.path in seen:
+            raise BuildError(f"{disk.path} is given twice", exit_code=2)
+        seen.add(disk.path)
+        why = refusal(disk, block_map.image_size, force, root)
+        if why is not None:
+            raise BuildError(f"will not write {disk.path}: {why}; nothing was written", exit_code=2)
+        jobs.append(Job(node, image_path, block_map, entry.get("sha256", ""), disk))
+    return jobs

@@ -1,0 +1,358 @@
+"""`pibake flash` on real block devices: loop devices over sparse files this module
+makes (tests run as root), and the block maps and Imager list a build leaves.
+
+Bytes written are counted from each device's own statistics, never from pibake's
+report. No test points a write at a real disk: the root-disk refusal is checked on
+the device-selection logic with the machine's own lsblk output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from builder import bmap, flash
+from conftest import Result, run_pibake, write_profile
+from flash_devices import MIB, Loop, Loops, synthetic_output
+from rpios_image import make_image
+
+
+@pytest.fixture
+def loops(tmp_path: Path):
+    made = Loops(tmp_path)
+    yield made
+    made.close()
+
+
+def pibake_flash(*args: str, cwd: Path) -> Result:
+    return run_pibake("flash", *args, cwd=cwd, timeout=600)
+
+
+def same_as_image(loop: Loop, image: Path) -> None:
+    """Every mapped block of the image reads the same on the device."""
+    block_map = bmap.read(bmap.path_for(image))
+    with open(image, "rb") as f:
+        for r in block_map.ranges:
+            start, stop = block_map.span(r)
+            f.seek(start)
+            assert loop.read(start, stop - start) == f.read(stop - start), f"blocks {r.first}-{r.last} differ"
+
+
+def written(loop: Loop, before: int) -> int:
+    return (loop.sectors_written() - before) * 512
+
+
+# ------------------------------------------------------------------ choosing the device
+
+
+def test_the_root_disk_is_refused_on_this_machine() -> None:
+    disks = flash.disks(flash.lsblk())
+    root = flash.root_numbers()
+    holding = [d for d in disks if "/" in d.mounts or d.numbers & root]
+    assert holding, f"no disk of {[d.path for d in disks]} holds / by lsblk"
+    for disk in holding:
+        # Even forced, and with room to spare.
+        assert flash.refusal(disk, 1, True, root) == "it holds the running system (/)"
+
+
+TREE = {"blockdevices": [
+    {"name": "sda", "path": "/dev/sda", "maj:min": "8:0", "type": "disk", "size": 500 << 30, "rm": False,
+     "hotplug": False, "tran": "sata", "model": "Disk", "ro": False, "mountpoints": [None], "children": [
+         {"name": "sda1", "path": "/dev/sda1", "maj:min": "8:1", "type": "part", "mountpoints": ["/boot/efi"]},
+         {"name": "sda2", "path": "/dev/sda2", "maj:min": "8:2", "type": "part", "mountpoints": [None], "children": [
+             {"name": "root", "path": "/dev/mapper/root", "maj:min": "254:0", "type": "crypt", "mountpoints": ["/"]}]}]},
+    {"name": "sdb", "path": "/dev/sdb", "maj:min": "8:16", "type": "disk", "size": 32 << 30, "rm": True,
+     "tran": "usb", "vendor": "SanDisk ", "model": "Ultra", "ro": False, "mountpoints": [None], "children": [
+         {"name": "sdb1", "path": "/dev/sdb1", "maj:min": "8:17", "type": "part", "fstype": "vfat", "label": "bootfs",
+          "mountpoints": ["/media/u/bootfs"]}]},
+    {"name": "mmcblk0", "path": "/dev/mmcblk0", "maj:min": "179:0", "type": "disk", "size": 16 << 30, "rm": False,
+     "tran": None, "ro": False, "mountpoints": [None]},
+    {"name": "sdc", "path": "/dev/sdc", "maj:min": "8:32", "type": "disk", "size": 2 << 30, "rm": False,
+     "hotplug": True, "tran": "usb", "ro": True, "mountpoints": [None]},
+    {"name": "nvme0n1", "path": "/dev/nvme0n1", "maj:min": "259:0", "type": "disk", "size": 1 << 40, "rm": False,
+     "tran": "nvme", "ro": False, "mountpoints": [None], "children": [
+         {"name": "nvme0n1p1", "path": "/dev/nvme0n1p1", "maj:min": "259:1", "type": "part", "mountpoints": [None],
+          "children": [{"name": "vg-data", "path": "/dev/mapper/vg-data", "maj:min": "254:1", "type": "lvm",
+                        "mountpoints": [None]}]}]},
+    {"name": "sdd", "path": "/dev/sdd", "maj:min": "8:48", "type": "disk", "size": 1 << 30, "rm": True,
+     "tran": "usb", "ro": False, "mountpoints": [None]},
+    {"name": "sde", "path": "/dev/sde", "maj:min": "8:64", "type": "disk", "size": 64 << 30, "rm": False,
+     "tran": "sata", "ro": False, "mountpoints": [None]},
+]}
+
+
+def test_device_selection_rules() -> None:
+    by_path = {d.path: d for d in flash.disks(TREE)}
+    image = 3 << 30
+
+    def why(path: str, force: bool = False, root: set[str] = frozenset()) -> str | None:
+        return flash.refusal(by_path[path], image, force, set(root))
+
+    assert why("/dev/sda", force=True) == "it holds the running system (/)"  # through LUKS, two levels down
+    assert "mounted file systems (/media/u/bootfs)" in why("/dev/sdb")
+    assert why("/dev/mmcblk0") is None  # an SD slot is removable, whatever RM says
+    assert "read-only" in why("/dev/sdc")
+    assert "in use by /dev/mapper/vg-data" in why("/dev/nvme0n1", force=True)
+    assert "too small: 1.00 GiB for a 3.00 GiB image" in why("/dev/sdd")
+    assert "not a removable disk" in why("/dev/sde")
+    assert why("/dev/sde", force=True) is None
+    # The device holding / by its numbers, where lsblk shows no mount point for it.
+    assert why("/dev/sde", force=True, root={"8:64"}) == "it holds the running system (/)"
+    assert by_path["/dev/sdb"].describe() == "/dev/sdb (SanDisk Ultra, 32.0 GiB, usb, removable)"
+    assert by_path["/dev/sdb"].contents == ("sdb1 vfat bootfs",)
+
+
+def test_list_shows_every_disk_and_its_verdict(tmp_path: Path, loops: Loops) -> None:
+    loop = loops.make(64 * MIB)
+    result = pibake_flash("--list", cwd=tmp_path)
+    assert result.code == 0, result.output
+    row = next(line for line in result.stdout.splitlines() if line.startswith(loop.device + " "))
+    assert "no: it is not a removable disk" in row
+    root = next(d for d in flash.disks(flash.lsblk()) if "/" in d.mounts or d.numbers & flash.root_numbers())
+    assert "no: it holds the running system (/)" in next(line for line in result.stdout.splitlines()
+                                                        if line.startswith(root.path + " "))
+
+
+@pytest.mark.parametrize("case", ["mounted", "too small", "not removable", "no terminal", "partition", "unknown node"])
+def test_refusals_write_nothing(tmp_path: Path, loops: Loops, case: str) -> None:
+    out = tmp_path / "output"
+    image = synthetic_output(out, 24)
+    loop = loops.make(8 * MIB if case == "too small" else 64 * MIB)
+    where = None
+    if case == "mounted":
+        where = loops.mount(loop)
+    if case == "partition":
+        subprocess.run(["sfdisk", "--quiet", loop.device], input="start=2048, type=83\n", text=True, check=True,
+                       capture_output=True)
+        subprocess.run(["partx", "--update", loop.device], check=False)  # where the kernel did not scan it itself
+        assert Path(loop.device + "p1").is_block_device()
+    before, content = loop.sectors_written(), loop.backing.read_bytes()
+    args = {"mounted": ["--yes", "--force"], "too small": ["--yes", "--force"], "not removable": ["--yes"],
+            "no terminal": ["--force"], "partition": ["--yes", "--force"], "unknown node": ["--yes", "--force"]}[case]
+    node, device = ("worker9" if case == "unknown node" else "worker7"), loop.device + ("p1" if case == "partition" else "")
+    result = pibake_flash(node, device, *args, "-o", str(out), cwd=tmp_path)
+    assert result.code == 2, result.output
+    expected = {
+        "mounted": f"will not write {loop.device}: it has mounted file systems ({where}): unmount them first; nothing was written",
+        "too small": f"will not write {loop.device}: it is too small: 0.01 GiB for a 0.03 GiB image; nothing was written",
+        "not removable": f"will not write {loop.device}: it is not a removable disk (USB or SD card): pass --force if it "
+                         "really is the card; nothing was written",
+        "no terminal": "flash overwrites whole disks and asks first: not on a terminal, pass --yes to go on",
+        "partition": f"{loop.device}p1 is a partition of {loop.device}: give the whole card, {loop.device}",
+        "unknown node": f"no image of 'worker9' in {out}/manifest.json (nodes: worker7)",
+    }[case]
+    assert result.stderr.strip().splitlines() == [f"pibake: error: {expected}"]
+    assert "Traceback" not in result.output
+    assert loop.sectors_written() == before
+    assert loop.backing.read_bytes() == content
+    assert image.is_file()
+
+
+# ------------------------------------------------------------------ writing
+
+
+def test_flash_writes_the_mapped_blocks_verifies_and_rewrites_only_what_differs(tmp_path: Path, loops: Loops) -> None:
+    out = tmp_path / "output"
+    image = synthetic_output(out, 40)
+    block_map = bmap.read(bmap.path_for(image))
+    loop = loops.make(128 * MIB)
+    before = loop.sectors_written()
+    result = pibake_flash("worker7", loop.device, "--yes", "--force", "-o", str(out), cwd=tmp_path)
+    assert result.code == 0, result.output
+    assert f"worker7 on {loop.device}: wrote 0.04 GiB; read back 40.0 MiB and verified; the card can be removed" in result.stdout
+    same_as_image(loop, image)
+    first = written(loop, before)
+    # The data, and the card's record; the partition table's sector is in the first data piece.
+    assert block_map.mapped_bytes <= first <= block_map.mapped_bytes + 8192, first
+    record = flash.decode_record(loop.read(flash.RECORD_AT, flash.RECORD_SIZE))
+    assert record is not None and record["state"] == "finished" and record["node"] == "worker7"
+
+    # The card changes under pibake's back: three blocks, at the start, middle and end.
+    spots = [4 * MIB + 4096, 20 * MIB + 123, block_map.image_size - 4 * MIB - 1]
+    with open(loop.backing, "r+b") as f:
+        for spot in spots:
+            f.seek(spot)
+            f.write(b"\xff\xfe")
+    before = loop.sectors_written()
+    result = pibake_flash("worker7", loop.device, "--yes", "--force", "-o", str(out), cwd=tmp_path)
+    assert result.code == 0, result.output
+    assert re.search(r"it held worker7 \([0-9a-f]{12}\): wrote the 0\.0 MiB that differed, of 0\.04 GiB compared",
+                     result.stdout), result.stdout
+    same_as_image(loop, image)
+    # Three 4 KiB blocks, and the record twice (unfinished, then finished).
+    assert written(loop, before) == 3 * 4096 + 2 * flash.RECORD_SIZE
+
+
+def test_read_back_catches_a_card_that_does_not_keep_a_block(tmp_path: Path, loops: Loops) -> None:
+    out = tmp_path / "output"
+    synthetic_output(out, 24)
+    loop = loops.make(64 * MIB)
+    # A card that does not keep what is written at one spot: something else keeps writing
+    # there, underneath the device, for as long as the flash runs.
+    stop = threading.Event()
+
+    def spoil() -> None:
+        with open(loop.backing, "r+b", buffering=0) as f:
+            while not stop.is_set():
+                os.pwrite(f.fileno(), b"\x5a" * 16, 8 * MIB + 100)
+                time.sleep(0.0005)
+
+    spoiler = threading.Thread(target=spoil)
+    spoiler.start()
+    try:
+        result = pibake_flash("worker7", loop.device, "--yes", "--force", "-o", str(out), cwd=tmp_path)
+    finally:
+        stop.set()
+        spoiler.join()
+    assert result.code == 1, result.output
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"pibake: worker7 on {loop.device}: {loop.device}: what was read back differs from worker7.img near byte "
+        f"{8 * MIB}: the card did not keep what was written (failing, or fake capacity)")
+    assert "the card can be removed" not in result.output and "Traceback" not in result.output
+
+
+def test_an_interrupted_flash_is_written_in_full_next_time(tmp_path: Path, loops: Loops) -> None:
+    out = tmp_path / "output"
+    image = synthetic_output(out, 1024)
+    loop = loops.make(1100 * MIB)
+    assert pibake_flash("worker7", loop.device, "--yes", "--force", "-o", str(out), cwd=tmp_path).code == 0
+    # Once the second flash has marked the card unfinished (its first write), Ctrl-C.
+    before = loop.sectors_written()
+    proc = subprocess.Popen([sys.executable, "-m", "builder", "flash", "worker7", loop.device, "--yes", "--force",
+                             "-o", str(out)], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while loop.sectors_written() == before and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.0002)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stdout + stderr
+    assert stderr.strip().splitlines() == [
+        f"pibake: worker7 on {loop.device}: interrupted; the card is unfinished, and its next flash writes it in full"]
+    record = flash.decode_record(loop.read(flash.RECORD_AT, flash.RECORD_SIZE))
+    assert record is not None and record["state"] == "writing"
+    result = pibake_flash("worker7", loop.device, "--yes", "--force", "-o", str(out), cwd=tmp_path)
+    assert result.code == 0, result.output
+    assert f"worker7 on {loop.device}: wrote 1.00 GiB; read back 1024.0 MiB and verified" in result.stdout
+    same_as_image(loop, image)
+
+
+def test_a_card_removed_while_written_is_one_line(tmp_path: Path, loops: Loops) -> None:
+    out = tmp_path / "output"
+    synthetic_output(out, 1024)
+    loop = loops.make(1100 * MIB)
+    before = loop.sectors_written()
+    proc = subprocess.Popen([sys.executable, "-m", "builder", "flash", "worker7", loop.device, "--yes", "--force",
+                             "-o", str(out)], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while loop.sectors_written() == before and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.0002)
+    # The reader loses its card: the device's medium goes away under the writes.
+    subprocess.run(["losetup", "--set-capacity", loop.device], check=True)
+    os.truncate(loop.backing, 0)
+    subprocess.run(["losetup", "--set-capacity", loop.device], check=True)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 1, stdout + stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"pibake: worker7 on {loop.device}: "), stderr
+    assert "its next flash writes it in full" in lines[0] or "ended early" in lines[0], lines[0]
+    assert "Traceback" not in stderr
+
+
+# ------------------------------------------------------------------ what a build leaves for flashing
+
+
+@pytest.fixture(scope="module")
+def baked(tmp_path_factory, operator_key: Path) -> Path:
+    """worker1 of a small cluster, baked from the tests' Bookworm image."""
+    tmp = tmp_path_factory.mktemp("flash")
+    base = make_image(tmp / "bookworm.img", "bookworm")
+    (tmp / "profiles").mkdir()
+    write_profile(tmp / "profiles", f"user:\n  ssh_keys: [{operator_key}]\nworkers:\n  count: 1\n")
+    result = run_pibake("build", "cluster", "--image", str(base), cwd=tmp)
+    assert result.code == 0, result.output
+    return tmp
+
+
+@pytest.mark.image
+def test_bmap_beside_every_image_and_bmaptool_takes_it(baked: Path, loops: Loops) -> None:
+    out = baked / "output"
+    manifest = json.loads((out / "manifest.json").read_text())
+    for name, entry in manifest["nodes"].items():
+        assert entry["bmap"] == f"{entry['image']}.bmap"
+        block_map = bmap.read(out / entry["bmap"])  # its own checksum holds
+        assert block_map.image_size == entry["size"]
+        assert 0 < block_map.mapped_bytes < entry["size"] // 4, name
+    image = out / "worker1.img"
+    by_pibake, by_bmaptool = loops.make(800 * MIB), loops.make(800 * MIB)
+    before = by_bmaptool.sectors_written()
+    copy = subprocess.run(["bmaptool", "copy", str(image), by_bmaptool.device], capture_output=True, text=True)
+    assert copy.returncode == 0, copy.stderr
+    assert "discovered bmap file" in copy.stderr and "worker1.img.bmap" in copy.stderr
+    bmaptool_bytes = written(by_bmaptool, before)
+    before = by_pibake.sectors_written()
+    result = pibake_flash("worker1", by_pibake.device, "--yes", "--force", cwd=baked)
+    assert result.code == 0, result.output
+    assert written(by_pibake, before) <= bmaptool_bytes
+    same_as_image(by_pibake, image)
+    same_as_image(by_bmaptool, image)
+    # Block for block the same, but for pibake's record on the card.
+    a, b = by_pibake.backing.read_bytes(), by_bmaptool.backing.read_bytes()
+    record = slice(flash.RECORD_AT, flash.RECORD_AT + flash.RECORD_SIZE)
+    assert a[: record.start] == b[: record.start] and a[record.stop :] == b[record.stop :]
+    assert b[record] == bytes(flash.RECORD_SIZE) and a[record] != b[record]
+
+
+# The fields Imager's OSListModel reads from an entry, and what its JSON schema requires.
+IMAGER_LEAF = {"name": str, "description": str, "icon": str, "url": str, "extract_size": int, "extract_sha256": str,
+               "image_download_size": int, "release_date": str, "devices": list, "init_format": str}
+IMAGER_INIT_FORMATS = {"", "none", "systemd", "cloudinit", "cloudinit-rpi", "rpi-preseed"}
+
+
+@pytest.mark.image
+def test_imager_repository_lists_every_node(baked: Path) -> None:
+    out = baked / "output"
+    manifest = json.loads((out / "manifest.json").read_text())
+    listed = json.loads((out / "os_list.json").read_text())
+    entries = listed["os_list"]
+    assert [e["name"] for e in entries] == ["master (192.168.5.1)", "worker1 (192.168.5.101)"]
+    for entry in entries:
+        assert {k: type(entry[k]) for k in IMAGER_LEAF} == IMAGER_LEAF
+        assert entry["init_format"] == "none" and entry["init_format"] in IMAGER_INIT_FORMATS
+        assert "capabilities" not in entry
+        assert entry["devices"] == ["pi5-64bit", "pi4-64bit", "pi3-64bit"]
+        assert re.fullmatch(r"\d{4}-\d{2}-\d{2}", entry["release_date"])
+        assert entry["url"].startswith("file:///")
+        node = manifest["nodes"][entry["name"].split()[0]]
+        path = Path(entry["url"][len("file://"):])
+        assert path == (out / node["image"]).resolve() and path.is_file()
+        assert entry["extract_size"] == entry["image_download_size"] == path.stat().st_size == node["size"]
+        assert entry["extract_sha256"] == node["sha256"]
+
+
+@pytest.mark.image
+def test_reflash_after_a_key_change_writes_only_what_changed(baked: Path, loops: Loops, tmp_path: Path) -> None:
+    loop = loops.make(800 * MIB)
+    assert pibake_flash("worker1", loop.device, "--yes", "--force", cwd=baked).code == 0
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "second@laptop", "-f", str(tmp_path / "k2")],
+                   check=True)
+    profile = (baked / "profiles/cluster.yaml").read_text()
+    (baked / "profiles/cluster.yaml").write_text(profile.replace("ssh_keys: [", f"ssh_keys: [{tmp_path / 'k2.pub'}, "))
+    result = run_pibake("build", "worker", "--image", str(baked / "bookworm.img"), cwd=baked)
+    assert result.code == 0, result.output
+    image = baked / "output/worker1.img"
+    before = loop.sectors_written()
+    result = pibake_flash("worker1", loop.device, "--yes", "--force", cwd=baked)
+    assert result.code == 0, result.output
+    assert "that differed" in result.stdout
+    same_as_image(loop, image)
+    changed = written(loop, before)
+    assert 0 < changed < image.stat().st_size // 100, changed
