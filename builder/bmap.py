@@ -77,7 +77,11 @@ def used_extents(path: Path) -> list[tuple[int, int]]:
     extents = []
     for part in partitions:
         stop = min(part.start + part.size, size)
-        used = _fat_used(path, part) if part.type_id in image.FAT_TYPES else _ext_used(path, part)
+        # Known by their content, whatever the partition's type says; any other file
+        # system: its data (where it is all that is known, a hole it uses would not be mapped).
+        used = _fat_used(path, part)
+        if used is None:
+            used = _ext_used(path, part)
         extents += used if used is not None else _clip(data, part.start, stop)
     # Outside the partitions: the data there (the partition table, a boot loader).
     inside = sorted((p.start, min(p.start + p.size, size)) for p in partitions)
