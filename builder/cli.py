@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import resource
 import signal
 import sys
@@ -251,6 +252,8 @@ def flash_command(args: tuple[str, ...], all_nodes: bool, list_disks: bool, yes:
                          disk.model or "-", "yes" if why is None else f"no: {why}"))
         _echo_table(rows)
         return
+    if (output / "manifest.json").exists() and not os.access(output / "manifest.json", os.R_OK):
+        raise BuildError(f"cannot read {output / 'manifest.json'}: permission denied; run pibake flash with sudo")
     manifest = read_manifest(output)
     if all_nodes:
         nodes = [e["hostname"] for e in flash.nodes_in_order(manifest)]

@@ -280,6 +280,9 @@ class _Card:
             if e.errno == errno.EBUSY:
                 raise BuildError(f"{self.job.device.path} is in use (mounted, or opened by another program): "
                                  "nothing was written") from None
+            if e.errno in (errno.EACCES, errno.EPERM):
+                raise BuildError(f"cannot open {self.job.device.path} to write it: permission denied; "
+                                 "run pibake flash with sudo") from None
             raise
 
     def run(self) -> Result:

@@ -11,9 +11,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -356,3 +358,21 @@ def test_reflash_after_a_key_change_writes_only_what_changed(baked: Path, loops:
     same_as_image(loop, image)
     changed = written(loop, before)
     assert 0 < changed < image.stat().st_size // 100, changed
+
+
+def test_without_root_it_says_to_use_sudo(tmp_path: Path, loops: Loops) -> None:
+    # An output folder another user can read, as a user's own is to that user.
+    shared = Path(tempfile.mkdtemp(prefix="pibake-flash-"))
+    shared.chmod(0o755)
+    out = shared / "output"
+    synthetic_output(out, 8)
+    loop = loops.make(64 * MIB)
+    before = loop.sectors_written()
+    result = run_pibake("flash", "worker7", loop.device, "--yes", "--force", "-o", str(out), cwd=tmp_path,
+                        within=("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"))
+    shutil.rmtree(shared)
+    assert result.code == 1, result.output
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"pibake: worker7 on {loop.device}: cannot open {loop.device} to write it: permission denied; "
+        "run pibake flash with sudo")
+    assert loop.sectors_written() == before
