@@ -14,7 +14,10 @@ Bookworm Lite and N = 50 on a small one, and a rebuild after one worker changes.
 Plan section: the memory the plans of a cluster hold (tracemalloc, in this process),
 at N = 25, 125 and 250 workers; it must grow in proportion to N, not N squared.
 
-`python tests/bench.py [fetch] [bake] [plan]` runs those sections; all by default. Prints a
+Flash section (tests/bench_flash.py): dd, bmaptool and `pibake flash` writing a
+Bookworm-Lite-sized node image to loop devices, and a re-flash after one key is added.
+
+`python tests/bench.py [fetch] [bake] [plan] [flash]` runs those sections; all by default. Prints a
 table and writes the figures to output/bench/fetch.json and bake.json.
 PIBAKE_BENCH_RUNS sets the runs per measurement (3); one appliance per image at
 N = 50 takes about 20 minutes a run under TCG, so it is measured
@@ -261,7 +264,7 @@ def print_bake(bake: dict) -> None:
 
 
 def main() -> None:
-    sections = sys.argv[1:] or ["fetch", "bake", "plan"]
+    sections = sys.argv[1:] or ["fetch", "bake", "plan", "flash"]
     WORK.mkdir(parents=True, exist_ok=True)
     if "fetch" in sections:
         if shutil.which("curl") is None:
@@ -276,6 +279,11 @@ def main() -> None:
     if "plan" in sections:
         plan = bench_plan()
         (WORK / "plan.json").write_text(json.dumps(plan, indent=2) + "\n")
+    if "flash" in sections:
+        from bench_flash import bench_flash
+        print(f"flash: {RUNS} alternating runs of dd, bmaptool and pibake flash on loop devices, then a re-flash")
+        flashed = {"machine": machine(), **bench_flash(WORK, RUNS)}
+        (WORK / "flash.json").write_text(json.dumps(flashed, indent=2) + "\n")
     print()
     if "fetch" in sections:
         print_fetch(fetch)
@@ -283,6 +291,10 @@ def main() -> None:
         print_bake(bake)
     if "plan" in sections:
         print_plan(plan)
+    if "flash" in sections:
+        from bench_flash import print_flash
+        print_flash(flashed, met)
+        print(f"  machine: {flashed['machine']}; figures: {WORK / 'flash.json'}")
 
 
 if __name__ == "__main__":

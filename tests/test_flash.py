@@ -376,3 +376,26 @@ def test_without_root_it_says_to_use_sudo(tmp_path: Path, loops: Loops) -> None:
         f"pibake: worker7 on {loop.device}: cannot open {loop.device} to write it: permission denied; "
         "run pibake flash with sudo")
     assert loop.sectors_written() == before
+
+
+def test_all_writes_the_nodes_in_order_onto_several_cards_at_once(tmp_path: Path, loops: Loops) -> None:
+    out = tmp_path / "output"
+    nodes = {}
+    for node, role, address in (("worker10", "worker", "192.168.5.110"), ("worker2", "worker", "192.168.5.102"),
+                                ("master", "master", "192.168.5.1")):
+        synthetic_output(out, 16, node)
+        entry = json.loads((out / "manifest.json").read_text())["nodes"][node]
+        nodes[node] = {**entry, "role": role, "address": address}
+    (out / "manifest.json").write_text(json.dumps({"nodes": nodes}))
+    cards = [loops.make(64 * MIB) for _ in range(3)]
+    too_many = pibake_flash("--all", *[c.device for c in cards], cards[0].device, "--yes", "--force", "-o", str(out),
+                            cwd=tmp_path)
+    assert too_many.code == 2 and too_many.stderr.strip() == (
+        "pibake: error: 4 devices for 3 node(s) (master worker2 worker10)")
+    result = pibake_flash("--all", cards[0].device, cards[1].device, "--yes", "--force", "-o", str(out), cwd=tmp_path)
+    assert result.code == 0, result.output
+    assert "flashing master worker2; not this time: worker10" in result.stderr
+    for card, node in zip(cards, ("master", "worker2")):
+        assert f"{node} on {card.device}: wrote 0.02 GiB" in result.stdout
+        same_as_image(card, out / f"{node}.img")
+    assert cards[2].read(0, 512) == bytes(512)
