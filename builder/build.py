@@ -302,12 +302,15 @@ def _rebuild(profile: Profile, nodes: tuple[Node, ...], entries: dict, sha: str,
     for image_left in missing:
         log.info("%s: writing its block map", image_left.path.name)
         write_file(bmap.path_for(image_left.path), bmap.to_xml(bmap.create(image_left.path)), sync=True)
-    if missing and not built:
-        refresh_manifest(options.output)
     if not built:
         log.info("every image is up to date; nothing to bake")
+    if missing or not built:
         with _no_interrupt():
-            write_ssh_files(options.output, profile, keys)
+            # What is made from the manifest, written again: a block map written now is
+            # named, an Imager list an older pibake did not write is there.
+            refresh_manifest(options.output)
+            if not built:
+                write_ssh_files(options.output, profile, keys)
     by_name = {b.plan.node.hostname: b for b in [*built, *skipped]}
     return _Rebuilt([by_name[n.hostname] for n in profile.nodes if n.hostname in by_name])
 
@@ -387,11 +390,16 @@ def _copied_and_launched(base: Path, nodes: tuple[Node, ...], staged: list[Path]
 
 
 def _finish(path: Path, offset: int, state: "hashlib._Hash", pool: ThreadPoolExecutor) -> tuple[str, str]:
-    """Hash a baked image and write its block map, while the disk writes it."""
+    """Hash a baked image and write its block map (side by side), while the disk writes it."""
     synced = pool.submit(image.fsync, path)  # the disk writes while the page cache is read
-    sha, blocks = image.hash_data(path, (offset, state))
-    write_file(bmap.path_for(path), bmap.to_xml(bmap.create(path)), sync=True)
+    with ThreadPoolExecutor(max_workers=1) as mapper:
+        mapped = mapper.submit(lambda: write_file(bmap.path_for(path), bmap.to_xml(bmap.create(path))))
+        sha, blocks = image.hash_data(path, (offset, state))
+        mapped.result()
+    # Synced once the image is: by then its own data is on the disk, and this is quick.
+    map_synced = pool.submit(image.fsync, bmap.path_for(path))
     synced.result()
+    map_synced.result()
     assert sha is not None
     return sha, blocks
 

@@ -278,8 +278,14 @@ def flash_command(args: tuple[str, ...], all_nodes: bool, list_disks: bool, yes:
         if not sys.stdin.isatty():
             raise BuildError("flash overwrites whole disks and asks first: not on a terminal, pass --yes to go on",
                              exit_code=2)
-        click.confirm(f"Overwrite {'this disk' if len(jobs) == 1 else f'these {len(jobs)} disks'}? Everything on it is lost",
-                      abort=True)
+        try:
+            go = click.confirm(f"Overwrite {'this disk' if len(jobs) == 1 else f'these {len(jobs)} disks'}? "
+                               "Everything on it is lost")
+        except (click.exceptions.Abort, KeyboardInterrupt):
+            go = None
+        if not go:
+            _error("pibake: not flashed: nothing was written")
+            raise SystemExit(130 if go is None else 1)
     bars = [progress.bar(total=job.bmap.mapped_bytes, unit="B", unit_scale=True, desc=f"{job.node} -> {job.device.path}",
                          position=i) for i, job in enumerate(jobs)]
     stop = threading.Event()

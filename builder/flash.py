@@ -269,13 +269,15 @@ class _Card:
         self.job, self.stop, self.progress = job, stop, progress
         self.result = Result(job)
         self.sector = 512
+        self.direct = True  # O_DIRECT: reads come from the card, not the page cache
 
     def _open(self) -> int:
         flags = os.O_RDWR | os.O_EXCL | os.O_CLOEXEC
         try:
             return os.open(self.job.device.path, flags | os.O_DIRECT)
         except OSError as e:
-            if e.errno == errno.EINVAL:  # no O_DIRECT here: writes are flushed by fsync all the same
+            if e.errno == errno.EINVAL:  # no O_DIRECT here: the page cache is dropped before reading back
+                self.direct = False
                 return os.open(self.job.device.path, flags)
             if e.errno == errno.EBUSY:
                 raise BuildError(f"{self.job.device.path} is in use (mounted, or opened by another program): "
@@ -308,6 +310,8 @@ class _Card:
         except OSError:
             pass
         keeps_record = record_fits(job.bmap, job.image)
+        if not self.direct:  # what is read from the card comes from the card
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         card, src = _Buffer(CHUNK), _Buffer(CHUNK)
         try:
             if keeps_record:
@@ -319,6 +323,8 @@ class _Card:
                     self._record(fd, card, "writing")
             written_runs = self._write(fd, source, card, src)
             os.fsync(fd)
+            if not self.direct:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
             self._verify(fd, source, card, src, written_runs)
             if keeps_record:
                 self._record(fd, card, "finished")

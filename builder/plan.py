@@ -306,13 +306,6 @@ def configure_cloud_init(ctx: _Context) -> None:
     boot for nothing. cloud-init reads this file and stops.
     """
     if not ctx.release.cloud_init:
-        # Raspberry Pi Imager 1.x, given a local image, picks how to customise it from the
-        # boot partition: cloud-init when it holds user-data, else its firstrun.sh when
-        # issue.txt names pi-gen, which would set hostname, user, SSH and Wi-Fi over the
-        # node's. A user-data here turns 1.x to cloud-init, which this release has not.
-        ctx.ops.append(Write(ctx.boot("user-data"),
-                             b"#cloud-config\n# Written by pibake: this image is configured already, and this release\n"
-                             b"# has no cloud-init. Raspberry Pi Imager's settings, if written here, are ignored.\n"))
         return
     ctx.ops.append(Write("/etc/cloud/cloud-init.disabled",
                          b"# Written by pibake, which configured this node when it baked the image.\n"

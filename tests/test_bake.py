@@ -70,7 +70,7 @@ def read_images(base: Path, images: dict[str, Path], boot_dir: str) -> tuple[dic
             trees[name] = a.snapshot(index, boot_dir)
             a.mount(index, boot_dir, readonly=True)
             home = next(p for p in trees[name] if re.fullmatch(r"/home/[^/]+", p))
-            wanted = READ + (f"{boot_dir}/cmdline.txt", f"{boot_dir}/user-data", f"{home}/.ssh/authorized_keys", f"{home}/.ssh/id_ed25519",
+            wanted = READ + (f"{boot_dir}/cmdline.txt", f"{home}/.ssh/authorized_keys", f"{home}/.ssh/id_ed25519",
                              f"{home}/.ssh/id_ed25519.pub")
             files[name] = {p: a.read(p) for p in wanted if p in trees[name]}
             a.g.umount_all()
@@ -234,12 +234,15 @@ def test_build_reports_its_accelerator_and_summary(bookworm: Baked) -> None:
         "os_list.json", "ssh_config", "worker1.img", "worker1.img.bmap", "worker2.img", "worker2.img.bmap"]
 
 
-def test_imager_1_customisation_is_steered_away(bookworm: Baked, bullseye: Baked) -> None:
-    # Imager 1.x picks cloud-init, not its firstrun.sh, when user-data is on the boot
-    # partition; these releases have no cloud-init to read it.
+def test_imager_1_firstrun_is_replaced(bookworm: Baked, bullseye: Baked) -> None:
+    # systemd runs Imager 1.x's firstrun.sh as kernel-command-line.service; a drop-in
+    # runs pibake's script in its place (the boot tests run it).
     for baked in (bookworm, bullseye):
         for node in ("master", "worker1"):
-            assert text(baked, node, f"{baked.boot_dir}/user-data").startswith("#cloud-config\n# Written by pibake")
+            drop_in = "/etc/systemd/system/kernel-command-line.service.d/pibake.conf"
+            assert entry(baked, node, drop_in)[1:] == ("0o644", 0, 0)
+            assert entry(baked, node, "/usr/local/lib/pibake/no-imager-firstrun")[1:] == ("0o755", 0, 0)
+            assert f"{baked.boot_dir}/user-data" not in baked.trees[node]
 
 
 def test_nothing_else_changed(bookworm: Baked) -> None:
@@ -469,25 +472,35 @@ def test_files_land_through_the_image_s_links(bookworm: Baked) -> None:
 
 def test_adding_a_worker_later_and_rebuilding_one(bookworm: Baked) -> None:
     def stats() -> dict:
-        return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in bookworm.output.glob("*.img")}
+        return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in bookworm.output.glob("*.img*")}
+
+    def but(node: str, of: dict) -> dict:  # all but a node's image and block map
+        return {k: v for k, v in of.items() if not k.startswith(f"{node}.img")}
 
     before = stats()
     result = run_pibake("build", "worker", "--first", "3", "--count", "1", "--image", str(bookworm.base), cwd=bookworm.workdir)
     assert result.code == 0, result.output
     after = stats()
-    assert {k: v for k, v in after.items() if k != "worker3.img"} == before  # nothing else touched
+    assert but("worker3", after) == before  # nothing else touched
+    assert {"worker3.img", "worker3.img.bmap"} <= set(after)
     assert "worker3: not built before" in result.stderr
     check = subprocess.run(["sha256sum", "-c", "SHA256SUMS"], cwd=bookworm.output, capture_output=True, text=True)
     assert check.returncode == 0 and check.stdout.count(": OK") == 4
     assert set(json.loads((bookworm.output / "manifest.json").read_text())["nodes"]) == {"master", "worker1", "worker2", "worker3"}
 
-    # Building worker2 again with nothing changed: its image is checked, found unchanged, left alone.
+    # Building worker2 again with nothing changed: its image is checked, found unchanged, left
+    # alone; its block map, gone missing, is written again.
+    (bookworm.output / "worker2.img.bmap").unlink()
     result = run_pibake("build", "worker", "--first", "2", "--count", "1", "--image", str(bookworm.base), cwd=bookworm.workdir)
     assert result.code == 0, result.output
     assert "worker2: inputs and image unchanged, skipped" in result.stderr
+    assert "worker2.img: writing its block map" in result.stderr
     assert "appliance" not in result.stderr
     assert result.stdout.splitlines()[1].split()[-1] == "unchanged"
-    assert stats() == after
+    assert stats().keys() == after.keys()
+    assert {k: v for k, v in stats().items() if k != "worker2.img.bmap"} == {k: v for k, v in after.items() if k != "worker2.img.bmap"}
+    assert json.loads((bookworm.output / "manifest.json").read_text())["nodes"]["worker2"]["bmap"] == "worker2.img.bmap"
+    after = stats()
 
     # A changed setting rebuilds worker2: a new image, the same host key.
     profile = bookworm.workdir / "profiles/cluster.yaml"
@@ -499,7 +512,8 @@ def test_adding_a_worker_later_and_rebuilding_one(bookworm: Baked) -> None:
     assert re.search(r"worker2: baking it again: operation \d+ changed: write /etc/motd worker motd \(was symlink ",
                      result.stderr), result.stderr
     assert rebuilt["worker2.img"] != after["worker2.img"]
-    assert {k: v for k, v in rebuilt.items() if k != "worker2.img"} == {k: v for k, v in after.items() if k != "worker2.img"}
+    assert rebuilt["worker2.img.bmap"] != after["worker2.img.bmap"]  # a fresh one
+    assert but("worker2", rebuilt) == but("worker2", after)
     with Appliance([Drive(bookworm.output / "worker2.img", readonly=True), Drive(bookworm.output / "worker3.img", readonly=True)]) as a:
         a.mount(0, "/boot/firmware", readonly=True)
         assert a.read("/etc/ssh/pibake/ssh_host_ed25519_key.pub") == bookworm.files["worker2"]["/etc/ssh/pibake/ssh_host_ed25519_key.pub"]

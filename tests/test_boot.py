@@ -24,7 +24,7 @@ import pytest
 from boot_fixture import DISK_ID, fixture_dir
 from conftest import run_pibake, write_profile
 from mirror import Mirror
-from qemu import Cluster, HomeNetwork, Ssh, wait_for
+from qemu import Cluster, HomeNetwork, Ssh, boot_partition_offset, read_cmdline, wait_for
 
 pytestmark = pytest.mark.boot
 
@@ -92,6 +92,8 @@ def cluster(baked: Path, fixture: Path, operator_key: Path):
     output = baked / "output"
     with Cluster(baked) as running:
         running.add("master", output / "master.img", fixture / "vmlinuz", fixture / "initrd.img", uplink=True)
+        # worker2's card as Raspberry Pi Imager 1.x leaves it when asked to customise it.
+        as_imager_1_customises_it(output / f"{IMAGER_CUSTOMISED}.img")
         for name in WORKERS:
             running.add(name, output / f"{name}.img", fixture / "vmlinuz", fixture / "initrd.img")
         running.start()
@@ -111,6 +113,32 @@ def cluster(baked: Path, fixture: Path, operator_key: Path):
             raise
         finally:
             ssh.close()
+
+
+IMAGER_CUSTOMISED = "worker2"
+# What Imager 1.x's firstrun.sh does to a node (imager_custom set_hostname, userconf and
+# the rest), reduced to what shows, and how it ends.
+IMAGER_FIRSTRUN = """#!/bin/bash
+set +e
+echo imager-was-here > /etc/hostname
+touch /var/lib/imager-firstrun-ran
+rm -f /boot/firstrun.sh
+sed -i 's| systemd.run.*||g' /boot/cmdline.txt
+exit 0
+"""
+
+
+def as_imager_1_customises_it(image: Path) -> None:
+    """firstrun.sh on the boot partition, and the parameters that run it on cmdline.txt."""
+    fat = f"{image}@@{boot_partition_offset(image)}"
+    script = image.with_name("firstrun.sh")
+    script.write_text(IMAGER_FIRSTRUN)
+    cmdline = image.with_name("cmdline.txt")
+    cmdline.write_text(read_cmdline(image).rstrip("\n") + " systemd.run=/boot/firstrun.sh systemd.run_success_action=reboot"
+                       " systemd.unit=kernel-command-line.target\n")
+    for f in (script, cmdline):
+        subprocess.run(["mcopy", "-o", "-i", fat, str(f), f"::/{f.name}"], check=True)
+        f.unlink()
 
 
 def _wait_until_configured(running: Cluster, ssh: Ssh) -> None:
@@ -225,6 +253,14 @@ def test_cluster_configures_itself_on_first_boot(cluster, baked: Path, release: 
         _check_node(ssh, name, address)
         _check_first_boot_ran(ssh, name, address, release)
         assert address is None or f"inet {address}/24" in ssh.check(name, "ip -4 -o addr show dev eth0", address)
+    # Imager 1.x's firstrun.sh was removed, not run, and said so.
+    imager = WORKERS[IMAGER_CUSTOMISED]
+    ssh.check(IMAGER_CUSTOMISED, "test -s /var/lib/pibake/imager-firstrun-skipped && ! test -e /var/lib/imager-firstrun-ran"
+                                 " && ! test -e /boot/firmware/firstrun.sh && ! grep -q systemd.run /boot/firmware/cmdline.txt",
+              imager)
+    assert running.guests[IMAGER_CUSTOMISED].boots >= BOOTS_BEFORE[release] + 1
+    assert "pibake: Raspberry Pi Imager's firstrun.sh was not run" in \
+        running.guests[IMAGER_CUSTOMISED].console.read_text(errors="replace")
     # The boot after the power cut finished what dpkg had started, offline: no
     # network at first boot, the install used only what was staged.
     master = running.guests["master"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import pty
 import re
 import shutil
 import signal
@@ -222,18 +223,25 @@ def test_read_back_catches_a_card_that_does_not_keep_a_block(tmp_path: Path, loo
     assert "the card can be removed" not in result.output and "Traceback" not in result.output
 
 
+def writing(loop: Loop, out: Path) -> subprocess.Popen:
+    """`pibake flash worker7` onto `loop`, once it has written its first sector there."""
+    before = loop.sectors_written()
+    proc = subprocess.Popen([sys.executable, "-m", "builder", "flash", "worker7", loop.device, "--yes", "--force",
+                             "-o", str(out)], cwd=out.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while loop.sectors_written() == before and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.0002)
+    assert proc.poll() is None, "the flash ended before the test could step in"
+    return proc
+
+
 def test_an_interrupted_flash_is_written_in_full_next_time(tmp_path: Path, loops: Loops) -> None:
     out = tmp_path / "output"
     image = synthetic_output(out, 1024)
     loop = loops.make(1100 * MIB)
     assert pibake_flash("worker7", loop.device, "--yes", "--force", "-o", str(out), cwd=tmp_path).code == 0
     # Once the second flash has marked the card unfinished (its first write), Ctrl-C.
-    before = loop.sectors_written()
-    proc = subprocess.Popen([sys.executable, "-m", "builder", "flash", "worker7", loop.device, "--yes", "--force",
-                             "-o", str(out)], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while loop.sectors_written() == before and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.0002)
+    proc = writing(loop, out)
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stdout + stderr
@@ -251,12 +259,7 @@ def test_a_card_removed_while_written_is_one_line(tmp_path: Path, loops: Loops) 
     out = tmp_path / "output"
     synthetic_output(out, 1024)
     loop = loops.make(1100 * MIB)
-    before = loop.sectors_written()
-    proc = subprocess.Popen([sys.executable, "-m", "builder", "flash", "worker7", loop.device, "--yes", "--force",
-                             "-o", str(out)], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while loop.sectors_written() == before and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.0002)
+    proc = writing(loop, out)
     # The reader loses its card: the device's medium goes away under the writes.
     subprocess.run(["losetup", "--set-capacity", loop.device], check=True)
     os.truncate(loop.backing, 0)
@@ -399,3 +402,25 @@ def test_all_writes_the_nodes_in_order_onto_several_cards_at_once(tmp_path: Path
         assert f"{node} on {card.device}: wrote 0.02 GiB" in result.stdout
         same_as_image(card, out / f"{node}.img")
     assert cards[2].read(0, 512) == bytes(512)
+
+
+@pytest.mark.parametrize("answer", ["n", "y"])
+def test_it_asks_on_a_terminal(tmp_path: Path, loops: Loops, answer: str) -> None:
+    out = tmp_path / "output"
+    image = synthetic_output(out, 8)
+    loop = loops.make(64 * MIB)
+    before = loop.sectors_written()
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "builder", "flash", "worker7", loop.device, "--force", "-o", str(out)],
+                            cwd=tmp_path, stdin=follower, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    os.close(follower)
+    os.write(leader, f"{answer}\n".encode())
+    stdout, stderr = proc.communicate(timeout=120)
+    os.close(leader)
+    assert f"worker7 (worker7.img, 0.01 GiB to write of 0.02) -> {loop.device} (" in stdout
+    if answer == "n":
+        assert proc.returncode == 1 and stderr.strip() == "pibake: not flashed: nothing was written"
+        assert loop.sectors_written() == before
+    else:
+        assert proc.returncode == 0, stdout + stderr
+        same_as_image(loop, image)
