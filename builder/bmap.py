@@ -20,7 +20,6 @@ import struct
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from xml.etree import ElementTree
 
 from builder import image, run
 from builder.errors import BuildError
@@ -250,6 +249,7 @@ def to_xml(bmap: Bmap) -> str:
 
 def read(path: Path) -> Bmap:
     """A bmap file pibake wrote, checked against its own checksum; BuildError if it is not one."""
+    from xml.etree import ElementTree  # here: every pibake command would import it otherwise
     try:
         with open(path, "rb") as f:
             raw = f.read(MAX_SIZE + 1)

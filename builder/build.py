@@ -297,8 +297,8 @@ def _rebuild(profile: Profile, nodes: tuple[Node, ...], entries: dict, sha: str,
             again.append(plan)
     if again:
         built += _bake(profile, _nodes(again), again, sha, options, keys) or []  # refuses nothing
-    # An unchanged image keeps its block map; one an earlier pibake left without one gets it.
-    missing = [s for s in skipped if not bmap.path_for(s.path).is_file() ]
+    # An unchanged image keeps its block map; one without a sound one gets it.
+    missing = [s for s in skipped if not _block_map_ok(s.path)]
     for image_left in missing:
         log.info("%s: writing its block map", image_left.path.name)
         write_file(bmap.path_for(image_left.path), bmap.to_xml(bmap.create(image_left.path)), sync=True)
@@ -396,12 +396,21 @@ def _finish(path: Path, offset: int, state: "hashlib._Hash", pool: ThreadPoolExe
         mapped = mapper.submit(lambda: write_file(bmap.path_for(path), bmap.to_xml(bmap.create(path))))
         sha, blocks = image.hash_data(path, (offset, state))
         mapped.result()
-    # Synced once the image is: by then its own data is on the disk, and this is quick.
-    map_synced = pool.submit(image.fsync, bmap.path_for(path))
+    # Not synced on its own: one that a crash left unfinished fails its own checksum, and
+    # the next build writes it again (see _block_map_ok).
     synced.result()
-    map_synced.result()
     assert sha is not None
     return sha, blocks
+
+
+def _block_map_ok(path: Path) -> bool:
+    """Whether the image's block map is there, whole (its own checksum holds), and of its size."""
+    if not bmap.path_for(path).is_file():
+        return False
+    try:
+        return bmap.read(bmap.path_for(path)).image_size == path.stat().st_size
+    except BuildError:
+        return False
 
 
 def _nodes(plans: list[NodePlan]) -> tuple[Node, ...]:

@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import click
 
-from builder import __version__, flash, progress, urls
+from builder import __version__, progress, urls
 from builder.build import Options, build, inspect_release, plans_for
 from builder.errors import BuildError, ProfileError
 from builder.keys import KeyStore
@@ -240,6 +240,8 @@ def flash_command(args: tuple[str, ...], all_nodes: bool, list_disks: bool, yes:
     shows what it will overwrite and asks first (--yes for scripts). A card that
     holds an earlier build gets only the blocks that differ.
     """
+    from builder import flash  # here: only this command needs it
+
     _setup_logging(verbose, quiet)
     if list_disks:
         if args or all_nodes:
@@ -310,7 +312,7 @@ def flash_command(args: tuple[str, ...], all_nodes: bool, list_disks: bool, yes:
         raise SystemExit(1)
 
 
-def _flashed(result: "flash.Result") -> str:
+def _flashed(result: Any) -> str:  # a flash.Result
     job = result.job
     held = result.previous or {}
     if result.mode == "changed":

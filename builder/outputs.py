@@ -92,7 +92,8 @@ def _write_manifest(output: Path, nodes: dict) -> dict:
     write_atomic(output / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     lines = "".join(f"{e['sha256']}  {e['image']}\n" for e in ordered.values())
     write_atomic(output / "SHA256SUMS", lines)
-    write_atomic(output / OS_LIST, json.dumps(os_list(output, manifest), indent=2) + "\n")
+    # Made from the manifest again by every build: not synced on its own.
+    write_file(output / OS_LIST, json.dumps(os_list(output, manifest), indent=2) + "\n")
     return manifest
 
 

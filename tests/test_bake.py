@@ -489,8 +489,9 @@ def test_adding_a_worker_later_and_rebuilding_one(bookworm: Baked) -> None:
     assert set(json.loads((bookworm.output / "manifest.json").read_text())["nodes"]) == {"master", "worker1", "worker2", "worker3"}
 
     # Building worker2 again with nothing changed: its image is checked, found unchanged, left
-    # alone; its block map, gone missing, is written again.
-    (bookworm.output / "worker2.img.bmap").unlink()
+    # alone; its block map, cut short (as a crash could leave it), is written again.
+    cut = bookworm.output / "worker2.img.bmap"
+    cut.write_text(cut.read_text()[:700])
     result = run_pibake("build", "worker", "--first", "2", "--count", "1", "--image", str(bookworm.base), cwd=bookworm.workdir)
     assert result.code == 0, result.output
     assert "worker2: inputs and image unchanged, skipped" in result.stderr
