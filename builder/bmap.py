@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import array
 import hashlib
-import os
 import re
 import struct
 import sys
@@ -23,13 +22,13 @@ from pathlib import Path
 
 from builder import image, run
 from builder.errors import BuildError
+from builder.files import write_file
 
 BLOCK = 4096
 VERSION = "2.0"
 SUFFIX = ".bmap"
 MAX_SIZE = 64 << 20  # a bmap file read back: far beyond any image's
 MAX_FAT = 64 << 20  # a FAT larger than this is not read: its data ranges are mapped instead
-_CHUNK = 4 << 20
 
 
 @dataclass(frozen=True)
@@ -196,28 +195,23 @@ def _fat_entries(table: bytes, width: int, count: int) -> "array.array[int] | li
 def create(path: Path) -> Bmap:
     """The image's bmap: its used blocks, in ranges, each with its sha256."""
     size = path.stat().st_size
-    blocks: list[tuple[int, int]] = []
-    for start, stop in used_extents(path):
-        first, last = start // BLOCK, (stop - 1) // BLOCK
-        if blocks and first <= blocks[-1][1] + 1:
-            blocks[-1] = (blocks[-1][0], max(blocks[-1][1], last))
-        else:
-            blocks.append((first, last))
-    buffer = bytearray(_CHUNK)
-    view = memoryview(buffer)
+    # Whole blocks, [first, stop): ranges that touch run together.
+    blocks = _merged([(start // BLOCK, -(-stop // BLOCK)) for start, stop in used_extents(path)])
     ranges = []
     with open(path, "rb", buffering=0) as f:
-        for first, last in blocks:
+        for first, stop in blocks:
             digest = hashlib.sha256()
-            at, stop = first * BLOCK, min((last + 1) * BLOCK, size)
-            while at < stop:
-                n = os.preadv(f.fileno(), [view[: min(_CHUNK, stop - at)]], at)
-                if n <= 0:
-                    raise BuildError(f"{path} changed while its block map was made")
-                digest.update(view[:n])
-                at += n
-            ranges.append(Range(first, last, digest.hexdigest()))
+            f.seek(first * BLOCK)
+            length = min(stop * BLOCK, size) - first * BLOCK
+            if image._feed(f, digest, length) != length:
+                raise BuildError(f"{path} changed while its block map was made")
+            ranges.append(Range(first, stop - 1, digest.hexdigest()))
     return Bmap(size, tuple(ranges))
+
+
+def write(image_path: Path, sync: bool = False) -> Path:
+    """Make the image's bmap and write it beside the image."""
+    return write_file(path_for(image_path), to_xml(create(image_path)), sync=sync)
 
 
 def to_xml(bmap: Bmap) -> str:

@@ -29,7 +29,6 @@ from builder.errors import BuildError
 from builder.keys import KeyStore
 from builder.packages import AptInputs, Deb
 from builder.facts import BaseFacts, BaseReads, remembered
-from builder.files import write_file
 from builder.outputs import BuiltImage, read_manifest, refresh_manifest, update_manifest, write_ssh_files
 from builder.plan import NodePlan, check_plan, plan_node
 from builder.profile import Node, Profile
@@ -301,7 +300,7 @@ def _rebuild(profile: Profile, nodes: tuple[Node, ...], entries: dict, sha: str,
     missing = [s for s in skipped if not _block_map_ok(s.path)]
     for image_left in missing:
         log.info("%s: writing its block map", image_left.path.name)
-        write_file(bmap.path_for(image_left.path), bmap.to_xml(bmap.create(image_left.path)), sync=True)
+        bmap.write(image_left.path, sync=True)
     if not built:
         log.info("every image is up to date; nothing to bake")
     if missing or not built:
@@ -393,7 +392,7 @@ def _finish(path: Path, offset: int, state: "hashlib._Hash", pool: ThreadPoolExe
     """Hash a baked image and write its block map (side by side), while the disk writes it."""
     synced = pool.submit(image.fsync, path)  # the disk writes while the page cache is read
     with ThreadPoolExecutor(max_workers=1) as mapper:
-        mapped = mapper.submit(lambda: write_file(bmap.path_for(path), bmap.to_xml(bmap.create(path))))
+        mapped = mapper.submit(bmap.write, path)
         sha, blocks = image.hash_data(path, (offset, state))
         mapped.result()
     # Not synced on its own: one that a crash left unfinished fails its own checksum, and

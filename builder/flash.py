@@ -328,7 +328,6 @@ class _Card:
             self._verify(fd, source, card, src, written_runs)
             if keeps_record:
                 self._record(fd, card, "finished")
-                os.fsync(fd)
         finally:
             card.close()
             src.close()

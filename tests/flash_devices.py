@@ -87,7 +87,7 @@ def synthetic_output(folder: Path, data_mib: int, node: str = "worker7") -> Path
             block[:8] = i.to_bytes(8, "big")
             f.seek((4 + i) * MIB)
             f.write(block)
-    (folder / f"{node}.img.bmap").write_text(bmap.to_xml(bmap.create(path)))
+    bmap.write(path)
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     manifest = {"nodes": {node: {"hostname": node, "role": "worker", "address": "192.168.5.107", "image": path.name,
                                  "size": size, "sha256": digest}}}

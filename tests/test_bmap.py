@@ -95,9 +95,7 @@ def test_a_card_full_of_old_data_reads_as_the_image(tmp_path: Path, kind: str) -
 
 
 def _written(image: Path) -> Path:
-    path = bmap.path_for(image)
-    path.write_text(bmap.to_xml(bmap.create(image)))
-    return path
+    return bmap.write(image)
 
 
 def test_a_changed_block_map_is_refused(tmp_path: Path) -> None:
