@@ -17,7 +17,7 @@ from builder import __version__, progress, urls
 from builder.build import Options, build, inspect_release, plans_for
 from builder.errors import BuildError, ProfileError
 from builder.keys import KeyStore
-from builder.outputs import read_manifest
+from builder.outputs import check_operator_files, read_manifest
 from builder.plan import NodePlan, describe
 from builder import cache
 from builder.cache import Choice, obtain
@@ -136,6 +136,7 @@ def build_command(role: str, count: Optional[int], first: int, profiles: Path, s
     """
     _setup_logging(verbose, quiet)
     profile, nodes = _load(profiles, role, first, count)
+    check_operator_files(output, profile, KeyStore(_state(state, output)))  # before anything is fetched or baked
     base = obtain(_choice(profile.image, image_spec, sha256, no_verify_signature, refresh))
     built = build(profile, nodes, Options(base, output, _state(state, output), cache.layout(), force))
     if not quiet:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from builder import __version__
 from builder.errors import BuildError
+from builder.formats import known_hosts_name
 from builder.keys import KeyPair, KeyStore
 from builder.operations import MASK, Append, Delete, EditLines, Mkdir, Move, Op, Symlink, Write
 from builder.packages import STAGE_DIR, Deb
@@ -94,9 +95,14 @@ def _hosts_lines(nodes: tuple[Node, ...]) -> str:
 
 @functools.lru_cache(maxsize=8)
 def _known_hosts(nodes: tuple[Node, ...], keys: KeyStore, master_names: tuple[str, ...] = ()) -> str:
-    """One line per node: its names, then its host key. `master_names`: other names the master goes by."""
-    return "".join(f"{','.join((n.hostname, str(n.address), *(master_names if n.role == 'master' else ())))} "
-                   f"{_key_only(keys.host_key(n.hostname))}\n" for n in nodes)
+    """One line per node: its names, then its host key. `master_names`: other names the master
+    goes by, each already in known_hosts' form (formats.known_hosts_name)."""
+    lines = []
+    for n in nodes:
+        names = [known_hosts_name(n.hostname), known_hosts_name(str(n.address))]
+        names += master_names if n.role == "master" else ()
+        lines.append(f"{','.join(names)} {_key_only(keys.host_key(n.hostname))}\n")
+    return "".join(lines)
 
 
 @functools.lru_cache(maxsize=8)

@@ -23,6 +23,7 @@ from builder import environment, urls
 from builder.catalog import parse_spec
 from builder.errors import BuildError, ProfileError
 from builder.files import read_regular
+from builder.formats import CONTROL_RE
 
 PROFILE_NAME = "cluster.yaml"
 
@@ -45,9 +46,6 @@ SOURCE_LIMIT = 64 << 20  # one `files:` source
 MAX_DEPTH = 32  # nesting of mappings and lists
 MAX_TEXT = 4096  # characters in one value
 MAX_LIST = 250  # entries in one list, like workers.count
-# C0 and C1 controls, DEL, and Unicode's line and paragraph separators: none belongs in a
-# value that ends up on a line of a generated file.
-CONTROL_RE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 def _q(value: str) -> str:
@@ -71,13 +69,23 @@ def _text_problem(value: str) -> Optional[str]:
     return None
 
 
+# Names with a meaning of their own where node names are written: the machine itself,
+# and Ansible's implicit groups (output/inventory.yaml).
+RESERVED_NAMES = ("localhost", "all", "ungrouped")
+
+
 def _check_hostname(value: str) -> Optional[str]:
     if not HOSTNAME_RE.fullmatch(value):
         return f"{_q(value)} is not a valid hostname (lower-case letters, digits and '-', at most 63, no leading or trailing '-')"
+    if value in RESERVED_NAMES:
+        return f"{_q(value)} cannot name a node: {', '.join(RESERVED_NAMES)} mean something else to ssh and Ansible"
     return None
 
 
 def _check_host(value: str) -> Optional[str]:
+    if "%" in value:
+        return (f"{_q(value)} has a zone id (%...), which known_hosts cannot hold: give a global address, a DNS name "
+                "or the master's mDNS name")
     try:
         ipaddress.ip_address(value)
         return None

@@ -68,8 +68,8 @@ def test_master_by_its_uplink_name_and_workers_through_it(workdir: Path, operato
         assert found.returncode == 0, name
     inventory = yaml.safe_load((output / "inventory.yaml").read_text())["all"]
     assert inventory["vars"] == {"ansible_user": "pi", "ansible_ssh_common_args": f"-F {output / 'ssh_config'}"}
-    assert list(inventory["children"]["master"]["hosts"]) == ["master"]
-    assert list(inventory["children"]["workers"]["hosts"]) == ["worker1", "worker2", "worker3"]
+    assert list(inventory["children"]["cluster_master"]["hosts"]) == ["master"]
+    assert list(inventory["children"]["cluster_workers"]["hosts"]) == ["worker1", "worker2", "worker3"]
 
 
 def test_no_key_at_all_gets_an_operator_key(workdir: Path, monkeypatch) -> None:
