@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import concurrent.futures
 import re
-import subprocess
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from builder import formats, run
 from builder.profile import Node, Profile
 
 CONNECT_SECONDS = 15
+DEFAULT_TIMEOUT = 120  # seconds for one node: connecting (through the master, for a worker) and the probe
 PROBE = r"""
 echo "hostname: $(hostname)"
 echo "system: $(systemctl is-system-running 2>/dev/null)"
@@ -43,44 +45,99 @@ sed 's/^/lease: /' /var/lib/misc/dnsmasq.leases 2>/dev/null || true
 class Report:
     node: Node
     reached: bool = False
-    why: str = ""  # when not reached: ssh's last words
+    why: str = ""  # when not reached: ssh's own last words; when reached, what went wrong with the probe
     facts: dict[str, str] = field(default_factory=dict)
     leases: list[str] = field(default_factory=list)  # the master's, "expiry mac address name id"
+    wrong_key: bool = False  # ssh itself refused the node's host key
 
 
-def probe(profile: Profile, node: Node, ssh_config: Path) -> Report:
-    script = PROBE.format(interface=profile.interface)
+# What a node may say, and for how long: a node is not trusted to be brief or quick.
+OUTPUT_LIMIT = 64 << 10
+FACT_LIMIT = 200  # characters of one value kept
+MAX_LEASES = 1024
+# The lines of ssh's own log (never the node's words) that say why it did not get in.
+TELLING = re.compile(r"^(ssh: .*|Host key verification failed\.|Permission denied .*|.*Connection refused|"
+                     r".*Connection timed out|.*No route to host|Could not resolve hostname .*|"
+                     r"kex_exchange_identification: .*|.*Connection closed by .*)$")
+WRONG_KEY = re.compile(r"^(Host key verification failed\.|@ +WARNING: REMOTE HOST IDENTIFICATION HAS CHANGED! +@)$")
+# ssh logs this, at LogLevel VERBOSE, once the node's host key matched known_hosts and the login succeeded.
+AUTHENTICATED = re.compile(r"^Authenticated to \S+ .* using \"[a-z-]+\"\.$", re.M)
+MARK = "pibake-probe: begin"
+
+
+def probe(profile: Profile, node: Node, ssh_config: Path, timeout: float = DEFAULT_TIMEOUT) -> Report:
+    """Ask `node` through ssh_config. What ssh itself says goes to a log file of its own
+    (-E), which no node can write to; what the node says comes on stdout and stderr,
+    bounded in size and time, and is only ever its own row's facts."""
+    script = f"echo '{MARK}'\n" + PROBE.format(interface=profile.interface)
     if node.role == "master":
         script += MASTER_PROBE.format(uplink=profile.master.uplink)
-    try:
-        done = subprocess.run(["ssh", "-F", str(ssh_config), "-o", "BatchMode=yes", "-o", f"ConnectTimeout={CONNECT_SECONDS}",
-                               node.hostname, "sh -s"], input=script, capture_output=True, text=True,
-                              timeout=4 * CONNECT_SECONDS + 60)
-    except subprocess.TimeoutExpired:
-        return Report(node, why="no answer within the time allowed")
-    except FileNotFoundError:
-        return Report(node, why="ssh is not installed on this machine (openssh-client)")
-    if done.returncode == 255:
-        lines = [line.strip() for line in done.stderr.splitlines() if line.strip()]
-        telling = [line for line in lines if re.search(r"^ssh: |Host key verification failed|Permission denied|"
-                                                       r"REMOTE HOST IDENTIFICATION", line)]
-        why = (telling or lines or [f"ssh failed ({done.returncode})"])[0]
-        return Report(node, why=why + (f" (through {profile.master.node.hostname})" if node.role == "worker" else ""))
+    through = f" (through {profile.master.node.hostname})" if node.role == "worker" else ""
+    with tempfile.TemporaryDirectory(prefix="pibake-check-") as folder:
+        log_file = Path(folder) / "ssh.log"
+        # ssh runs in the output folder and is given `-F ssh_config`: when it goes through the
+        # master it hands that path to a shell, which a relative name passes through unchanged.
+        command = ["ssh", "-F", ssh_config.name, "-E", str(log_file), "-o", "LogLevel=VERBOSE", "-o", "BatchMode=yes",
+                   "-o", f"ConnectTimeout={min(CONNECT_SECONDS, max(1, int(timeout)))}", node.hostname, "sh -s"]
+        done = run.bounded(command, input=script.encode(), timeout=timeout, limit=OUTPUT_LIMIT,
+                           cwd=str(ssh_config.parent))
+        ssh_said = _read_log(log_file)
+    if not AUTHENTICATED.search(ssh_said):
+        return _not_reached(node, done, ssh_said, through, timeout)
     report = Report(node, reached=True)
-    for line in done.stdout.splitlines():
+    out = formats.decoded(done.stdout)
+    if done.flooded:
+        report.why = f"it sent more than {OUTPUT_LIMIT >> 10} KiB in answer to the probe; the rest was not read"
+    elif done.timed_out:
+        report.why = f"it did not finish the probe within {timeout:g} s"
+    elif MARK not in out.split("\n"):
+        report.why = f"the probe did not run there (ssh exit {done.returncode}{_node_said(done.stderr)})"
+    for line in out.split("\n"):  # lines end in \n only: a \r is part of a value, shown escaped
         key, sep, value = line.partition(": ")
-        if not sep:
+        if not sep or len(key) > 40:
             continue
         if key == "lease":
-            report.leases.append(value)
+            if len(report.leases) < MAX_LEASES:
+                report.leases.append(value[:FACT_LIMIT])
         else:
-            report.facts[key] = value.strip()
+            report.facts.setdefault(key, value.strip()[:FACT_LIMIT])
     return report
 
 
-def probe_all(profile: Profile, nodes: tuple[Node, ...], ssh_config: Path) -> list[Report]:
+def _read_log(path: Path) -> str:
+    try:
+        with open(path, "rb") as f:
+            return formats.decoded(f.read(OUTPUT_LIMIT)).replace("\r\n", "\n")  # ssh ends its lines in \r\n here
+    except OSError:
+        return ""
+
+
+def _node_said(stderr: bytes) -> str:
+    lines = [line.strip() for line in formats.decoded(stderr).splitlines() if line.strip()]
+    return f"; the node said: {lines[0][:FACT_LIMIT]!r}" if lines else ""
+
+
+def _not_reached(node: Node, done: run.Bounded, ssh_said: str, through: str, timeout: float) -> Report:
+    """Why ssh did not get in, from its own log; for a worker, the master hop's ssh (which
+    ProxyJump starts without -E) writes its own reasons on stderr, before any worker speaks."""
+    own = [line.strip() for line in ssh_said.splitlines() if TELLING.match(line.strip())]
+    hop = [line.strip() for line in formats.decoded(done.stderr).splitlines() if TELLING.match(line.strip())]
+    wrong = any(WRONG_KEY.match(line) for line in own)
+    generic = not own or all(re.match(r"kex_exchange_identification|Connection closed by", line) for line in own)
+    if through and generic and hop:
+        why = hop[0] + through
+    elif own:
+        why = (next((line for line in own if WRONG_KEY.match(line)), own[0]) if wrong else own[0]) + through
+    elif done.timed_out:
+        why = f"no answer within {timeout:g} s{through}"
+    else:
+        why = f"ssh failed (exit {done.returncode}){through}"
+    return Report(node, why=why[:2 * FACT_LIMIT], wrong_key=wrong)
+
+
+def probe_all(profile: Profile, nodes: tuple[Node, ...], ssh_config: Path, timeout: float = DEFAULT_TIMEOUT) -> list[Report]:
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        return list(pool.map(lambda n: probe(profile, n, ssh_config), nodes))
+        return list(pool.map(lambda n: probe(profile, n, ssh_config, timeout), nodes))
 
 
 @dataclass(frozen=True)
@@ -108,15 +165,16 @@ def verdicts(profile: Profile, reports: list[Report]) -> list[Row]:
         cells["node"] = node.hostname
         problems: list[str] = []
         if not report.reached:
-            wrong_key = re.search(r"Host key verification failed|REMOTE HOST IDENTIFICATION HAS CHANGED", report.why)
             cells["reach"] = "no"
-            cells["host key"] = "WRONG" if wrong_key else "-"
-            problems.append(("its host key is not the one pibake baked" if wrong_key else "unreachable") +
+            cells["host key"] = "WRONG" if report.wrong_key else "-"
+            problems.append(("its host key is not the one pibake baked" if report.wrong_key else "unreachable") +
                             f": {report.why}")
             rows.append(Row(node.hostname, cells, tuple(problems)))
             continue
         facts = report.facts
         cells["reach"] = cells["host key"] = "ok"
+        if report.why:
+            problems.append(report.why)
         if facts.get("system") in ("initializing", "starting"):
             # What a node reports before start-up has finished is not yet what it will hold.
             problems.append(f"it is still starting up (systemctl is-system-running: {facts['system']}); try again shortly")

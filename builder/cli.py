@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import click
 
-from builder import __version__, progress, urls
+from builder import __version__, formats, progress, urls
 from builder.build import Options, build, inspect_release, plans_for
 from builder.errors import BuildError, ProfileError
 from builder.keys import KeyStore
@@ -22,7 +22,7 @@ from builder.plan import NodePlan, describe
 from builder import cache
 from builder.cache import Choice, obtain
 from builder.catalog import Source, is_url, looks_like_file
-from builder.check import COLUMNS, probe_all, verdicts
+from builder.check import COLUMNS, DEFAULT_TIMEOUT, probe_all, verdicts
 from builder.download import session
 from builder.profile import ImageSettings, Profile, load, load_image_settings
 from builder.release import NAMES, named
@@ -40,16 +40,26 @@ Examples:
 """
 
 
+def _safe(text: str) -> str:
+    """What pibake prints: the credentials in its URLs hidden, and nothing a terminal acts on
+    (a node's, a server's or a file's text may hold escape sequences)."""
+    return formats.shown(urls.shown(text))
+
+
 class _Shown(logging.Formatter):
-    """Every log line with the credentials in its URLs hidden."""
+    """Every log line as _safe() shows it."""
 
     def format(self, record: logging.LogRecord) -> str:
-        return urls.shown(super().format(record))
+        return _safe(super().format(record))
+
+
+def _echo(text: str = "") -> None:
+    click.echo(_safe(text))
 
 
 def _error(text: str) -> None:
-    """An error line for the user, with the credentials in its URLs hidden."""
-    click.echo(urls.shown(text), err=True)
+    """An error line for the user."""
+    click.echo(_safe(text), err=True)
 
 
 def _setup_logging(verbose: int, quiet: bool) -> None:
@@ -155,9 +165,10 @@ def _print_summary(built: list) -> None:
 
 def _echo_table(rows: Sequence[Sequence[str]]) -> None:
     """Rows of cells (the first one the header) in aligned columns."""
+    rows = [[_safe(cell) for cell in row] for row in rows]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
-        click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+        _echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
 
 
 @cli.command(epilog=EPILOG)
@@ -193,8 +204,10 @@ def plan(role: str, count: Optional[int], first: int, profiles: Path, state: Opt
               envvar="PIBAKE_PROFILES", help="Profile file, or folder holding cluster.yaml.")
 @click.option("--output", "-o", type=click.Path(path_type=Path), default=Path("output"), show_default=True,
               help="Where the build left ssh_config and known_hosts.")
+@click.option("--timeout", type=click.IntRange(min=1, max=3600), default=DEFAULT_TIMEOUT, show_default=True,
+              help="Seconds to wait for each node (a worker through the master).")
 @click.option("-v", "--verbose", count=True, help="Say more.")
-def check(profiles: Path, output: Path, verbose: int) -> None:
+def check(profiles: Path, output: Path, timeout: int, verbose: int) -> None:
     """Log in to every node through output/ssh_config and say whether it holds.
 
     One row per node: reached, host key as baked, first boot done (and how long it
@@ -207,14 +220,14 @@ def check(profiles: Path, output: Path, verbose: int) -> None:
     ssh_config = output / "ssh_config"
     if not ssh_config.is_file():
         raise BuildError(f"{ssh_config} does not exist: build the cluster first (pibake build cluster)", exit_code=2)
-    rows = verdicts(profile, probe_all(profile, profile.nodes, ssh_config))
+    rows = verdicts(profile, probe_all(profile, profile.nodes, ssh_config, timeout))
     _echo_table([COLUMNS, *([row.cells[c] for c in COLUMNS] for row in rows)])
     wrong = [(row.node, problem) for row in rows for problem in row.problems]
     for node, problem in wrong:
         _error(f"pibake: {node}: {problem}")
     if wrong:
         raise SystemExit(1)
-    click.echo(f"pibake: all {len(rows)} nodes hold")
+    _echo(f"pibake: all {len(rows)} nodes hold")
 
 
 @cli.command("flash")
@@ -275,7 +288,7 @@ def flash_command(args: tuple[str, ...], all_nodes: bool, list_disks: bool, yes:
     jobs = flash.prepare(output, manifest, pairs, force)
     for job in jobs:
         on_it = ", ".join(job.device.contents) or "no partitions"
-        click.echo(f"{job.node} ({job.image.name}, {job.bmap.mapped_bytes / 2**30:.2f} GiB to write of "
+        _echo(f"{job.node} ({job.image.name}, {job.bmap.mapped_bytes / 2**30:.2f} GiB to write of "
                    f"{job.bmap.image_size / 2**30:.2f}) -> {job.device.describe()}; on it now: {on_it}")
     if not yes:
         if not sys.stdin.isatty():
@@ -305,7 +318,7 @@ def flash_command(args: tuple[str, ...], all_nodes: bool, list_disks: bool, yes:
     failed = 0
     for job, outcome in zip(jobs, outcomes):
         if isinstance(outcome, flash.Result):
-            click.echo(f"pibake: {_flashed(outcome)}")
+            _echo(f"pibake: {_flashed(outcome)}")
         else:
             failed += 1
             _error(f"pibake: {flash.explain(job, outcome)}")
@@ -336,7 +349,7 @@ def fetch(image_spec: Optional[str], sha256: Optional[str], no_verify_signature:
     """Download, verify, decompress and cache the base image; print its path."""
     _setup_logging(verbose, quiet)
     base = obtain(_choice(load_image_settings(profiles), image_spec, sha256, no_verify_signature, refresh))
-    click.echo(f"{base.path}  sha256 {base.sha256 or '(local file, not hashed)'}  from {base.origin}")
+    _echo(f"{base.path}  sha256 {base.sha256 or '(local file, not hashed)'}  from {base.origin}")
 
 
 @cli.command()
@@ -353,9 +366,9 @@ def images(image_spec: Optional[str], profiles: Path) -> None:
     for spec in offered:
         mark = "*" if chosen is not None and spec.url == chosen.url else " "
         size = f"{spec.download_size / 2**20:.0f} MiB" if spec.download_size else "?"
-        click.echo(f"{mark} {spec.release_date}  {spec.codename:<9} {size:>9}  {spec.name}  {urls.shown(spec.url)}")
+        _echo(f"{mark} {spec.release_date}  {spec.codename:<9} {size:>9}  {spec.name}  {urls.shown(spec.url)}")
     if chosen is not None and all(spec.url != chosen.url for spec in offered):
-        click.echo(f"* {chosen.release_date}  {chosen.codename:<9} {'':>9}  (archived)  {urls.shown(chosen.url)}")
+        _echo(f"* {chosen.release_date}  {chosen.codename:<9} {'':>9}  (archived)  {urls.shown(chosen.url)}")
 
 
 @cli.group("cache")
@@ -367,24 +380,24 @@ def cache_group() -> None:
 def cache_list() -> None:
     """List cached downloads and decompressed images."""
     for path, size, label in cache.entries():
-        click.echo(f"{size / 2**20:9.1f} MiB  {path}  {label}")
+        _echo(f"{size / 2**20:9.1f} MiB  {path}  {label}")
 
 
 @cache_group.command("clean")
 def cache_clean() -> None:
     """Remove every cached image, download and key."""
-    click.echo(f"removed {cache.clean() / 2**20:.1f} MiB from {cache.root()}")
+    _echo(f"removed {cache.clean() / 2**20:.1f} MiB from {cache.root()}")
 
 
 def _print_plan(node_plan: NodePlan) -> None:
     node = node_plan.node
-    click.echo(f"{node.hostname} ({node.role}, {node.address}): release {node_plan.release.codename}, "
+    _echo(f"{node.hostname} ({node.role}, {node.address}): release {node_plan.release.codename}, "
                f"because {node_plan.release.reason}; first boot: {node_plan.release.first_boot}")
     for op in node_plan.ops:
         d = describe(op)
         attrs = f"{d.get('mode', ''):>4} {d.get('owner', ''):>9}" if "mode" in d else " " * 14
-        click.echo(f"  {d['op']:<7} {d['path']:<58} {attrs}  {d.get('summary', '')}".rstrip())
-    click.echo("")
+        _echo(f"  {d['op']:<7} {d['path']:<58} {attrs}  {d.get('summary', '')}".rstrip())
+    _echo("")
 
 
 INTERRUPTED = "pibake: interrupted; finished images and earlier outputs are untouched"

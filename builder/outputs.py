@@ -252,6 +252,12 @@ def connect(host: str) -> Connection:
     return connection
 
 
+def shown(text: str) -> str:
+    """A node's line with everything a terminal would act on (escape sequences, carriage
+    returns) written as its escape: no node rewrites another's lines or the terminal."""
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
+
+
 @task
 def on(c, cmd, workers=False):
     """Run CMD on every node (--workers: on the workers only), one after the other."""
@@ -264,8 +270,8 @@ def on(c, cmd, workers=False):
             print(f"{host}: cannot run it there: {e}")
             failed.append(host)
             continue
-        for line in (result.stdout + result.stderr).splitlines():
-            print(f"{host}: {line}")
+        for line in (result.stdout + result.stderr).rstrip("\\n").split("\\n"):
+            print(f"{host}: {shown(line)}")
         if not result.ok:
             failed.append(host)
     if failed:

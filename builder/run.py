@@ -9,9 +9,14 @@ to stderr, which is what a user needs to act.
 from __future__ import annotations
 
 import logging
+import os
+import selectors
 import shlex
+import signal
 import subprocess
+import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import IO, Iterator, Mapping, Optional, Sequence
 
 from builder.errors import BuildError
@@ -20,7 +25,7 @@ log = logging.getLogger(__name__)
 
 # What the README's "system packages" section installs each program with.
 PACKAGES = {"gpg": "gpg", "gpgv": "gpgv", "xz": "xz-utils", "gzip": "gzip", "apt-get": "apt", "dpkg-deb": "dpkg",
-            "cp": "coreutils"}
+            "cp": "coreutils", "ssh": "openssh-client"}
 
 
 class CommandError(BuildError):
@@ -93,3 +98,71 @@ def stream(command: Sequence[str], *, what: str = "") -> Iterator[IO[bytes]]:
         returncode = proc.wait()
     if returncode != 0:
         raise failed(subprocess.CompletedProcess(command, returncode, b"", stderr), what)
+
+
+
+@dataclass
+class Bounded:
+    """What a program said within its bounds: `flooded` when it said more than allowed,
+    `timed_out` when it was still running at the deadline; either way it was killed
+    (and `returncode` is None)."""
+
+    returncode: Optional[int]
+    stdout: bytes
+    stderr: bytes
+    flooded: bool = False
+    timed_out: bool = False
+
+
+def bounded(command: Sequence[str], *, input: bytes, timeout: float, limit: int, cwd: Optional[str] = None) -> Bounded:
+    """Run `command` (and whatever it starts) for at most `timeout` seconds, keeping at most
+    `limit` bytes of each of its outputs: for a program whose output comes from elsewhere
+    (ssh to a node), which may flood or stall."""
+    log.debug("$ %s", shlex.join(command))
+    try:
+        proc = subprocess.Popen(list(command), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                cwd=cwd, start_new_session=True)  # its own group: killed with whatever it started
+    except FileNotFoundError:
+        raise _missing(command) from None
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+    out, err = bytearray(), bytearray()
+    kept = {proc.stdout.fileno(): out, proc.stderr.fileno(): err}
+    pending = memoryview(input)
+    flooded = timed_out = False
+    deadline = time.monotonic() + timeout
+    with selectors.DefaultSelector() as selector:
+        selector.register(proc.stdout, selectors.EVENT_READ)
+        selector.register(proc.stderr, selectors.EVENT_READ)
+        if pending:
+            selector.register(proc.stdin, selectors.EVENT_WRITE)
+        else:
+            proc.stdin.close()
+        while selector.get_map() and not flooded and not timed_out:
+            events = selector.select(max(0.0, deadline - time.monotonic()))
+            timed_out = not events and time.monotonic() >= deadline
+            for key, _ in events:
+                if key.fileobj is proc.stdin:
+                    try:
+                        pending = pending[os.write(key.fd, pending[:1 << 16]):]
+                    except BrokenPipeError:  # it stopped reading: what it said so far still counts
+                        pending = pending[:0]
+                    if not pending:
+                        selector.unregister(proc.stdin)
+                        proc.stdin.close()
+                    continue
+                chunk = os.read(key.fd, 1 << 16)
+                if not chunk:
+                    selector.unregister(key.fileobj)
+                kept[key.fd] += chunk
+                flooded = flooded or len(kept[key.fd]) > limit
+    if flooded or timed_out:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    returncode = proc.wait()
+    for stream_ in (proc.stdin, proc.stdout, proc.stderr):
+        stream_.close()
+    if flooded or timed_out:
+        return Bounded(None, bytes(out[:limit]), bytes(err[:limit]), flooded, timed_out)
+    return Bounded(returncode, bytes(out), bytes(err))
