@@ -397,6 +397,8 @@ def _print_plan(node_plan: NodePlan) -> None:
         d = describe(op)
         attrs = f"{d.get('mode', ''):>4} {d.get('owner', ''):>9}" if "mode" in d else " " * 14
         _echo(f"  {d['op']:<7} {d['path']:<58} {attrs}  {d.get('summary', '')}".rstrip())
+        for line in d["content"].rstrip("\n").split("\n") if "content" in d else ():  # an entry allowed to break a promise
+            _echo(f"      | {line}")
     _echo("")
 
 

@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar, Union
 
+from builder import promises
 from builder.errors import BuildError
 from builder.profile import destination_problem
 from builder.realize import ABSENT, ROOT, Changes, Stat, under
@@ -65,8 +66,11 @@ class Write(_Op):
     mode: int = 0o644
     owner: tuple[int, int] = ROOT
     secret: bool = False
-    # for a profile's `files:` entry, where it is listed: "profiles/cluster.yaml:12: master.files[0]"
+    # for a profile's `files:` entry, where it is listed: "profiles/cluster.yaml:12: master.files[0]",
+    # the file it is read from (resolved), and the promises it may break (builder.promises)
     origin: str = ""
+    source: str = ""
+    allow: tuple[str, ...] = ()
     name: ClassVar[str] = "write"
 
     def describe(self) -> dict[str, str]:
@@ -77,6 +81,15 @@ class Write(_Op):
             out["summary"] = f"<secret, {len(self.content)} bytes, sha256 {out['sha256'][:16]}, redacted>"
         else:
             out["summary"] = _summary(self.content.decode(errors="replace"))
+        if self.source:
+            out["source"] = self.source
+            out["summary"] = f"from {self.source}: {out['summary']}"
+        if self.allow:
+            # What an entry is allowed to break is shown whole, unless it is a secret.
+            out["allows"] = ", ".join(self.allow)
+            out["summary"] += f" (allows: {out['allows']})"
+            if not self.secret:
+                out["content"] = self.content.decode(errors="replace")
         return out
 
     def size(self) -> int:
@@ -99,9 +112,25 @@ class Write(_Op):
             if path in tree.state:
                 shown = self.path if path == self.path else f"{self.path} (which is {path} in the image)"
                 raise BuildError(f"{where}pibake writes {shown} itself: choose another path")
+            self._keeps_promises(tree, path)
         tree.write(path, self.content, self.mode, self.owner)
         if self.origin:
             tree.claimed[path] = self.origin
+
+
+    def _keeps_promises(self, tree: Tree, path: str) -> None:
+        """A profile's file, where it resolves in the image: what pibake promises stays true."""
+        shown = self.path if path == self.path else f"{self.path} (which is {path} in the image)"
+        broken = promises.by_path(path)
+        if broken is not None and broken.name not in self.allow:
+            raise BuildError(promises.refusal(self.origin, shown, broken), exit_code=2)
+        if tree.on_boot(path) and (self.secret or self.owner != ROOT):
+            raise BuildError(f"{self.origin}: {shown} is on the boot partition, whose FAT file system keeps no owners "
+                             "or modes: anyone on the node could read it; put it on the root file system", exit_code=2)
+        moved = next((m for m in tree.moved if under(path, m[0])), None)
+        if moved is not None:
+            raise BuildError(f"{self.origin}: {shown} is under {moved[0]}, which pibake renames to {moved[1]} "
+                             f"(user.name): write {moved[1] + path[len(moved[0]):]}", exit_code=2)
 
 
 @dataclass(frozen=True)

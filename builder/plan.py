@@ -10,25 +10,25 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import re
 import string
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from builder import __version__
+from builder import __version__, promises
 from builder.errors import BuildError
 from builder.formats import known_hosts_name
 from builder.keys import KeyPair, KeyStore
 from builder.operations import MASK, Append, Delete, EditLines, Mkdir, Move, Op, Symlink, Write
 from builder.packages import STAGE_DIR, Deb
-from builder.profile import Node, Profile
+from builder.profile import UNIT_RE, Node, Profile, install_targets
 from builder.release import Release
 
 USER_IDS = (1000, 1000)  # Raspberry Pi OS's first user, renamed or not
 FIRST_USER = "pi"
 OVERLAYS = Path(__file__).resolve().parent.parent / "overlays"
 HOST_KEY_DIR = "/etc/ssh/pibake"
+NOT_IN_IMAGE = ("origin", "source", "allow")  # an operation's fields that change nothing in the image
 
 
 @dataclass(frozen=True)
@@ -37,13 +37,16 @@ class NodePlan:
     release: Release
     ops: tuple[Op, ...]
     install_room: int = 0  # what the staged packages take once installed at first boot
+    # The name the first user (uid 1000) is renamed to, and where the profile says so: it
+    # must not be an account or a group the image already has.
+    renamed_to: tuple[str, str] = ("", "")
 
     def fingerprint(self, base_sha256: str) -> str:
         """A hash of everything that decides this node's image: base, pibake, and every operation in full."""
         h = hashlib.sha256(f"{__version__}\0{base_sha256}\0{self.release.codename}\0".encode())
         for op in self.ops:
             for name, value in vars(op).items():
-                if name == "origin":  # a profile's line numbers do not change an image
+                if name in NOT_IN_IMAGE:  # where a profile lists a file, or reads it from, is not in the image
                     continue
                 data = value if isinstance(value, bytes) else repr(value).encode()
                 h.update(name.encode() + b"\0" + hashlib.sha256(data).digest())
@@ -341,16 +344,28 @@ def configure_extra_files(ctx: _Context) -> None:
         if ours:
             raise BuildError(f"{extra.origin}: pibake writes {extra.path} itself ({ours.name} {ours.path}): "
                              "choose another path")
-        ctx.ops.append(Write(extra.path, extra.content, extra.mode, (extra.uid, extra.gid), extra.secret, extra.origin))
+        broken = promises.by_path(extra.path)  # as typed; the build checks it again where it leads in the image
+        if broken is not None and broken.name not in extra.allow:
+            raise BuildError(promises.refusal(extra.origin, extra.path, broken), exit_code=2)
+        source = extra.source.resolve()
+        if ctx.keys.dir.resolve() in source.parents:
+            raise BuildError(f"{extra.origin}: {source} is one of the keys pibake keeps for the cluster; "
+                             "each node gets its own", exit_code=2)
+        ctx.ops.append(Write(extra.path, extra.content, extra.mode, (extra.uid, extra.gid), extra.secret, extra.origin,
+                             str(source), extra.allow))
 
 
 def enable_units(ctx: _Context) -> None:
-    """Create the wants/ symlinks that `systemctl enable` would for pibake's own units."""
+    """Create the links that `systemctl enable` would: for pibake's own units, and for the
+    units a `files:` entry asks to enable (`enable: true`), never for any other."""
+    asked = {extra.path for extra in ctx.profile.files(ctx.node) if extra.enable}
     for op in list(ctx.ops):
-        if isinstance(op, Write) and re.fullmatch(r"/etc/systemd/system/[^/]+\.(service|timer)", op.path):
-            for wanted_by in re.findall(r"^WantedBy=(\S+)", op.content.decode(), re.M):
-                name = op.path.rsplit("/", 1)[1]
-                ctx.ops.append(Symlink(f"/etc/systemd/system/{wanted_by}.wants/{name}", op.path))
+        if not isinstance(op, Write) or (op.origin and op.path not in asked):
+            continue
+        folder, name = op.path.rsplit("/", 1)
+        if folder == "/etc/systemd/system" and UNIT_RE.fullmatch(name):
+            for kind, unit in install_targets(op.content):
+                ctx.ops.append(Symlink(f"/etc/systemd/system/{unit}.{kind}/{name}", op.path))
 
 
 STEPS = (
@@ -372,7 +387,9 @@ def plan_node(profile: Profile, node: Node, release: Release, keys: KeyStore, de
     ctx = _Context(profile, node, release, keys, debs)
     for step in STEPS:
         step(ctx)
-    return NodePlan(node, release, tuple(ctx.ops), sum(d.installed_size for d in debs))
+    user = profile.user
+    renamed = (user.name, user.origin) if user.name != FIRST_USER else ("", "")
+    return NodePlan(node, release, tuple(ctx.ops), sum(d.installed_size for d in debs), renamed)
 
 
 class _MadeUpKeys(KeyStore):

@@ -19,7 +19,7 @@ import yaml
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.serialization import load_ssh_public_key
 
-from builder import environment, urls
+from builder import environment, promises, urls
 from builder.catalog import parse_spec
 from builder.errors import BuildError, ProfileError
 from builder.files import read_regular
@@ -182,6 +182,10 @@ def _file_settings(role: str) -> tuple[Setting, ...]:
                 "not one pibake writes itself", destination_problem),
         Setting(f"{role}.files[].mode", str, "0644", "octal mode, quoted or not (`0600`, `644`, `\"0640\"`)"),
         Setting(f"{role}.files[].owner", str, "root", "`root`, `USER` (the login user) or `UID:GID`"),
+        Setting(f"{role}.files[].allow", list, [], "promises the entry breaks knowingly: "
+                + ", ".join(f"`{name}`" for name in promises.NAMES) + " (see What a `files:` entry may not undo)"),
+        Setting(f"{role}.files[].enable", bool, False, "enable the unit it installs in /etc/systemd/system, as "
+                "`systemctl enable` would (its `[Install]` `WantedBy=`/`RequiredBy=`)"),
     )
 
 
@@ -307,6 +311,8 @@ class ExtraFile:
     gid: int
     content: bytes = field(default=b"", repr=False)  # read once, for every node that gets it
     origin: str = ""  # where the profile lists it: "profiles/cluster.yaml:12: master.files[0]"
+    allow: tuple[str, ...] = ()  # the promises it may break knowingly (builder.promises)
+    enable: bool = False  # a unit to enable, as `systemctl enable` would
 
     @property
     def secret(self) -> bool:
@@ -324,6 +330,7 @@ class User:
     # one in the state folder, authorizes it and names it in output/ssh_config.
     operator_key: bool = False
     key_files: tuple[Path, ...] = ()  # the public key files read: ssh_config names their private halves
+    origin: str = ""  # where the profile names it: "profiles/cluster.yaml:3: user.name"
 
 
 @dataclass(frozen=True)
@@ -621,8 +628,17 @@ class _Reader:
             self.error(keypath, f"cannot read {what} {_short(str(path))}: {e.strerror}")
             return None
 
-    def local_path(self, text: str) -> Path:
-        path = Path(os.path.expanduser(os.path.expandvars(text)))
+    def local_path(self, keypath: KeyPath, text: str) -> Optional[Path]:
+        """A file on this machine the profile names: `~` expanded, relative to the profile.
+        Environment variables are not expanded (a path would show a variable's value, a
+        passphrase, say, in messages and plans); a NUL was reported by the text rule."""
+        if "\0" in text:
+            return None
+        if re.search(r"\$(\{\w*\}?|\w)", text):
+            self.error(keypath, f"{_dotted(keypath)}: {_q(text)} holds '$': environment variables are not expanded in "
+                                "profile paths; write the path out (~ is expanded)")
+            return None
+        path = Path(os.path.expanduser(text))
         return path if path.is_absolute() else self.path.parent / path
 
 
@@ -653,16 +669,17 @@ def _read_user(r: _Reader) -> User:
     named = r.raw(("user", "ssh_keys")) is not None
     key_paths = r.strings(("user", "ssh_keys"))
     for i, text in enumerate(key_paths):
-        if named or r.local_path(text).exists():
-            keys.extend(_read_public_keys(r, ("user", "ssh_keys", i), text))
-            files.append(r.local_path(text))
+        path = r.local_path(("user", "ssh_keys", i), text)
+        if path is not None and (named or path.exists()):
+            keys.extend(_read_public_keys(r, ("user", "ssh_keys", i), path))
+            files.append(path)
     if named and not key_paths:
         r.error(("user", "ssh_keys"), "user.ssh_keys must list at least one public key file, or you could never log in")
-    return User(name or "pi", password_hash, tuple(keys), sudo or "nopasswd", not named and not keys, tuple(files))
+    return User(name or "pi", password_hash, tuple(keys), sudo or "nopasswd", not named and not keys, tuple(files),
+                f"{r.where(('user', 'name'))}: user.name")
 
 
-def _read_public_keys(r: _Reader, keypath: KeyPath, text: str) -> list[str]:
-    path = r.local_path(text)
+def _read_public_keys(r: _Reader, keypath: KeyPath, path: Path) -> list[str]:
     data = r.read(keypath, path, KEY_FILE_LIMIT, "SSH public key")
     if data is None:
         return []
@@ -698,20 +715,87 @@ def _read_files(r: _Reader, keypath: KeyPath) -> tuple[ExtraFile, ...]:
         dest = r.value(kp + ("path",))
         mode = _read_mode(r, kp + ("mode",))
         owner = r.value(kp + ("owner",))
+        allow = _read_allow(r, kp + ("allow",))
+        enable = r.value(kp + ("enable",))
         if source_text is None or dest is None:
             r.error(kp, f"{_dotted(kp)} needs both source and path")
             continue
-        source = r.local_path(source_text)
-        content = r.read(kp + ("source",), source, SOURCE_LIMIT, "the file")
+        source = r.local_path(kp + ("source",), source_text)
+        content = _read_source(r, kp + ("source",), source) if source is not None else None
         uid_gid = _owner_ids(owner)
         if uid_gid is None:
-            r.error(kp + ("owner",), f"owner {_q(owner)} must be root, USER (the login user) or UID:GID")
+            r.error(kp + ("owner",), f"owner {_q(owner)} must be root, USER (the login user) or UID:GID, "
+                                     f"each 0 to {MAX_ID}")
             uid_gid = (0, 0)
+        broken = promises.by_mode(mode)
+        if broken is not None and broken.name not in allow:
+            r.error(kp + ("mode",), promises.refusal(_dotted(kp), f"mode {mode:04o}", broken))
         if content and is_private_key(content) and mode & 0o004:
             r.error(kp + ("mode",), f"{_dotted(kp)}: {_short(str(source))} is a private key, and mode {mode:04o} "
                                    "would let everyone on the node read it: use 0600")
-        out.append(ExtraFile(source, dest, mode, *uid_gid, content or b"", f"{r.where(kp + ('path',))}: {_dotted(kp)}"))
+        if enable:
+            _check_unit(r, kp, dest, content or b"")
+        out.append(ExtraFile(source or Path(), dest, mode, *uid_gid, content or b"", f"{r.where(kp + ('path',))}: {_dotted(kp)}",
+                             tuple(allow), bool(enable)))
     return tuple(out)
+
+
+def _read_allow(r: _Reader, keypath: KeyPath) -> list[str]:
+    allow = r.strings(keypath)
+    for i, name in enumerate(allow):
+        if name not in promises.NAMES:
+            r.error(keypath + (i,), f"{_dotted(keypath)}: {_q(name)} is not one of {', '.join(promises.NAMES)}")
+    return allow
+
+
+def _read_source(r: _Reader, keypath: KeyPath, source: Path) -> Optional[bytes]:
+    """A `files:` source: never from the operator's own ~/.ssh (private keys, known hosts)."""
+    ssh_folder = Path(os.path.expanduser("~/.ssh")).resolve()
+    try:
+        resolved = source.resolve()
+    except (OSError, RuntimeError):  # a link loop: read() says so
+        resolved = source
+    if resolved == ssh_folder or ssh_folder in resolved.parents:
+        r.error(keypath, f"{_dotted(keypath)}: {_short(str(resolved))} is in your ~/.ssh, whose files are your own "
+                         "keys: a node gets the keys pibake makes for it")
+        return None
+    return r.read(keypath, source, SOURCE_LIMIT, "the file")
+
+
+# A unit's name as systemd takes it (unit_name_is_valid): no '/', so no link climbs out.
+UNIT_RE = re.compile(r"[A-Za-z0-9:_.\\@-]{1,250}\.(service|socket|target|timer|path|mount|automount|swap|slice)")
+
+
+def _check_unit(r: _Reader, keypath: KeyPath, dest: str, content: bytes) -> None:
+    """`enable: true`: a unit in /etc/systemd/system, whose [Install] names units to be wanted by."""
+    folder, name = dest.rsplit("/", 1)
+    if folder != "/etc/systemd/system" or not UNIT_RE.fullmatch(name):
+        r.error(keypath + ("enable",), f"{_dotted(keypath)}: enable is for a unit file in /etc/systemd/system "
+                                       f"(like /etc/systemd/system/app.service), not {_q(dest)}")
+        return
+    wanted = install_targets(content)
+    if not wanted:
+        r.error(keypath + ("enable",), f"{_dotted(keypath)}: {_q(name)} has no WantedBy= or RequiredBy= in its "
+                                       "[Install] section, so nothing would start it")
+    for _, target in wanted:
+        if not UNIT_RE.fullmatch(target):
+            r.error(keypath + ("enable",), f"{_dotted(keypath)}: {_q(name)} names {_q(target)} to be wanted by, "
+                                           "which is not a unit name")
+
+
+def install_targets(content: bytes) -> list[tuple[str, str]]:
+    """A unit's [Install] WantedBy= and RequiredBy= as (folder suffix, unit): ("wants", "multi-user.target")."""
+    found, section = [], ""
+    for line in content.decode("utf-8", "replace").splitlines():
+        line = line.strip()
+        if line.startswith("["):
+            section = line
+        elif section == "[Install]":
+            key, _, value = line.partition("=")
+            kind = {"WantedBy": "wants", "RequiredBy": "requires", "UpheldBy": "upholds"}.get(key.strip())
+            if kind:
+                found += [(kind, unit) for unit in value.split()]
+    return found
 
 
 def _read_mode(r: _Reader, keypath: KeyPath) -> int:
@@ -727,12 +811,16 @@ def _read_mode(r: _Reader, keypath: KeyPath) -> int:
     return int(text.removeprefix("0o"), 8)
 
 
+MAX_ID = 4294967294  # (uid_t) -1 means "no owner" to chown
+
+
 def _owner_ids(owner: str) -> Optional[tuple[int, int]]:
     named = {"root": (0, 0), "root:root": (0, 0), "USER": (1000, 1000), "USER:USER": (1000, 1000)}
     if owner in named:
         return named[owner]
-    m = re.fullmatch(r"(\d+):(\d+)", owner)
-    return (int(m[1]), int(m[2])) if m else None
+    m = re.fullmatch(r"([0-9]{1,10}):([0-9]{1,10})", owner)
+    ids = (int(m[1]), int(m[2])) if m else None
+    return ids if ids and max(ids) <= MAX_ID else None
 
 
 def _read_packages(r: _Reader, keypath: KeyPath) -> tuple[str, ...]:
@@ -754,8 +842,8 @@ def _read_wifi(r: _Reader) -> Optional[Wifi]:
         return None
     passphrase = None
     if file_text is not None:
-        path = r.local_path(file_text)
-        data = r.read(kp + ("passphrase_file",), path, PASSPHRASE_LIMIT, "the Wi-Fi passphrase file")
+        path = r.local_path(kp + ("passphrase_file",), file_text)
+        data = r.read(kp + ("passphrase_file",), path, PASSPHRASE_LIMIT, "the Wi-Fi passphrase file") if path else None
         if data is None:
             return None
         passphrase = data.decode("utf-8", "replace").rstrip("\r\n")
@@ -884,10 +972,10 @@ def _read_image(r: _Reader) -> ImageSettings:
     file_text = r.value(kp + ("file",))
     spec = release or url or "latest"
     if file_text is not None:
-        path = r.local_path(file_text)
-        if not path.is_file():
-            r.error(kp + ("file",), f"image file {path} does not exist")
-        spec = str(path)
+        path = r.local_path(kp + ("file",), file_text)
+        if path is not None and not path.is_file():
+            r.error(kp + ("file",), f"image file {_short(str(path))} does not exist")
+        spec = str(path or "")
     if sha256 and not url:
         r.error(kp + ("sha256",), "image.sha256 pins the file at image.url; set image.url too")
     os_list = r.value(kp + ("os_list",))

@@ -167,7 +167,8 @@ def realize(plan: NodePlan, base: Base) -> Changes:
         try:
             op.play(tree, changes)
         except BuildError as e:
-            raise BuildError(f"{node}: {e}") from None
+            raise BuildError(f"{node}: {e}", exit_code=e.exit_code) from None
+    _check_account(tree, *plan.renamed_to)
     for path, st in tree.state.items():
         if tree.on_boot(path):
             if st.kind == "file":
@@ -182,6 +183,20 @@ def realize(plan: NodePlan, base: Base) -> Changes:
                 changes.contents[path] = tree.contents[path]
     changes.boot_mkdirs.sort()
     return changes
+
+
+def _check_account(tree: Tree, name: str, origin: str) -> None:
+    """After the first user is renamed, `name` names it alone: an account or group of that
+    name in the base image (a system user, `sudo`, `adm`) would now be two of them."""
+    if not name:
+        return
+    for path, what in (("/etc/passwd", "an account"), ("/etc/group", "a group")):
+        entries = [line for line in tree.text(path).split("\n") if line.split(":", 1)[0] == name]
+        if len(entries) > 1:
+            others = [line for line in entries if ":1000:" not in line] or entries[1:]
+            ids = others[0].split(":")[2] if len(others[0].split(":")) > 2 else "?"
+            raise BuildError(f"{origin}: '{name}' is already {what} in the image ({path}, id {ids}): "
+                             "choose another name for the login user", exit_code=2)
 
 
 def under(path: str, folder: str) -> bool:

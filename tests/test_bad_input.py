@@ -147,6 +147,18 @@ def test_a_file_that_leads_where_the_node_would_not_see_it_is_refused(project: P
 
 
 @pytest.mark.image
+def test_a_login_name_the_image_already_has_is_refused(project: Path) -> None:
+    """Read from the image's own /etc/group at build: `sudo` is a group on every Raspberry Pi OS."""
+    image = make_image(project / "base.img")
+    profile = project / "profiles/cluster.yaml"
+    profile.write_text(profile.read_text().replace("user:\n", "user:\n  name: sudo\n"))
+    result = run_pibake("build", "worker", "--count", "1", "--image", str(image), cwd=project)
+    assert_clean_failure(result, project, "profiles/cluster.yaml:2: user.name: 'sudo' is already a group in the image "
+                                          "(/etc/group, id 27): choose another name for the login user")
+    assert result.code == 2
+
+
+@pytest.mark.image
 def test_root_file_system_too_full(project: Path) -> None:
     image = make_image(project / "full.img", full=True)
     result = run_pibake("build", "worker", "--count", "1", "--image", str(image), cwd=project)

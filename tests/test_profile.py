@@ -179,8 +179,9 @@ def test_cli_missing_profile_is_one_clear_line(workdir: Path) -> None:
 def test_file_mode_means_what_was_written_quoted_or_not(operator_key: Path, tmp_path: Path, written: str,
                                                        expected: int) -> None:
     (tmp_path / "motd").write_text("hello\n")
+    allow = "      allow: [world-writable]\n" if expected & 0o002 else ""  # refused otherwise: anyone could change it
     path = write_profile(tmp_path, f"user:\n  ssh_keys: [{operator_key}]\nworkers:\n  files:\n"
-                                   f"    - source: motd\n      path: /etc/motd\n      mode: {written}\n")
+                                   f"    - source: motd\n      path: /etc/motd\n      mode: {written}\n{allow}")
     assert load(path).workers.files[0].mode == expected
 
 

@@ -12,15 +12,15 @@ from ipaddress import IPv4Address
 import pytest
 
 from builder.errors import BuildError
-from builder.operations import Delete, Mkdir, Op, Symlink, Write
+from builder.operations import Delete, EditLines, Mkdir, Move, Op, Symlink, Write
 from builder.plan import NodePlan
 from builder.profile import Node
 from builder.realize import Stat, realize
 from builder.release import named
-from rpios_image import LINKS
+from rpios_image import GROUP, LINKS, PASSWD
 
 FOLDERS = ("/etc", "/etc/ssh", "/etc/ssl", "/etc/ssl/certs", "/usr", "/usr/bin", "/usr/sbin", "/usr/lib", "/usr/lib/ssl",
-           "/var", "/run", "/run/lock", "/opt", "/boot", "/boot/firmware")
+           "/var", "/run", "/run/lock", "/opt", "/boot", "/boot/firmware", "/home", "/home/pi", "/etc/sysctl.d")
 BASE = {
     **{path: Stat("dir", 0o755) for path in FOLDERS},
     **{path: Stat("link", 0o777, target=target) for path, target in LINKS.items()},
@@ -29,7 +29,12 @@ BASE = {
     "/opt/ssh": Stat("link", 0o777, target="/etc/ssh"),  # absolute, into a folder pibake writes to
     "/opt/up": Stat("link", 0o777, target="../etc"),
     "/opt/loop": Stat("link", 0o777, target="/opt/loop"),
+    "/opt/fw": Stat("link", 0o777, target="../boot/firmware"),
+    "/opt/conf": Stat("link", 0o777, target="/etc/sysctl.d"),
+    "/etc/passwd": Stat("file"),
+    "/etc/group": Stat("file"),
 }
+CONTENT = {"/etc/passwd": PASSWD.encode(), "/etc/group": GROUP.encode()}
 ORIGIN = "cluster.yaml:7: master.files[0]"
 
 
@@ -38,11 +43,12 @@ class TableBase:
         return BASE.get(path)
 
     def read(self, path: str) -> bytes:
-        return b"from the base\n"
+        return CONTENT.get(path, b"from the base\n")
 
 
-def play(*ops: Op):
-    plan = NodePlan(Node("master", 0, "master", IPv4Address("192.168.5.1")), named("bookworm"), tuple(ops))
+def play(*ops: Op, renamed_to: tuple[str, str] = ("", "")):
+    plan = NodePlan(Node("master", 0, "master", IPv4Address("192.168.5.1")), named("bookworm"), tuple(ops),
+                    renamed_to=renamed_to)
     return realize(plan, TableBase())
 
 
@@ -74,7 +80,7 @@ def test_a_destination_is_checked_where_it_resolves(path: str, words: str) -> No
 
 def test_a_file_that_resolves_to_one_pibake_writes_is_refused_either_way() -> None:
     ours = Write("/etc/ssh/sshd_config.d/pibake.conf", b"PasswordAuthentication no\n")
-    mine = Write("/opt/ssh/sshd_config.d/pibake.conf", b"PasswordAuthentication yes\n", origin=ORIGIN)
+    mine = Write("/opt/ssh/sshd_config.d/pibake.conf", b"PasswordAuthentication yes\n", origin=ORIGIN, allow=("sshd",))
     with pytest.raises(BuildError) as e:
         play(ours, mine)
     assert e.value.message == (f"master: {ORIGIN}: pibake writes /opt/ssh/sshd_config.d/pibake.conf (which is "
@@ -98,3 +104,56 @@ def test_pibake_writes_through_links_too() -> None:
     changes = play(Write("/lib/systemd/system/x.service", b"[Unit]\n"),
                    Symlink("/lib/systemd/system/y.service", "/dev/null"))
     assert set(changes.root) == {"/usr/lib/systemd/system/x.service", "/usr/lib/systemd/system/y.service"}
+
+
+@pytest.mark.parametrize("path, lands, promise", [
+    ("/opt/ssh/sshd_config.d/00-mine.conf", "/etc/ssh/sshd_config.d/00-mine.conf", "sshd"),
+    ("/opt/fw/custom.toml", "/boot/firmware/custom.toml", "boot-hooks"),
+    ("/opt/fw/FirstRun.sh", "/boot/firmware/FirstRun.sh", "boot-hooks"),
+    ("/opt/conf/99-forward.conf", "/etc/sysctl.d/99-forward.conf", "firewall"),
+    ("/opt/up/ssh/sshd_config", "/etc/ssh/sshd_config", "sshd"),
+])
+def test_a_promise_is_kept_where_a_path_leads(path: str, lands: str, promise: str) -> None:
+    with pytest.raises(BuildError) as e:
+        play(Write(path, b"PermitRootLogin yes\n", origin=ORIGIN))
+    assert e.value.message == (f"master: {ORIGIN}: {path} (which is {lands} in the image) would break pibake's promise "
+                               f"of {e.value.message.split('promise of ', 1)[1].split(';')[0]}; if that is meant, add "
+                               f"`allow: [{promise}]` to the entry") and e.value.exit_code == 2, e.value.message
+    assert list(play(Write(path, b"x\n", origin=ORIGIN, allow=(promise,))).root or [lands]) == [lands]
+
+
+@pytest.mark.parametrize("mode, owner, secret", [(0o600, (0, 0), True), (0o640, (0, 0), True),
+                                                 (0o644, (1000, 1000), False), (0o644, (0, 0), True)])
+def test_nothing_secret_or_owned_goes_on_the_boot_partition(mode: int, owner: tuple[int, int], secret: bool) -> None:
+    for path in ("/boot/firmware/token", "/opt/fw/token"):
+        with pytest.raises(BuildError) as e:
+            play(Write(path, b"key\n", mode, owner, secret, ORIGIN))
+        assert "is on the boot partition, whose FAT file system keeps no owners or modes" in e.value.message
+    changes = play(Write("/boot/firmware/notes.txt", b"hello\n", 0o644, origin=ORIGIN))
+    assert changes.boot_writes == {"/boot/firmware/notes.txt": b"hello\n"}
+
+
+@pytest.mark.parametrize("path", ["/home/pi/notes.txt", "/home/pi/.config/app/x.conf"])
+def test_a_file_under_the_home_the_rename_moves_away_is_refused(path: str) -> None:
+    with pytest.raises(BuildError) as e:
+        play(Move("/home/pi", "/home/bob"), Write(path, b"x\n", origin=ORIGIN))
+    assert e.value.message == (f"master: {ORIGIN}: {path} is under /home/pi, which pibake renames to /home/bob "
+                               f"(user.name): write /home/bob{path[len('/home/pi'):]}")
+    play(Move("/home/pi", "/home/bob"), Write("/home/bob" + path[len("/home/pi"):], b"x\n", origin=ORIGIN))
+
+
+def rename(name: str) -> list[Op]:
+    return [EditLines("/etc/passwd", r"^pi:([^:]*):1000:1000:([^:]*):[^:]*:[^:]*$", rf"{name}:\1:1000:1000:\2:/home/{name}:/bin/bash"),
+            EditLines("/etc/group", r"^pi:", f"{name}:")]
+
+
+@pytest.mark.parametrize("name, words", [("daemon", "is already an account in the image (/etc/passwd, id 1)"),
+                                         ("sshd", "is already an account in the image (/etc/passwd, id 106)"),
+                                         ("sudo", "is already a group in the image (/etc/group, id 27)"),
+                                         ("netdev", "is already a group in the image (/etc/group, id 108)")])
+def test_a_login_name_the_image_already_has_is_refused(name: str, words: str) -> None:
+    with pytest.raises(BuildError) as e:
+        play(*rename(name), renamed_to=(name, "cluster.yaml:3: user.name"))
+    assert e.value.message == f"cluster.yaml:3: user.name: '{name}' {words}: choose another name for the login user"
+    assert e.value.exit_code == 2
+    play(*rename("bob"), renamed_to=("bob", "cluster.yaml:3: user.name"))
