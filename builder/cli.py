@@ -335,7 +335,7 @@ def fetch(image_spec: Optional[str], sha256: Optional[str], no_verify_signature:
     """Download, verify, decompress and cache the base image; print its path."""
     _setup_logging(verbose, quiet)
     base = obtain(_choice(load_image_settings(profiles), image_spec, sha256, no_verify_signature, refresh))
-    click.echo(f"{base.path}  sha256 {base.sha256 or '(local file, not hashed)'}  from {base.origin}")
+    click.echo(f"{base.path}  sha256 {base.sha256 or '(local file, not hashed)'}  from {urls.shown(base.origin)}")
 
 
 @cli.command()
@@ -366,7 +366,7 @@ def cache_group() -> None:
 def cache_list() -> None:
     """List cached downloads and decompressed images."""
     for path, size, label in cache.entries():
-        click.echo(f"{size / 2**20:9.1f} MiB  {path}  {label}")
+        click.echo(f"{size / 2**20:9.1f} MiB  {path}  {urls.shown(label)}")  # shown: records older pibakes wrote kept them
 
 
 @cache_group.command("clean")
