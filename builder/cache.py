@@ -13,7 +13,10 @@ Layout (every path is named by `Layout`, and nowhere else):
   resolved.json              what `latest` or a family last resolved to
   kvm-hangs                  hosts whose KVM launches hung (appliance.py)
 Everything lands under a temporary name and is renamed once complete and verified;
-a lock per entry keeps two pibake processes from writing the same one.
+a lock per entry keeps two pibake processes from writing the same one. A URL is
+recorded (and named, in a lock's or a partial download's name) without its
+credentials, in files only their owner reads; a URL read back gets them again from
+the choice made this run.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -29,7 +33,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Optional
 
-from builder import catalog, environment, download, image, signature
+from builder import catalog, environment, download, image, signature, urls
 from builder.catalog import ImageSpec, Source
 from builder.errors import BuildError
 from builder.files import read_json, write_json
@@ -39,6 +43,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 RESOLVE_TTL = 24 * 3600  # how long `latest` or a family name is trusted without asking again
+RECORD_MODE = 0o600  # cache records name where images came from: their owner's business only
 
 
 @dataclass(frozen=True)
@@ -120,7 +125,13 @@ def root() -> Path:
 
 def _resolve_key(choice: Choice) -> str:
     family, date = catalog.parse_spec(choice.spec)
-    return f"{choice.source.os_list}|{family or 'latest'}|{date or ''}"
+    return f"{urls.strip_credentials(choice.source.os_list)}|{family or 'latest'}|{date or ''}"
+
+
+def _recalled(remembered: dict, choice: Choice) -> ImageSpec:
+    """A remembered resolution, its URL with the credentials of this run's download base."""
+    image = remembered["image"]
+    return ImageSpec(**{**image, "url": urls.restore_credentials(image["url"], choice.source.download_base)})
 
 
 def offered(choice: Choice, http: requests.Session) -> list[ImageSpec]:
@@ -151,13 +162,13 @@ def resolve(choice: Choice, http: requests.Session) -> ImageSpec:
     remembered = read_json(layout().resolved).get(_resolve_key(choice))
     fresh = remembered and (date or time.time() - remembered.get("at", 0) < RESOLVE_TTL)
     if remembered and fresh and not choice.refresh:
-        return ImageSpec(**remembered["image"])
+        return _recalled(remembered, choice)
     try:
         images = offered(choice, http)
     except BuildError as e:
         if remembered:
             log.warning("cannot read the OS list (%s); using %s from the cache", e, remembered["image"]["name"])
-            return ImageSpec(**remembered["image"])
+            return _recalled(remembered, choice)
         raise
     return pick(choice, images, http)
 
@@ -166,9 +177,15 @@ def remember(choice: Choice, spec: ImageSpec) -> None:
     if catalog.is_url(choice.spec):
         return
     path = layout().resolved
-    data = read_json(path)
-    data[_resolve_key(choice)] = {"at": time.time(), "image": asdict(spec)}
-    write_json(path, data)
+    # Answers recorded with their credentials, by a pibake that did not strip them, go.
+    data = {key: value for key, value in read_json(path).items() if not _holds_credentials([key, value])}
+    data[_resolve_key(choice)] = {"at": time.time(), "image": {**asdict(spec), "url": urls.strip_credentials(spec.url)}}
+    write_json(path, data, RECORD_MODE)
+
+
+def _holds_credentials(record: object) -> bool:
+    text = json.dumps(record)
+    return urls.shown(text) != text
 
 
 # ---------------------------------------------------------------- fetching
@@ -180,7 +197,7 @@ def obtain(choice: Choice) -> BaseImage:
         return local(Path(choice.spec))
     http = download.session()
     spec = resolve(choice, http)
-    with layout().locked(spec.url):
+    with layout().locked(urls.strip_credentials(spec.url)):
         if spec.sha256 is None:
             spec = _with_sidecar_sha(http, spec)
         key = spec.sha256
@@ -245,7 +262,7 @@ def _check_cached(http: requests.Session, spec: ImageSpec, cached: BaseImage) ->
         return None
     fingerprint = _check_signature(http, spec, compressed)
     meta = cached.path.with_suffix(".json")
-    write_json(meta, {**read_json(meta), "signature": fingerprint})
+    write_json(meta, {**read_json(meta), "signature": fingerprint}, RECORD_MODE)
     return cached
 
 
@@ -269,7 +286,7 @@ def _fetch(http: requests.Session, spec: ImageSpec, choice: Choice) -> BaseImage
 def _download_verified(http: requests.Session, spec: ImageSpec, choice: Choice, target: Path) -> None:
     partial_dir = layout().partial
     partial_dir.mkdir(parents=True, exist_ok=True)
-    part = partial_dir / f"{hashlib.sha256(spec.url.encode()).hexdigest()[:16]}-{spec.filename}.part"
+    part = partial_dir / f"{hashlib.sha256(urls.strip_credentials(spec.url).encode()).hexdigest()[:16]}-{spec.filename}.part"
     download.download(http, spec.url, part, spec.download_size)
     found = image.sha256_file(part, progress=True)
     if found != spec.sha256:
@@ -283,8 +300,9 @@ def _download_verified(http: requests.Session, spec: ImageSpec, choice: Choice, 
         raise
     if not choice.verify_signature:
         log.warning("NOT checking the OpenPGP signature of %s (--no-verify-signature)", spec.url)
-    write_json(target.with_name(f"{spec.sha256}.json"), {"url": spec.url, "name": spec.name, "release_date": spec.release_date,
-                                                          "signature": fingerprint})
+    write_json(target.with_name(f"{spec.sha256}.json"), {"url": urls.strip_credentials(spec.url), "name": spec.name,
+                                                          "release_date": spec.release_date, "signature": fingerprint},
+               RECORD_MODE)
     os.replace(part, target)
 
 
@@ -302,7 +320,7 @@ def _check_signature(http: requests.Session, spec: ImageSpec, data: Path) -> str
     log.info("signature of %s: good, by pinned key %s", spec.filename, fingerprint)
     meta_path = data.parent / f"{spec.sha256}.json"
     if meta_path.exists():
-        write_json(meta_path, {**read_json(meta_path), "signature": fingerprint})
+        write_json(meta_path, {**read_json(meta_path), "signature": fingerprint}, RECORD_MODE)
     return fingerprint
 
 
@@ -319,7 +337,8 @@ def decompress_into_cache(compressed: Path, key: str, expected: Optional[str], o
         target.unlink()
         raise BuildError(f"sha256 mismatch for the decompressed {origin}: expected {expected} (extract_sha256), "
                          f"found {found}")
-    write_json(target.with_suffix(".json"), {"sha256": found, "origin": origin, "signature": signature})
+    write_json(target.with_suffix(".json"), {"sha256": found, "origin": urls.strip_credentials(origin), "signature": signature},
+               RECORD_MODE)
     return BaseImage(target, found, origin)
 
 

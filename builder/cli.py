@@ -380,7 +380,7 @@ def cache_group() -> None:
 def cache_list() -> None:
     """List cached downloads and decompressed images."""
     for path, size, label in cache.entries():
-        _echo(f"{size / 2**20:9.1f} MiB  {path}  {label}")
+        _echo(f"{size / 2**20:9.1f} MiB  {path}  {label}")  # _echo hides credentials older pibakes' records kept
 
 
 @cache_group.command("clean")

@@ -11,8 +11,9 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
-from builder import __version__
+from builder import __version__, urls
 from builder.errors import BuildError
+from builder.files import read_json, write_json
 from builder.progress import bar
 
 # requests is imported where it is used: importing it takes about 60 ms, and a
@@ -41,6 +42,16 @@ def session() -> requests.Session:
     return s
 
 
+def _get(http: requests.Session, url: str, **options: Any) -> requests.Response:
+    """GET `url` with its credentials sent as Basic authentication, apart from the URL: requests
+    never holds them in a URL, so none of its messages can quote them. UTF-8 and any other bytes
+    go as they are given, percent-decoded."""
+    from requests.auth import HTTPBasicAuth
+
+    login = urls.credentials(url)
+    return http.get(urls.strip_credentials(url), auth=HTTPBasicAuth(*login) if login else None, timeout=TIMEOUT, **options)
+
+
 def _backoff(attempt: int) -> float:
     return min(30.0, 0.5 * 2**attempt)
 
@@ -56,7 +67,7 @@ def get_bytes(http: requests.Session, url: str, missing_ok: bool = False) -> Opt
 
     for attempt in range(ATTEMPTS):
         try:
-            response = http.get(url, timeout=TIMEOUT)
+            response = _get(http, url)
             if response.status_code == 404 and missing_ok:
                 return None
             if response.status_code >= 500:
@@ -105,12 +116,13 @@ def download(http: requests.Session, url: str, part: Path, expected_size: Option
 
 
 def _attempt(http: requests.Session, url: str, part: Path, meta_path: Path, expected_size: Optional[int]) -> None:
-    meta = _read_meta(meta_path)
-    have = part.stat().st_size if part.exists() and meta.get("url") == url else 0
+    meta = read_json(meta_path)
+    recorded = urls.strip_credentials(url)  # the record is a file: no credentials in it
+    have = part.stat().st_size if part.exists() and meta.get("url") == recorded else 0
     headers = {}
     if have and meta.get("validator"):
         headers = {"Range": f"bytes={have}-", "If-Range": meta["validator"]}
-    with http.get(url, headers=headers, stream=True, timeout=TIMEOUT) as response:
+    with _get(http, url, headers=headers, stream=True) as response:
         if response.status_code >= 500:
             raise _Retry(f"HTTP {response.status_code}")
         if response.status_code == 416 and have:  # nothing left to send: the file was complete
@@ -123,7 +135,7 @@ def _attempt(http: requests.Session, url: str, part: Path, meta_path: Path, expe
             have = 0
         log.debug("GET %s %s -> %s", url, headers.get("Range", ""), response.status_code)
         validator = response.headers.get("ETag") or response.headers.get("Last-Modified")
-        meta_path.write_text(json.dumps({"url": url, "validator": validator}))
+        write_json(meta_path, {"url": recorded, "validator": validator}, 0o600, indent=None)
         total = _total(response, have) or expected_size
         with open(part, "r+b" if have else "wb") as f, bar(total=total, initial=have, unit="B", unit_scale=True,
                                                            unit_divisor=1024, desc=part.name.split(".")[0][:24]) as meter:
@@ -143,13 +155,6 @@ def _total(response: requests.Response, have: int) -> Optional[int]:
         return int(content_range.rsplit("/", 1)[1]) if "/" in content_range and not content_range.endswith("*") else None
     length = response.headers.get("Content-Length")
     return int(length) if length and length.isdigit() else None
-
-
-def _read_meta(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
 
 
 def _reason(e: BaseException) -> str:

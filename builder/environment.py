@@ -8,6 +8,7 @@ options' `envvar`s in cli.py; everything else is read here, when it is needed
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -61,7 +62,8 @@ def signing_keys() -> Optional[list[str]]:
 
 def signing_key_urls() -> Optional[list[str]]:
     value = _get("PIBAKE_SIGNING_KEY_URL")
-    return value.split(",") if value else None
+    # Split only where the next URL begins: a ',' may stand in a URL's password or path.
+    return re.split(r",(?=https?://)", value) if value else None
 
 
 def apt_mirrors() -> tuple[dict[str, str], list[str]]:

@@ -5,7 +5,8 @@ the image's package database, apt sources and keyrings, for the image's
 architecture. So the answer is exactly what the node's own apt would install,
 apt checks the archive signatures with the image's keys, and nothing here knows
 Debian's dependency rules. The lists and .debs are kept in the cache between
-builds.
+builds. A mirror's credentials never go into the sources apt reads: apt gets them
+from an auth.conf (0600) that is there only while apt runs.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from builder.files import read_json, write_json
-from builder import run
+from builder.files import read_json, write_file, write_json
+from builder import run, urls
 from builder.errors import BuildError
 
 log = logging.getLogger(__name__)
@@ -100,10 +101,10 @@ def resolve(inputs: AptInputs, names: tuple[str, ...], mirrors: dict[str, str], 
     root.mkdir(parents=True, exist_ok=True)
     with open(root / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        apt = _Apt(root, inputs, mirrors)
-        apt.update()
-        wanted = apt.plan(missing)
-        apt.download(missing)
+        with _Apt(root, inputs, mirrors) as apt:
+            apt.update()
+            wanted = apt.plan(missing)
+            apt.download(missing)
         archives = root / "var/cache/apt/archives"
         lost = [filename for _, filename in wanted if not (archives / filename).is_file()]
         if lost:
@@ -149,7 +150,9 @@ def _key(inputs: AptInputs, mirrors: dict[str, str]) -> str:
     for path, content in sorted(inputs.files.items()):
         if path != STATUS:
             h.update(path.encode() + b"\0" + hashlib.sha256(content).digest())
-    h.update(repr(sorted(mirrors.items())).encode() + repr(inputs.architectures).encode())
+    # Without credentials: no name in the cache is made from a password.
+    bare = sorted((urls.strip_credentials(old), urls.strip_credentials(new)) for old, new in mirrors.items())
+    h.update(repr(bare).encode() + repr(inputs.architectures).encode())
     return h.hexdigest()[:16]
 
 
@@ -168,12 +171,36 @@ def _installed_size(deb: Path) -> int:
     return int(field) * 1024
 
 
+def _auth_conf(mirrors: dict[str, str]) -> bytes:
+    """apt's auth.conf (apt_auth.conf(5)) for the mirrors that carry credentials.
+
+    Each entry names its mirror's scheme, host, port and path, so it applies to that
+    mirror only, even over http; apt takes the first entry that matches, so the longest
+    paths come first."""
+    entries = []
+    for mirror in sorted(set(mirrors.values()), key=lambda url: (-len(urls.strip_credentials(url)), url)):
+        login = urls.credentials(mirror)
+        if login is None or login == (b"", b""):
+            continue
+        user, password = login
+        if re.search(rb"[\x00-\x20\x7f]", user + password):
+            raise BuildError(f"the credentials of apt mirror {urls.shown(mirror)} hold a space or a control character, "
+                             "which apt cannot take (its auth.conf separates words with spaces)", exit_code=2)
+        machine = urls.strip_credentials(mirror).rstrip("/") + "/"
+        entries.append(b"machine " + machine.encode() + (b" login " + user if user else b"")
+                       + (b" password " + password if password else b"") + b"\n")
+    return b"".join(entries)
+
+
 class _Apt:
+    """apt run on a root of its own in the cache; a context: the mirrors' credentials are there only within it."""
+
     def __init__(self, root: Path, inputs: AptInputs, mirrors: dict[str, str]) -> None:
         self.root = root
         self.inputs = inputs
         self.mirrors = mirrors
         etc = root / "etc/apt"
+        self.auth = etc / "auth.conf"
         shutil.rmtree(etc, ignore_errors=True)
         for sub in ("sources.list.d", "trusted.gpg.d", "preferences.d", "apt.conf.d"):
             (etc / sub).mkdir(parents=True)
@@ -184,7 +211,7 @@ class _Apt:
                 target = root / path.lstrip("/")
                 if path.endswith((".list", ".sources")):
                     content = self._rewrite(path, content.decode("utf-8", "replace")).encode()
-                target.write_bytes(content)
+                write_file(target, content, 0o600)  # an image's own sources may carry credentials
             elif path in (STATUS, "/var/lib/dpkg/arch"):
                 (root / path.lstrip("/")).write_bytes(content)
         for keyring in inputs.keyrings():
@@ -196,6 +223,7 @@ class _Apt:
             f'Dir "{root}/";\n'
             'Dir::Etc::main "/dev/null";\n'
             f'Dir::Etc::parts "{etc}/apt.conf.d/";\n'
+            f'Dir::Etc::netrc "{self.auth}";\n'
             f'APT::Architecture "{archs[0]}";\n'
             "APT::Architectures { " + " ".join(f'"{a}";' for a in archs) + " };\n"
             'Acquire::Languages "none";\n'
@@ -209,13 +237,23 @@ class _Apt:
         )
         self.env = {**os.environ, "APT_CONFIG": str(root / "apt.conf"), "LC_ALL": "C.UTF-8"}
 
+    def __enter__(self) -> "_Apt":
+        login = _auth_conf(self.mirrors)
+        if login:
+            write_file(self.auth, login, 0o600)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.auth.unlink(missing_ok=True)
+
     def _rewrite(self, path: str, text: str) -> str:
         for found in UNCHECKED.finditer(text):
             log.warning("warning: %s: ignoring '%s': pibake checks the signature of every package source",
                         path, found[0].strip())
         text = re.sub(r"\[\s*\]\s*", "", UNCHECKED.sub("", text))
         for old, new in self.mirrors.items():
-            text = re.sub(rf"(?<=\s){re.escape(old.rstrip('/'))}(?=/?(\s|$))", new.rstrip("/"), text)
+            bare = urls.strip_credentials(new).rstrip("/")  # apt takes the credentials from auth.conf
+            text = re.sub(rf"(?<=\s){re.escape(old.rstrip('/'))}(?=/?(\s|$))", bare, text)
         return SIGNED_BY.sub(lambda m: m[1] + str(self.root / "keyrings" / _flat(m[2])), text)
 
     def _run(self, *args: str) -> subprocess.CompletedProcess:

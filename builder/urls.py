@@ -3,8 +3,10 @@
 A URL ends up on a line of an apt source or in a request: it must be http(s), name
 a host, and hold only the characters RFC 3986 allows in a path and query, so that
 nothing in it (a space, a bracket, a newline) can add an option or a line where it
-lands. Credentials in a URL are allowed (apt and requests both take them) and never
-shown: every message that quotes a URL goes through shown().
+lands. Credentials in a URL are allowed and never shown: every message that quotes a
+URL goes through shown(). Nor are they written down: every file that records a URL
+records it through strip_credentials(), and code that reads such a URL back takes
+the credentials from what the user gave this run (restore_credentials()).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from typing import Optional
-from urllib.parse import urlsplit
+from urllib.parse import unquote_to_bytes, urlsplit
 
 MAX_LENGTH = 2048
 _LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
@@ -22,6 +24,8 @@ _PATH_RE = re.compile(r"([A-Za-z0-9._~!$&'()*+,;=:@/-]|%[0-9A-Fa-f]{2})*")
 _QUERY_RE = re.compile(r"([A-Za-z0-9._~!$&'()*+,;=:@/?-]|%[0-9A-Fa-f]{2})*")
 _USERINFO_RE = re.compile(r"([A-Za-z0-9._~!$&'()*+,;=:-]|%[0-9A-Fa-f]{2})*")
 _CREDENTIALS = re.compile(r"(?<=://)[^/?#\s]*@")
+# A URL's user name and password: up to the last '@' of its authority, as requests reads it.
+_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)([^/?#]*)@")
 
 
 def is_host_name(name: str) -> bool:
@@ -32,6 +36,28 @@ def is_host_name(name: str) -> bool:
 def shown(text: str) -> str:
     """Text with the credentials of every URL in it replaced by ***."""
     return _CREDENTIALS.sub("***@", text)
+
+
+def strip_credentials(url: str) -> str:
+    """`url` with no user name or password: how a URL is written to a file, and requested."""
+    return _USERINFO.sub(r"\1", url, count=1)
+
+
+def credentials(url: str) -> Optional[tuple[bytes, bytes]]:
+    """The user name and password in `url`, percent-decoded, or None when it has none."""
+    found = _USERINFO.match(url)
+    if found is None:
+        return None
+    user, _, password = found[2].partition(":")
+    return unquote_to_bytes(user), unquote_to_bytes(password)
+
+
+def restore_credentials(url: str, base: str) -> str:
+    """A URL read back from a file, with the credentials of `base` when it lies under `base`."""
+    bare = strip_credentials(base).rstrip("/")
+    if url == bare or url.startswith(bare + "/"):
+        return base.rstrip("/") + url[len(bare):]
+    return url
 
 
 def _short(url: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import signal
 import subprocess
@@ -9,6 +10,7 @@ import sys
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import unquote
 
 import pytest
 
@@ -54,6 +56,26 @@ def run_pibake(*args: str, cwd: Path, env: dict[str, str | None] | None = None, 
             stdout, stderr = proc.communicate()
         pytest.fail(f"pibake {' '.join(args)} still running after {timeout} s\n{stdout}{stderr}", pytrace=False)
     return Result(proc.returncode, stdout, stderr, args)
+
+
+def secrets_of(user: str, password: str) -> list[str]:
+    """Every form a URL's login (percent-encoded, as it stands in the URL) could take in a file or a message."""
+    decoded = f"{unquote(user)}:{unquote(password)}"
+    return sorted({user, unquote(user), password, unquote(password), base64.b64encode(decoded.encode()).decode()})
+
+
+def assert_said_nowhere(secrets: list[str], results: list[Result], folders: list[Path]) -> int:
+    """None of `secrets` in any output of `results` or in any file under `folders`; returns how many places were read."""
+    places = {f"pibake {' '.join(r.args)} ({stream})": getattr(r, stream).encode()
+              for r in results for stream in ("stdout", "stderr")}
+    for folder in folders:
+        for path in folder.rglob("*"):
+            if path.is_file() and not path.is_symlink():
+                places[str(path)] = path.read_bytes()
+    for secret in secrets:
+        for name, content in places.items():
+            assert secret.encode() not in content, f"{secret!r} is in {name}"
+    return len(places)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -3,10 +3,13 @@
 Serves files from a folder with Range and If-Range support (ETag validators),
 folder listings, and, per path: a connection dropped after N bytes, Range
 ignored, or an error status for the next few requests. Every request is logged.
+Given a user name and password, it answers only requests that carry them (HTTP
+Basic authentication) and 401 to the rest, as a private mirror does.
 """
 
 from __future__ import annotations
 
+import base64
 import html
 import os
 import threading
@@ -14,20 +17,24 @@ import urllib.parse
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Optional
 
 
 @dataclass
 class Faults:
     drop_after: dict[str, int] = field(default_factory=dict)  # path -> bytes sent before the connection drops (once)
     ignore_range: set[str] = field(default_factory=set)
-    status: dict[str, list[int]] = field(default_factory=dict)  # path -> statuses to answer first, in order
+    # path -> statuses to answer first, in order; None serves the request as usual
+    status: dict[str, list[Optional[int]]] = field(default_factory=dict)
 
 
 class Mirror:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, login: Optional[tuple[str, str]] = None) -> None:
         self.root = root
         self.faults = Faults()
         self.requests: list[tuple[str, str]] = []  # (path, Range header)
+        self.refused: list[str] = []  # paths answered 401
+        self.authorization = f"Basic {base64.b64encode(':'.join(login).encode()).decode()}" if login else None
         self._lock = threading.Lock()
         mirror = self
 
@@ -55,6 +62,14 @@ class Mirror:
 
     def _serve(self, h: BaseHTTPRequestHandler) -> None:
         path = urllib.parse.unquote(h.path.split("?", 1)[0])
+        if self.authorization and h.headers.get("Authorization") != self.authorization:
+            with self._lock:
+                self.refused.append(path)
+            h.send_response(401)
+            h.send_header("WWW-Authenticate", 'Basic realm="pibake tests"')
+            h.send_header("Content-Length", "0")
+            h.end_headers()
+            return
         with self._lock:
             self.requests.append((path, h.headers.get("Range", "")))
             statuses = self.faults.status.get(path)

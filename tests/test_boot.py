@@ -166,8 +166,12 @@ def _check_master(ssh: Ssh) -> None:
     assert ssh.check("master", "hostname").strip() == "master"
     assert "inet 192.168.5.1/24" in ssh.check("master", "ip -4 -o addr show dev eth0")
     assert "-A POSTROUTING -s 192.168.5.0/24 -o eth1 -j MASQUERADE" in ssh.check("master", "sudo iptables -t nat -S POSTROUTING")
-    forward = ssh.check("master", "sudo iptables -S FORWARD").splitlines()
-    assert forward[0] == "-P FORWARD DROP" and "-A FORWARD -s 192.168.5.0/24 -i eth0 -o eth1 -j pibake-out" in forward
+    # Both directions of the workers' flows go through pibake-out, and only they (test_firewall.py passes traffic).
+    assert ssh.check("master", "sudo iptables -S FORWARD").splitlines() == [
+        "-P FORWARD DROP",
+        "-A FORWARD -s 192.168.5.0/24 -i eth0 -o eth1 -j pibake-out",
+        "-A FORWARD -d 192.168.5.0/24 -i eth1 -o eth0 -m conntrack --ctstate RELATED,ESTABLISHED -j pibake-out",
+        "-A FORWARD -j REJECT --reject-with icmp-admin-prohibited"]
     assert "-P FORWARD DROP" in ssh.check("master", "sudo ip6tables -S FORWARD")
     ssh.check("master", "tcpdump --version")
     ssh.check("master", "fab --version")

@@ -15,10 +15,11 @@ import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import unquote
 
 import pytest
 
-from conftest import Result, run_pibake, write_profile
+from conftest import Result, assert_said_nowhere, run_pibake, secrets_of, write_profile
 from mirror import Mirror
 from rpios_image import make_image
 
@@ -398,3 +399,67 @@ def test_local_gz_and_zip_images_are_decompressed_and_cached(workdir: Path) -> N
     broken.write_bytes(b"PK\x03\x04 not really a zip")
     assert_fails(fetch(workdir, {"XDG_CACHE_HOME": str(workdir / "cache2")}, "--image", "broken.zip"),
                  "cannot decompress broken.zip", workdir / "cache2")
+
+
+# (user, password, where the URLs are given) as they stand in a URL: percent-encoded where a URL needs it.
+LOGINS = [("pbk-reader", "Zq7-open-sesame", "environment"),
+          ("pbk%40reader", "p%40ss:w0rd-Zq7", "profile"),  # '@' in both, ':' in the password
+          ("pbk.reader", "%2F%3F%23%25-Zq7;&=+$!*'(),~", "environment"),  # '/', '?', '#', '%' and sub-delims
+          ("pbk-l%C3%A9ser", "%E2%82%AC-Zq7-%C3%BC", "profile")]  # UTF-8
+
+
+@pytest.mark.parametrize(("user", "password", "given"), LOGINS)
+def test_credentials_in_urls_are_used_and_never_written_or_shown(published: Published, workdir: Path, user: str,
+                                                                  password: str, given: str) -> None:
+    root = workdir / "www"
+    shutil.copytree(published.root, root)
+    server = Mirror(root, login=(unquote(user), unquote(password)))
+    try:
+        base = server.base.replace("://", f"://{user}:{password}@")
+        shown = server.base.replace("://", "://***@")
+        cache = workdir / "cache"
+        env = {**fetch_env(server, published, cache), "PIBAKE_SIGNING_KEY_URL": f"{base}/keys/signing.asc"}
+        if given == "profile":
+            (workdir / "profiles").mkdir()
+            write_profile(workdir / "profiles", f"image:\n  download_base: {base}\n")
+            env["PIBAKE_DOWNLOAD_BASE"] = None  # type: ignore[assignment]  # None unsets
+        else:
+            env["PIBAKE_DOWNLOAD_BASE"] = base
+        results = [fetch(workdir, env, "-v"), fetch(workdir, env, "-vv", "--image", "bookworm")]
+        for result in results:
+            assert result.code == 0, result.output
+        assert results[0].stdout.rstrip().endswith(f"from {shown}/{TRIXIE}")
+        # What `bookworm` resolved to is remembered without the credentials; with its image gone
+        # from the cache, it is fetched again with the credentials given now.
+        for folder in ("images", "downloads"):
+            shutil.rmtree(cache / "pibake" / folder)
+        asked = server.paths().count("/os_list_imagingutility_v4.json")
+        results.append(fetch(workdir, env, "-v", "--image", "bookworm"))
+        assert results[-1].code == 0, results[-1].output
+        assert server.paths().count("/os_list_imagingutility_v4.json") == asked and server.paths()[-2:] == [
+            f"/{BOOKWORM}", f"/{BOOKWORM}.sig"]
+        results += [run_pibake(*command, cwd=workdir, env=env) for command in (("images", "--image", "bookworm"),
+                                                                               ("cache", "list"))]
+        assert all(r.code == 0 for r in results[-2:]) and f"{shown}/{BOOKWORM}" in results[-2].stdout
+        assert results[-1].stdout.count(" MiB  ") == 2  # the bookworm download and image
+        # An exact URL, cut short and then gone: its partial download stays, with its record.
+        server.faults.drop_after[f"/{OLD}"] = 100_000
+        server.faults.status[f"/{OLD}"] = [None, 404]
+        results.append(fetch(workdir, env, "-vv", "--image", f"{base}/{OLD}"))
+        assert results[-1].code == 1 and results[-1].stderr.rstrip().splitlines()[-1] == \
+            f"pibake: error: cannot download {shown}/{OLD}: HTTP 404 Not Found"
+        assert len(list((cache / "pibake/partial").glob("*.part.json"))) == 1
+        # A wrong password is refused by the server, and the error says so without it.
+        wrong = base.replace(f":{password}@", f":{password}-wrong@")
+        results.append(fetch(workdir, {**env, "PIBAKE_OS_LIST": f"{wrong}/os_list_imagingutility_v4.json"}, "-v", "--image", "trixie"))
+        assert results[-1].stderr.rstrip().splitlines()[-1] == \
+            f"pibake: error: cannot fetch {shown}/os_list_imagingutility_v4.json: HTTP 401 Unauthorized"
+        assert server.refused == ["/os_list_imagingutility_v4.json"]
+    finally:
+        server.stop()
+    assert not any("Traceback" in r.output for r in results)
+    assert assert_said_nowhere(secrets_of(user, password), results, [cache]) > 12
+    records = [p for p in cache.rglob("*") if p.suffix == ".json"]
+    assert len(records) >= 4
+    for record in records:  # they name where images came from
+        assert record.stat().st_mode & 0o777 == 0o600, record

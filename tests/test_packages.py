@@ -8,12 +8,13 @@ archive on loopback, as a user points it at a local mirror.
 from __future__ import annotations
 
 from pathlib import Path
+from urllib.parse import unquote
 
 import pytest
 
 import apt_repo
 from builder.appliance import Appliance, Drive
-from conftest import Result, run_pibake, write_profile
+from conftest import Result, assert_said_nowhere, run_pibake, secrets_of, write_profile
 from mirror import Mirror
 from rpios_image import make_image
 from test_bad_input import PREVIOUS, assert_clean_failure
@@ -108,6 +109,39 @@ def test_package_archive_unreachable(project: Path) -> None:
     assert_clean_failure(result, project, "package dnsmasq, iptables, tcpdump, fabric, avahi-daemon not found")
     assert "***@127.0.0.1:9" in result.stderr
     assert "hunter2" not in result.output and "mirror-user" not in result.output
+
+
+@pytest.mark.parametrize(("user", "password", "given"), [("apt-reader", "p%40ss:w0rd-Zq7", "environment"),
+                                                       ("apt%40reader", "%E2%82%AC;Zq7=%25", "profile")])
+def test_a_mirror_with_credentials(project: Path, user: str, password: str, given: str) -> None:
+    """apt authenticates with them, and they are in no file the build leaves and in none of its output."""
+    server = Mirror(apt_repo.shared(), login=(unquote(user), unquote(password)))
+    try:
+        mirror = server.base.replace("://", f"://{user}:{password}@") + "/debian"
+        env: dict[str, str | None] = {"XDG_CACHE_HOME": str(project / "cache"),
+                                      "PIBAKE_APT_MIRRORS": f"http://deb.debian.org/debian={mirror}"}
+        if given == "profile":
+            text = (project / "profiles/cluster.yaml").read_text()
+            (project / "profiles/cluster.yaml").write_text(text + f"apt:\n  mirrors:\n    http://deb.debian.org/debian: {mirror}\n")
+            env["PIBAKE_APT_MIRRORS"] = None
+        built = run_pibake("build", "master", "--image", "base.img", "-vv", cwd=project, env=env)
+        assert built.code == 0, built.output
+        assert "9 .deb file(s)" in built.stderr and "/debian/pool/main/dnsmasq_1.0-1_arm64.deb" in server.paths()
+        # One a space in its password: apt's auth.conf cannot hold it, and the build says so.
+        spaced = mirror.replace(f":{password}@", f":{password}%20x@")
+        refused = run_pibake("build", "master", "--image", "base.img", "-v", cwd=project,
+                             env={**env, "PIBAKE_APT_MIRRORS": f"http://deb.debian.org/debian={spaced}"})
+        assert refused.code == 2 and refused.stderr.rstrip().splitlines()[-1] == (
+            f"pibake: error: the credentials of apt mirror {server.base.replace('://', '://***@')}/debian hold a space or "
+            "a control character, which apt cannot take (its auth.conf separates words with spaces)")
+    finally:
+        server.stop()
+    assert not list((project / "cache").rglob("auth.conf"))  # there only while apt ran
+    assert assert_said_nowhere(secrets_of(user, password), [built, refused],
+                               [project / "cache", project / "output", project / "state"]) > 30
+    sources = list((project / "cache/pibake/apt").rglob("sources.list"))
+    assert sources and all(p.stat().st_mode & 0o777 == 0o600 for p in sources)
+    assert f"{server.base}/debian bookworm" in sources[0].read_text()
 
 
 def test_no_room_for_the_packages_once_installed(project: Path) -> None:
