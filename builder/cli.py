@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import click
 
-from builder import __version__, formats, progress, urls
+from builder import __version__, environment, formats, progress, urls
 from builder.build import Options, build, inspect_release, plans_for
 from builder.errors import BuildError, ProfileError
 from builder.keys import KeyStore
@@ -107,6 +107,10 @@ def image_options(func: Callable[..., Any]) -> Callable[..., Any]:
 
 def _choice(settings: ImageSettings, image_spec: Optional[str], sha256: Optional[str], no_verify: bool, refresh: bool) -> Choice:
     spec = image_spec or settings.spec
+    problem = urls.problem(spec) if image_spec and is_url(image_spec) else None
+    if problem:
+        raise BuildError(f"--image: {problem}", exit_code=2)
+    environment.check_urls()
     return Choice(spec=spec, sha256=(sha256 or (settings.sha256 if not image_spec else None)),
                   source=Source.from_settings(settings.download_base, settings.os_list),
                   verify_signature=settings.verify_signature and not no_verify, refresh=refresh)

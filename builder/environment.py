@@ -47,12 +47,25 @@ def cache_home() -> Path:
     return Path(_get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"))
 
 
+def _checked_url(name: str, value: Optional[str]) -> Optional[str]:
+    """A URL from the environment meets the rule every URL meets (urls.problem)."""
+    problem = urls.problem(value) if value else None
+    if problem:
+        raise BuildError(f"{name}: {problem}", exit_code=2)
+    return value
+
+
+def check_urls() -> None:
+    """Every URL the environment gives, checked before anything is fetched."""
+    download_base(), os_list(), signing_key_urls()
+
+
 def download_base() -> Optional[str]:
-    return _get("PIBAKE_DOWNLOAD_BASE")
+    return _checked_url("PIBAKE_DOWNLOAD_BASE", _get("PIBAKE_DOWNLOAD_BASE"))
 
 
 def os_list() -> Optional[str]:
-    return _get("PIBAKE_OS_LIST")
+    return _checked_url("PIBAKE_OS_LIST", _get("PIBAKE_OS_LIST"))
 
 
 def signing_keys() -> Optional[list[str]]:
@@ -63,7 +76,7 @@ def signing_keys() -> Optional[list[str]]:
 def signing_key_urls() -> Optional[list[str]]:
     value = _get("PIBAKE_SIGNING_KEY_URL")
     # Split only where the next URL begins: a ',' may stand in a URL's password or path.
-    return re.split(r",(?=https?://)", value) if value else None
+    return [_checked_url("PIBAKE_SIGNING_KEY_URL", url) or "" for url in re.split(r",(?=https?://)", value)] if value else None
 
 
 def apt_mirrors() -> tuple[dict[str, str], list[str]]:

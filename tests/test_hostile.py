@@ -285,3 +285,14 @@ def test_credentials_in_a_bad_url_are_never_echoed(workdir: Path, key: str, url:
         secret = url.split("//")[1].split("@")[0]
         assert secret not in result.stderr and secret.split(":")[-1] not in result.stderr, result.stderr
         assert "***@" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("url, words", BAD_URLS[:4] + [("http://carol:hunter2@mirror lan/x", "not a URL")])
+@pytest.mark.parametrize("where", ["PIBAKE_DOWNLOAD_BASE", "PIBAKE_OS_LIST", "PIBAKE_SIGNING_KEY_URL", "--image"])
+def test_urls_from_the_environment_and_the_command_line_meet_the_same_rule(workdir: Path, url: str, words: str,
+                                                                         where: str) -> None:
+    result = run_limited(workdir, "fetch", *(["--image", url] if where == "--image" else []),
+                         env={} if where == "--image" else {where: url})
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.startswith(f"pibake: error: {where}: ") and words in result.stderr, result.stderr
+    assert "hunter2" not in result.stderr and len(result.stderr.splitlines()) == 1
