@@ -529,6 +529,7 @@ def prepare(output: Path, manifest: dict, pairs: list[tuple[str, str]], force: b
         block_map = bmaps.read(bmap_path)
         if block_map.image_size != image_path.stat().st_size:
             raise BuildError(f"{bmap_path} is not {image_path.name}'s block map (another size): build again", exit_code=2)
+        bmaps.check_covers(block_map, image_path, bmap_path)
         disk = find(device, all_disks)
         if disk.path in seen:
             raise BuildError(f"{disk.path} is given twice", exit_code=2)

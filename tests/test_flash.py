@@ -8,6 +8,7 @@ the device-selection logic with the machine's own lsblk output.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pty
@@ -158,6 +159,58 @@ def test_refusals_write_nothing(tmp_path: Path, loops: Loops, case: str) -> None
     assert loop.sectors_written() == before
     assert loop.backing.read_bytes() == content
     assert image.is_file()
+
+
+def _without(image: Path, left_out: set[int] | None) -> None:
+    """Rewrite the image's block map with the blocks `left_out` (None: every block) not mapped,
+    every checksum right: a block map that is well formed, and wrong."""
+    block_map = bmap.read(bmap.path_for(image))
+    runs: list[list[int]] = []
+    for r in block_map.ranges:
+        for block in range(r.first, r.last + 1):
+            if left_out is None or block in left_out:
+                continue
+            if runs and runs[-1][1] == block - 1:
+                runs[-1][1] = block
+            else:
+                runs.append([block, block])
+    ranges = []
+    with open(image, "rb") as f:
+        for first, last in runs:
+            f.seek(first * bmap.BLOCK)
+            data = f.read(min((last + 1) * bmap.BLOCK, block_map.image_size) - first * bmap.BLOCK)
+            ranges.append(bmap.Range(first, last, hashlib.sha256(data).hexdigest()))
+    bmap.path_for(image).write_text(bmap.to_xml(bmap.Bmap(block_map.image_size, tuple(ranges))))
+    assert bmap.read(bmap.path_for(image)).mapped_blocks == sum(last - first + 1 for first, last in runs)
+
+
+@pytest.mark.parametrize("case", ["maps nothing", "partition table", "first partition", "second partition", "middle"])
+def test_a_block_map_without_what_a_card_boots_from_is_refused(tmp_path: Path, loops: Loops, case: str) -> None:
+    out = tmp_path / "output"
+    image = synthetic_output(out, 24)
+    if case == "second partition":  # its data split in two partitions, the second from 20 MiB
+        subprocess.run(["sfdisk", "--quiet", str(image)], input="start=8192, size=32768, type=c\nstart=40960, type=83\n",
+                       text=True, check=True, capture_output=True)
+        bmap.write(image)
+    left_out = {"maps nothing": None, "partition table": {0}, "first partition": {4 * MIB // bmap.BLOCK},
+                "second partition": {20 * MIB // bmap.BLOCK}, "middle": {12 * MIB // bmap.BLOCK}}[case]
+    _without(image, left_out)
+    loop = loops.make(64 * MIB)
+    before, content = loop.sectors_written(), loop.backing.read_bytes()
+    result = pibake_flash("worker7", loop.device, "--yes", "--force", "-o", str(out), cwd=tmp_path)
+    if case == "middle":  # not what a card boots from: pibake cannot tell it from a free block
+        assert result.code == 0, result.output
+        return
+    assert result.code == 2, result.output
+    why = {"maps nothing": "it maps nothing of worker7.img",
+           "partition table": "it leaves out block 0, the partition table",
+           "first partition": "it leaves out block 1024, the start of partition 1's file system",
+           "second partition": "it leaves out block 5120, the start of partition 2's file system"}[case]
+    assert result.stderr.strip().splitlines() == [
+        f"pibake: error: {bmap.path_for(image)} is not a usable block map: {why}; build again"]
+    assert "verified" not in result.output and "Traceback" not in result.output
+    assert loop.sectors_written() == before
+    assert loop.backing.read_bytes() == content
 
 
 # ------------------------------------------------------------------ writing
