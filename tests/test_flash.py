@@ -8,10 +8,12 @@ the device-selection logic with the machine's own lsblk output.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import pty
+import select
 import re
 import shutil
 import signal
@@ -159,6 +161,37 @@ def test_refusals_write_nothing(tmp_path: Path, loops: Loops, case: str) -> None
     assert loop.sectors_written() == before
     assert loop.backing.read_bytes() == content
     assert image.is_file()
+
+
+def _one_refusal(result: Result, *words: str) -> None:
+    assert result.code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("pibake: error: will not write ") and "Traceback" not in result.output, \
+        result.stderr
+    assert lines[0].endswith("; nothing was written") and all(w in lines[0] for w in words), lines[0]
+
+
+@pytest.mark.parametrize("asked", [True, False])
+def test_a_device_held_open_exclusively_is_refused_before_the_question(tmp_path: Path, loops: Loops, asked: bool) -> None:
+    out = tmp_path / "output"
+    synthetic_output(out, 8)
+    loop = loops.make(64 * MIB)
+    before, content = loop.sectors_written(), loop.backing.read_bytes()
+    held = os.open(loop.device, os.O_RDONLY | os.O_EXCL)  # as a mount, or another flasher, holds it
+    try:
+        if asked:
+            proc, question = at_the_question(loop.device, out)
+            assert question == b"", question
+            stdout, stderr = proc.communicate(timeout=120)
+            result = Result(proc.returncode, stdout.decode(), stderr.decode())
+        else:
+            result = pibake_flash("worker7", loop.device, "--yes", "--force", "-o", str(out), cwd=tmp_path)
+    finally:
+        os.close(held)
+    _one_refusal(result, f"will not write {loop.device}: it is in use (mounted, or opened by another program)")
+    assert result.stdout == ""  # neither the device's description nor the question
+    assert loop.sectors_written() == before
+    assert loop.backing.read_bytes() == content
 
 
 def _without(image: Path, left_out: set[int] | None) -> None:
@@ -428,9 +461,10 @@ def test_without_root_it_says_to_use_sudo(tmp_path: Path, loops: Loops) -> None:
                         within=("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"))
     shutil.rmtree(shared)
     assert result.code == 1, result.output
-    assert result.stderr.strip().splitlines()[-1] == (
-        f"pibake: worker7 on {loop.device}: cannot open {loop.device} to write it: permission denied; "
-        "run pibake flash with sudo")
+    # The device is opened before anything is shown or asked.
+    assert result.stderr.strip().splitlines() == [
+        f"pibake: error: cannot open {loop.device} to write it: permission denied; run pibake flash with sudo"]
+    assert result.stdout == ""
     assert loop.sectors_written() == before
 
 
@@ -477,3 +511,74 @@ def test_it_asks_on_a_terminal(tmp_path: Path, loops: Loops, answer: str) -> Non
     else:
         assert proc.returncode == 0, stdout + stderr
         same_as_image(loop, image)
+
+
+def at_the_question(device: str, out: Path) -> tuple[subprocess.Popen, bytes]:
+    """`pibake flash worker7 DEVICE` on a terminal, once it asks (or has ended without asking);
+    returns it, and what it printed up to the question. Its stdin is `proc.leader`."""
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "builder", "flash", "worker7", device, "--force", "-o", str(out)],
+                            cwd=out.parent, stdin=follower, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    os.close(follower)
+    proc.leader = leader  # type: ignore[attr-defined]
+    shown = b""
+    deadline = time.monotonic() + 60
+    while b"Overwrite this disk?" not in shown and time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stdout], [], [], 0.5)
+        if ready:
+            chunk = os.read(proc.stdout.fileno(), 4096)
+            if not chunk:
+                break  # it ended without asking
+            shown += chunk
+    return proc, shown
+
+
+def _answer(proc: subprocess.Popen, text: str) -> Result:
+    os.write(proc.leader, text.encode())  # type: ignore[attr-defined]
+    stdout, stderr = proc.communicate(timeout=120)
+    os.close(proc.leader)  # type: ignore[attr-defined]
+    return Result(proc.returncode, stdout.decode(), stderr.decode())
+
+
+def _set_offset(device: str, offset: int) -> None:
+    """Move a loop device's window onto its file, as LOOP_SET_STATUS64 allows while it is open."""
+    fd = os.open(device, os.O_RDONLY)
+    try:
+        info = list(flash.LOOP_INFO.unpack(fcntl.ioctl(fd, flash.LOOP_GET_STATUS64, bytes(flash.LOOP_INFO.size))))
+        info[3] = offset
+        fcntl.ioctl(fd, 0x4C04, flash.LOOP_INFO.pack(*info))  # LOOP_SET_STATUS64
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("change", ["detached and attached again", "offset moved", "path names another device"])
+def test_a_device_changed_while_asked_is_not_written(tmp_path: Path, loops: Loops, change: str) -> None:
+    out = tmp_path / "output"
+    synthetic_output(out, 8)
+    card, other = loops.make(64 * MIB), loops.make(64 * MIB)
+    spare = tmp_path / "spare.raw"
+    with open(spare, "xb") as f:
+        f.truncate(64 * MIB)
+    given = tmp_path / "card"
+    given.symlink_to(card.device)
+    contents = {p: p.read_bytes() for p in (card.backing, other.backing, spare)}
+    before = other.sectors_written()
+    proc, shown = at_the_question(str(given), out)
+    assert b"Overwrite this disk?" in shown, shown
+    if change == "detached and attached again":
+        subprocess.run(["losetup", "--detach", card.device], check=True)  # put off while pibake holds it
+        again = subprocess.run(["losetup", card.device, str(spare)], check=False, capture_output=True)
+        if again.returncode == 0:  # where the kernel allows it (this one says busy): pibake must refuse all the same
+            loops.made.append(Loop(card.device, spare))
+    elif change == "offset moved":
+        _set_offset(card.device, 4096)
+    else:
+        given.unlink()
+        given.symlink_to(other.device)
+    result = _answer(proc, "y\n")
+    why = (f"{given} no longer names the device that was checked" if change == "path names another device"
+           else "what it is over changed since it was checked (detached, or set up again)")
+    _one_refusal(result, f"will not write {card.device}: {why}")
+    assert "verified" not in result.output
+    assert {p: p.read_bytes() for p in contents} == contents
+    assert other.sectors_written() == before
