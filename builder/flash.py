@@ -3,10 +3,11 @@ written, read back, and on a card holding an earlier build only what differs.
 
 Safety comes first: a device is refused, before anything is opened for writing, if
 it holds the running system or any mounted or held file system, is read-only, is
-smaller than the image, or is not removable (USB, MMC) unless forced. The device is
-then opened exclusively (O_EXCL), which the kernel refuses while anything uses it,
-before the question; the write goes to that same open device, after its path, number
-and backing are checked again.
+smaller than the image, or is not removable (USB, MMC) unless forced. A loop device
+is refused for all that lies beneath it too: the device it is over (and what that is
+over), or a file of pibake's own. The device is then opened exclusively (O_EXCL),
+which the kernel refuses while anything uses it, before the question; the write
+goes to that same open device, after its path, number and backing are checked again.
 
 pibake keeps a record on the card, in the 4 KiB before the first MiB (which Raspberry
 Pi OS's layout leaves unused, and which no image's block map covers): which node and
@@ -18,6 +19,7 @@ flash writes the card in full.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import errno
 import fcntl
@@ -48,6 +50,7 @@ LSBLK = ["lsblk", "--json", "--bytes", "--tree",
 GONE = {errno.EIO, errno.ENODEV, errno.ENXIO, errno.ENOMEDIUM, errno.ESHUTDOWN, errno.ENOSPC}
 LOOP_GET_STATUS64 = 0x4C05
 LOOP_INFO = struct.Struct("=5Q4I64s64s32s2Q")  # struct loop_info64
+MAX_DEPTH = 8  # loops over loops over ...: the kernel allows no cycle, this bounds the walk all the same
 
 
 @dataclass(frozen=True)
@@ -202,14 +205,87 @@ def loop_backing(fd: int, name: str) -> Backing | None:
     return Backing(dev, inode, rdev, offset, sizelimit, flags, text)
 
 
+class Guard:
+    """pibake's own files, which no device written may be over: every file in the output
+    folder (the images, their staging copies, their block maps) and in the cache. They
+    are known by device and inode, so a hard link or another path to one is known too."""
+
+    def __init__(self, folders: dict[Path, str], images: list[Path]) -> None:
+        self.folders = folders  # folder -> what a file in it is, for messages
+        self.images = images  # the manifest's, which may be links to elsewhere
+        self._files: dict[tuple[int, int], str] | None = None
+
+    def _known(self) -> dict[tuple[int, int], str]:
+        if self._files is None:
+            files: dict[tuple[int, int], str] = {}
+            for folder, what in self.folders.items():
+                for top, _folders, names in os.walk(folder):
+                    for name in names:
+                        with contextlib.suppress(OSError):
+                            st = os.lstat(os.path.join(top, name))
+                            files.setdefault((st.st_dev, st.st_ino), what)
+            for path in self.images:
+                with contextlib.suppress(OSError):
+                    st = os.stat(path)
+                    files.setdefault((st.st_dev, st.st_ino), "one of pibake's images")
+            self._files = files
+        return self._files
+
+    def refusal(self, backing: Backing) -> str | None:
+        what = self._known().get((backing.dev, backing.inode))
+        if what is None:  # a file since deleted, or out of reach of the walk: by its path
+            path = Path(backing.name.removesuffix(" (deleted)"))
+            what = next((w for f, w in self.folders.items() if path.is_relative_to(os.path.realpath(f))), None)
+        return None if what is None else f"it is a loop device over {backing.name}, {what}"
+
+
 @dataclass(frozen=True)
 class Context:
     """What a device is judged against: the disks as lsblk shows them, the numbers of the
-    root's device, and --force."""
+    root's device, --force, and pibake's own files."""
 
     disks: list[Disk]
     root: set[str]
     force: bool
+    guard: Guard
+
+
+def beneath_refusal(backing: Backing | None, context: Context, depth: int = 0) -> str | None:
+    """Why what a loop device is over forbids writing it: a file of pibake's, or a device
+    pibake would refuse to write itself (its whole disk, for a partition), or, for a loop
+    device over a loop device, anything beneath that."""
+    if backing is None:
+        return None
+    if not backing.rdev:
+        return context.guard.refusal(backing)
+    number = f"{os.major(backing.rdev)}:{os.minor(backing.rdev)}"
+    holding = [d for d in context.disks if number in d.numbers]
+    if not holding:
+        return f"it is a loop device over {backing.name}, which lsblk does not show"
+    for disk in holding:
+        why = refusal(disk, None, context.force, context.root)
+        if why is None:
+            why = _loop_refusal(disk, context, depth + 1)
+        if why is not None:
+            over = backing.name if backing.name == disk.path else f"{backing.name} (on {disk.path})"
+            return f"it is a loop device over {over}, which pibake refuses: {why}"
+    return None
+
+
+def _loop_refusal(disk: Disk, context: Context, depth: int) -> str | None:
+    """beneath_refusal() of a loop device lying under the one to be written."""
+    if not (Path("/sys/block") / disk.name / "loop").is_dir():
+        return None
+    if depth > MAX_DEPTH:
+        return "its loop devices nest too deep to follow"
+    try:
+        fd = os.open(disk.path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        return f"cannot tell what {disk.path} is over ({e.strerror})"
+    try:
+        return beneath_refusal(loop_backing(fd, disk.name), context, depth)
+    finally:
+        os.close(fd)
 
 
 # ------------------------------------------------------------------ the card's record
@@ -554,10 +630,11 @@ class Batch:
 
     jobs: list[Job]
     force: bool
+    guard: Guard
 
     def recheck(self) -> None:
         """Just before writing: BuildError unless every device is still what was checked."""
-        context = Context(disks(lsblk()), root_numbers(), self.force)
+        context = Context(disks(lsblk()), root_numbers(), self.force, self.guard)
         for job in self.jobs:
             _check_claim(job, context)
 
@@ -573,11 +650,15 @@ class Batch:
         self.close()
 
 
-def prepare(output: Path, manifest: dict, pairs: list[tuple[str, str]], force: bool) -> Batch:
+def prepare(output: Path, manifest: dict, pairs: list[tuple[str, str]], force: bool, cache_root: Path) -> Batch:
     """The jobs for (node, device) pairs, every device checked and held open exclusively;
     BuildError at the first refusal, with nothing written and every device let go."""
-    context = Context(disks(lsblk()), root_numbers(), force)
-    batch = Batch([], force)
+    nodes = manifest.get("nodes", {})
+    images = [output / e.get("image", "") for e in nodes.values() if e.get("image")]
+    guard = Guard({output: f"a file of pibake's output folder ({output})", cache_root: f"a file of pibake's cache ({cache_root})"},
+                  images)
+    context = Context(disks(lsblk()), root_numbers(), force, guard)
+    batch = Batch([], force, guard)
     try:
         seen: set[str] = set()
         for node, device in pairs:
@@ -648,7 +729,7 @@ def _claim(given: str, disk: Disk) -> Claim:
 
 def _check_claim(job: Job, context: Context) -> None:
     """BuildError unless the device held open is the one its path names, over what it was
-    over when first checked, and not refused now."""
+    over when first checked, and neither it nor anything beneath it is refused now."""
     claim, disk = job.claim, job.device
     if _number_at(claim.given) != claim.number or _number_at(disk.path) != claim.number:
         _refuse(disk, f"{claim.given} no longer names the device that was checked")
@@ -657,7 +738,7 @@ def _check_claim(job: Job, context: Context) -> None:
     now = find(claim.given, context.disks)
     if now.path != disk.path:
         _refuse(disk, f"{claim.given} no longer names the device that was checked")
-    _refuse(disk, refusal(now, job.bmap.image_size, context.force, context.root))
+    _refuse(disk, refusal(now, job.bmap.image_size, context.force, context.root) or beneath_refusal(claim.backing, context))
 
 
 def _number_at(path: str) -> int | None:

@@ -163,12 +163,111 @@ def test_refusals_write_nothing(tmp_path: Path, loops: Loops, case: str) -> None
     assert image.is_file()
 
 
+def _backing(name: str, major: int, minor: int) -> flash.Backing:
+    return flash.Backing(0, 0, os.makedev(major, minor), 0, 0, 0, name)
+
+
+def test_a_loop_device_inherits_the_refusals_of_the_device_it_is_over() -> None:
+    context = flash.Context(flash.disks(TREE), set(), False, flash.Guard({}, []))
+    forced = flash.Context(flash.disks(TREE), set(), True, flash.Guard({}, []))
+
+    def why(name: str, major: int, minor: int, context: flash.Context = context) -> str | None:
+        return flash.beneath_refusal(_backing(name, major, minor), context)
+
+    # A partition, or a volume on one, is judged by its whole disk.
+    assert why("/dev/sda2", 8, 2) == ("it is a loop device over /dev/sda2 (on /dev/sda), which pibake refuses: "
+                                      "it holds the running system (/)")
+    assert why("/dev/mapper/root", 254, 0).endswith("which pibake refuses: it holds the running system (/)")
+    assert "mounted file systems (/media/u/bootfs)" in why("/dev/sdb1", 8, 17)
+    assert "in use by /dev/mapper/vg-data" in why("/dev/mapper/vg-data", 254, 1, forced)
+    assert "read-only" in why("/dev/sdc", 8, 32, forced)
+    # Not removable: refused as that disk is, unless forced as that disk may be.
+    assert "not a removable disk" in why("/dev/sde", 8, 64)
+    assert why("/dev/sde", 8, 64, forced) is None
+    assert why("/dev/mmcblk0", 179, 0) is None
+    assert why("/dev/nbd0", 43, 0) == "it is a loop device over /dev/nbd0, which lsblk does not show"
+    # This machine's own root disk, by its numbers.
+    root = flash.root_numbers()
+    real = flash.Context(flash.disks(flash.lsblk()), root, True, flash.Guard({}, []))
+    disk = next(d for d in real.disks if d.numbers & root or "/" in d.mounts)
+    major, minor = map(int, sorted(disk.numbers)[0].split(":"))
+    assert flash.beneath_refusal(_backing(disk.path, major, minor), real).endswith(
+        "which pibake refuses: it holds the running system (/)")
+
+
 def _one_refusal(result: Result, *words: str) -> None:
     assert result.code == 2, result.output
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("pibake: error: will not write ") and "Traceback" not in result.output, \
         result.stderr
     assert lines[0].endswith("; nothing was written") and all(w in lines[0] for w in words), lines[0]
+
+
+@pytest.mark.parametrize("case", ["image", "hard link", "linked path", "other output file", "deleted output file",
+                                  "cache file", "loop over loop", "loop over loop over hard link"])
+def test_a_loop_device_over_a_file_of_pibakes_is_refused(tmp_path: Path, loops: Loops, case: str) -> None:
+    out = tmp_path / "output"
+    image = synthetic_output(out, 24)
+    cache = tmp_path / "cache"
+    target = image
+    if case == "hard link" or case.endswith("hard link"):
+        target = tmp_path / "card.img"
+        os.link(image, target)
+    elif case == "linked path":
+        (tmp_path / "elsewhere").symlink_to(out)
+        target = tmp_path / "elsewhere" / image.name
+    elif case in ("other output file", "deleted output file", "cache file"):
+        target = (cache / "pibake/images/base.img" if case == "cache file" else out / "old")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(target, "xb") as f:
+            f.truncate(64 * MIB)
+    under = loops.attach(target)
+    loop = loops.attach(Path(under.device)) if case.startswith("loop over loop") else under
+    before = {d.device: d.sectors_written() for d in (under, loop)}
+    content = hashlib.sha256(target.read_bytes()).hexdigest()
+    if case == "deleted output file":  # known by the path the kernel keeps, "(deleted)" and all
+        kept = os.open(target, os.O_RDONLY)
+        target.unlink()
+    result = run_pibake("flash", "worker7", loop.device, "--yes", "--force", "-o", str(out), cwd=tmp_path,
+                        env={"XDG_CACHE_HOME": str(cache)})
+    what = {"cache file": f"a file of pibake's cache ({cache}/pibake)"}.get(case, f"a file of pibake's output folder ({out})")
+    shown = {"linked path": os.path.realpath(target), "deleted output file": f"{target} (deleted)"}.get(case, str(target))
+    _one_refusal(result, f"will not write {loop.device}: ", f"it is a loop device over {shown}, {what}")
+    if loop is not under:
+        assert f"it is a loop device over {under.device}, which pibake refuses: " in result.stderr
+    assert {d.device: d.sectors_written() for d in (under, loop)} == before
+    if case == "deleted output file":
+        with os.fdopen(kept, "rb") as f:
+            assert hashlib.sha256(f.read()).hexdigest() == content
+    else:
+        assert hashlib.sha256(target.read_bytes()).hexdigest() == content
+
+
+@pytest.mark.parametrize("case", ["mounted", "partition mounted", "loop over loop over a mounted one"])
+def test_a_loop_device_over_a_mounted_device_is_refused(tmp_path: Path, loops: Loops, case: str) -> None:
+    out = tmp_path / "output"
+    synthetic_output(out, 24)
+    disk = loops.make(64 * MIB)
+    over = disk.device
+    if case == "partition mounted":
+        subprocess.run(["sfdisk", "--quiet", disk.device], input="start=2048, size=40960, type=83\nstart=43008, type=83\n",
+                       text=True, check=True, capture_output=True)
+        subprocess.run(["partx", "--update", disk.device], check=False)  # where the kernel did not scan it itself
+        part = Loop(disk.device + "p1", disk.backing)
+        assert Path(part.device).is_block_device()
+        where = loops.mount(part)
+        over = disk.device + "p2"  # the other partition: a loop over it is still a loop over a disk in use
+    else:
+        where = loops.mount(disk)
+    loop = loops.attach(Path(over))
+    if case.startswith("loop over loop"):
+        loop = loops.attach(Path(loop.device))
+    before, content = loop.sectors_written(), hashlib.sha256(disk.backing.read_bytes()).hexdigest()
+    result = pibake_flash("worker7", loop.device, "--yes", "--force", "-o", str(out), cwd=tmp_path)
+    _one_refusal(result, f"will not write {loop.device}: it is a loop device over ",
+                 f"which pibake refuses: it has mounted file systems ({where}): unmount them first")
+    assert loop.sectors_written() == before
+    assert hashlib.sha256(disk.backing.read_bytes()).hexdigest() == content
 
 
 @pytest.mark.parametrize("asked", [True, False])
