@@ -9,7 +9,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 import click
 
@@ -26,6 +26,9 @@ from builder.check import COLUMNS, DEFAULT_TIMEOUT, probe_all, verdicts
 from builder.download import session
 from builder.profile import ImageSettings, Profile, load, load_image_settings
 from builder.release import NAMES, named
+
+if TYPE_CHECKING:
+    from builder.flash import Batch  # imported where it runs: only pibake flash needs it
 
 log = logging.getLogger("builder")
 
@@ -289,7 +292,15 @@ def flash_command(args: tuple[str, ...], all_nodes: bool, list_disks: bool, yes:
             raise BuildError("give a node and a device (pibake flash worker3 /dev/sdb), --all and devices, or --list",
                              exit_code=2)
         pairs = [(args[0], args[1])]
-    jobs = flash.prepare(output, manifest, pairs, force)
+    with flash.prepare(output, manifest, pairs, force, cache.root()) as batch:
+        _flash(batch, yes)
+
+
+def _flash(batch: Batch, yes: bool) -> None:
+    """Ask, check every device again, write them all; each device is held open since it was checked."""
+    from builder import flash
+
+    jobs = batch.jobs
     for job in jobs:
         on_it = ", ".join(job.device.contents) or "no partitions"
         _echo(f"{job.node} ({job.image.name}, {job.bmap.mapped_bytes / 2**30:.2f} GiB to write of "
@@ -306,6 +317,7 @@ def flash_command(args: tuple[str, ...], all_nodes: bool, list_disks: bool, yes:
         if not go:
             _error("pibake: not flashed: nothing was written")
             raise SystemExit(130 if go is None else 1)
+    batch.recheck()  # what was shown and agreed to is what is written
     bars = [progress.bar(total=job.bmap.mapped_bytes, unit="B", unit_scale=True, desc=f"{job.node} -> {job.device.path}",
                          position=i) for i, job in enumerate(jobs)]
     stop = threading.Event()

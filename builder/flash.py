@@ -3,8 +3,11 @@ written, read back, and on a card holding an earlier build only what differs.
 
 Safety comes first: a device is refused, before anything is opened for writing, if
 it holds the running system or any mounted or held file system, is read-only, is
-smaller than the image, or is not removable (USB, MMC) unless forced. It is then
-opened exclusively (O_EXCL), which the kernel refuses while anything uses it.
+smaller than the image, or is not removable (USB, MMC) unless forced. A loop device
+is refused for all that lies beneath it too: the device it is over (and what that is
+over), or a file of pibake's own. The device is then opened exclusively (O_EXCL),
+which the kernel refuses while anything uses it, before the question; the write
+goes to that same open device, after its path, number and backing are checked again.
 
 pibake keeps a record on the card, in the 4 KiB before the first MiB (which Raspberry
 Pi OS's layout leaves unused, and which no image's block map covers): which node and
@@ -16,6 +19,7 @@ flash writes the card in full.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import errno
 import fcntl
@@ -44,6 +48,9 @@ REMOVABLE_TRANSPORTS = {"usb", "mmc", "sdio", "ieee1394"}
 LSBLK = ["lsblk", "--json", "--bytes", "--tree",
          "--output", "NAME,PATH,MAJ:MIN,TYPE,SIZE,RM,HOTPLUG,TRAN,VENDOR,MODEL,RO,FSTYPE,LABEL,MOUNTPOINTS"]
 GONE = {errno.EIO, errno.ENODEV, errno.ENXIO, errno.ENOMEDIUM, errno.ESHUTDOWN, errno.ENOSPC}
+LOOP_GET_STATUS64 = 0x4C05
+LOOP_INFO = struct.Struct("=5Q4I64s64s32s2Q")  # struct loop_info64
+MAX_DEPTH = 8  # loops over loops over ...: the kernel allows no cycle, this bounds the walk all the same
 
 
 @dataclass(frozen=True)
@@ -164,6 +171,123 @@ def _own_number(disk: Disk) -> str:
     return f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
 
 
+# ------------------------------------------------------------------ what a loop device is over
+
+
+@dataclass(frozen=True)
+class Backing:
+    """What a loop device is over, as the kernel keeps it (LOOP_GET_STATUS64): the file's
+    device and inode, or a block device's number, and the window onto it. Its path in
+    sysfs may be out of date or say "(deleted)": it is only shown."""
+
+    dev: int  # st_dev of the file (for a block device, of its device node)
+    inode: int
+    rdev: int  # the block device's number; 0 for a file
+    offset: int
+    sizelimit: int
+    flags: int  # a detach its users delay sets autoclear
+    name: str = field(default="", compare=False)
+
+
+def loop_backing(fd: int, name: str) -> Backing | None:
+    """What the device open at `fd` (kernel name `name`) is over; None if it is not a loop device."""
+    try:
+        raw = fcntl.ioctl(fd, LOOP_GET_STATUS64, bytes(LOOP_INFO.size))
+    except OSError as e:
+        if e.errno in (errno.ENOTTY, errno.EINVAL, errno.ENXIO):  # not a loop device, or one over nothing
+            return None
+        raise
+    dev, inode, rdev, offset, sizelimit, _number, _cipher, _key_size, flags = LOOP_INFO.unpack(raw)[:9]
+    try:
+        text = (Path("/sys/block") / name / "loop/backing_file").read_text().rstrip("\n")
+    except OSError:
+        text = f"inode {inode} of device {os.major(dev)}:{os.minor(dev)}"
+    return Backing(dev, inode, rdev, offset, sizelimit, flags, text)
+
+
+class Guard:
+    """pibake's own files, which no device written may be over: every file in the output
+    folder (the images, their staging copies, their block maps) and in the cache. They
+    are known by device and inode, so a hard link or another path to one is known too."""
+
+    def __init__(self, folders: dict[Path, str], images: list[Path]) -> None:
+        self.folders = folders  # folder -> what a file in it is, for messages
+        self.images = images  # the manifest's, which may be links to elsewhere
+        self._files: dict[tuple[int, int], str] | None = None
+
+    def _known(self) -> dict[tuple[int, int], str]:
+        if self._files is None:
+            files: dict[tuple[int, int], str] = {}
+            for folder, what in self.folders.items():
+                for top, _folders, names in os.walk(folder):
+                    for name in names:
+                        with contextlib.suppress(OSError):
+                            st = os.lstat(os.path.join(top, name))
+                            files.setdefault((st.st_dev, st.st_ino), what)
+            for path in self.images:
+                with contextlib.suppress(OSError):
+                    st = os.stat(path)
+                    files.setdefault((st.st_dev, st.st_ino), "one of pibake's images")
+            self._files = files
+        return self._files
+
+    def refusal(self, backing: Backing) -> str | None:
+        what = self._known().get((backing.dev, backing.inode))
+        if what is None:  # a file since deleted, or out of reach of the walk: by its path
+            path = Path(backing.name.removesuffix(" (deleted)"))
+            what = next((w for f, w in self.folders.items() if path.is_relative_to(os.path.realpath(f))), None)
+        return None if what is None else f"it is a loop device over {backing.name}, {what}"
+
+
+@dataclass(frozen=True)
+class Context:
+    """What a device is judged against: the disks as lsblk shows them, the numbers of the
+    root's device, --force, and pibake's own files."""
+
+    disks: list[Disk]
+    root: set[str]
+    force: bool
+    guard: Guard
+
+
+def beneath_refusal(backing: Backing | None, context: Context, depth: int = 0) -> str | None:
+    """Why what a loop device is over forbids writing it: a file of pibake's, or a device
+    pibake would refuse to write itself (its whole disk, for a partition), or, for a loop
+    device over a loop device, anything beneath that."""
+    if backing is None:
+        return None
+    if not backing.rdev:
+        return context.guard.refusal(backing)
+    number = f"{os.major(backing.rdev)}:{os.minor(backing.rdev)}"
+    holding = [d for d in context.disks if number in d.numbers]
+    if not holding:
+        return f"it is a loop device over {backing.name}, which lsblk does not show"
+    for disk in holding:
+        why = refusal(disk, None, context.force, context.root)
+        if why is None:
+            why = _loop_refusal(disk, context, depth + 1)
+        if why is not None:
+            over = backing.name if backing.name == disk.path else f"{backing.name} (on {disk.path})"
+            return f"it is a loop device over {over}, which pibake refuses: {why}"
+    return None
+
+
+def _loop_refusal(disk: Disk, context: Context, depth: int) -> str | None:
+    """beneath_refusal() of a loop device lying under the one to be written."""
+    if not (Path("/sys/block") / disk.name / "loop").is_dir():
+        return None
+    if depth > MAX_DEPTH:
+        return "its loop devices nest too deep to follow"
+    try:
+        fd = os.open(disk.path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        return f"cannot tell what {disk.path} is over ({e.strerror})"
+    try:
+        return beneath_refusal(loop_backing(fd, disk.name), context, depth)
+    finally:
+        os.close(fd)
+
+
 # ------------------------------------------------------------------ the card's record
 
 
@@ -202,12 +326,25 @@ def decode_record(blob: bytes) -> dict | None:
 
 
 @dataclass(frozen=True)
+class Claim:
+    """A device held open exclusively from its checks until it is written, and what it was
+    when checked: the write goes to this descriptor, never to its path opened again."""
+
+    given: str  # its path as given
+    fd: int
+    direct: bool  # O_DIRECT: reads come from the card, not the page cache
+    number: int  # st_rdev
+    backing: Backing | None  # for a loop device
+
+
+@dataclass(frozen=True)
 class Job:
     node: str
     image: Path
     bmap: bmaps.Bmap
     image_sha256: str
     device: Disk
+    claim: Claim
 
 
 @dataclass
@@ -269,35 +406,14 @@ class _Card:
         self.job, self.stop, self.progress = job, stop, progress
         self.result = Result(job)
         self.sector = 512
-        self.direct = True  # O_DIRECT: reads come from the card, not the page cache
-
-    def _open(self) -> int:
-        flags = os.O_RDWR | os.O_EXCL | os.O_CLOEXEC
-        try:
-            return os.open(self.job.device.path, flags | os.O_DIRECT)
-        except OSError as e:
-            if e.errno == errno.EINVAL:  # no O_DIRECT here: the page cache is dropped before reading back
-                self.direct = False
-                return os.open(self.job.device.path, flags)
-            if e.errno == errno.EBUSY:
-                raise BuildError(f"{self.job.device.path} is in use (mounted, or opened by another program): "
-                                 "nothing was written") from None
-            if e.errno in (errno.EACCES, errno.EPERM):
-                raise BuildError(f"cannot open {self.job.device.path} to write it: permission denied; "
-                                 "run pibake flash with sudo") from None
-            raise
+        self.direct = job.claim.direct
 
     def run(self) -> Result:
-        job = self.job
-        fd = self._open()
+        source = os.open(self.job.image, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            source = os.open(job.image, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                self._flash(fd, source)
-            finally:
-                os.close(source)
+            self._flash(self.job.claim.fd, source)
         finally:
-            os.close(fd)
+            os.close(source)
         return self.result
 
     def _aligned(self, length: int) -> int:
@@ -508,33 +624,126 @@ def nodes_in_order(manifest: dict) -> list[dict]:
     return sorted(manifest.get("nodes", {}).values(), key=key)
 
 
-def prepare(output: Path, manifest: dict, pairs: list[tuple[str, str]], force: bool) -> list[Job]:
-    """The jobs for (node, device) pairs, every device checked; BuildError at the first refusal,
-    before anything is opened for writing."""
+@dataclass
+class Batch:
+    """One run's jobs, each device held open from its checks until close()."""
+
+    jobs: list[Job]
+    force: bool
+    guard: Guard
+
+    def recheck(self) -> None:
+        """Just before writing: BuildError unless every device is still what was checked."""
+        context = Context(disks(lsblk()), root_numbers(), self.force, self.guard)
+        for job in self.jobs:
+            _check_claim(job, context)
+
+    def close(self) -> None:
+        for job in self.jobs:
+            os.close(job.claim.fd)
+        self.jobs = []
+
+    def __enter__(self) -> Batch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def prepare(output: Path, manifest: dict, pairs: list[tuple[str, str]], force: bool, cache_root: Path) -> Batch:
+    """The jobs for (node, device) pairs, every device checked and held open exclusively;
+    BuildError at the first refusal, with nothing written and every device let go."""
     nodes = manifest.get("nodes", {})
-    all_disks = disks(lsblk())
-    root = root_numbers()
-    jobs, seen = [], set()
-    for node, device in pairs:
-        entry = nodes.get(node)
-        if entry is None:
-            known = ", ".join(e["hostname"] for e in nodes_in_order(manifest)) or "none: build first (pibake build cluster)"
-            raise BuildError(f"no image of {node!r} in {output}/manifest.json (nodes: {known})", exit_code=2)
-        image_path = output / entry["image"]
-        bmap_path = bmaps.path_for(image_path)
-        if not image_path.is_file():
-            raise BuildError(f"{image_path} is gone: build it again (pibake build)", exit_code=2)
-        if not bmap_path.is_file():
-            raise BuildError(f"{bmap_path} is missing: build again (pibake build) to write it", exit_code=2)
-        block_map = bmaps.read(bmap_path)
-        if block_map.image_size != image_path.stat().st_size:
-            raise BuildError(f"{bmap_path} is not {image_path.name}'s block map (another size): build again", exit_code=2)
-        disk = find(device, all_disks)
-        if disk.path in seen:
-            raise BuildError(f"{disk.path} is given twice", exit_code=2)
-        seen.add(disk.path)
-        why = refusal(disk, block_map.image_size, force, root)
-        if why is not None:
-            raise BuildError(f"will not write {disk.path}: {why}; nothing was written", exit_code=2)
-        jobs.append(Job(node, image_path, block_map, entry.get("sha256", ""), disk))
-    return jobs
+    images = [output / e.get("image", "") for e in nodes.values() if e.get("image")]
+    guard = Guard({output: f"a file of pibake's output folder ({output})", cache_root: f"a file of pibake's cache ({cache_root})"},
+                  images)
+    context = Context(disks(lsblk()), root_numbers(), force, guard)
+    batch = Batch([], force, guard)
+    try:
+        seen: set[str] = set()
+        for node, device in pairs:
+            image_path, block_map, image_sha256 = _image_of(output, manifest, node)
+            disk = find(device, context.disks)
+            if disk.path in seen:
+                raise BuildError(f"{disk.path} is given twice", exit_code=2)
+            seen.add(disk.path)
+            _refuse(disk, refusal(disk, block_map.image_size, force, context.root))
+            job = Job(node, image_path, block_map, image_sha256, disk, _claim(device, disk))
+            batch.jobs.append(job)
+            _check_claim(job, context)
+    except BaseException:
+        batch.close()
+        raise
+    return batch
+
+
+def _image_of(output: Path, manifest: dict, node: str) -> tuple[Path, bmaps.Bmap, str]:
+    """A node's image, its block map (checked against it) and its sha256."""
+    nodes = manifest.get("nodes", {})
+    entry = nodes.get(node)
+    if entry is None:
+        known = ", ".join(e["hostname"] for e in nodes_in_order(manifest)) or "none: build first (pibake build cluster)"
+        raise BuildError(f"no image of {node!r} in {output}/manifest.json (nodes: {known})", exit_code=2)
+    image_path = output / entry["image"]
+    bmap_path = bmaps.path_for(image_path)
+    if not image_path.is_file():
+        raise BuildError(f"{image_path} is gone: build it again (pibake build)", exit_code=2)
+    if not bmap_path.is_file():
+        raise BuildError(f"{bmap_path} is missing: build again (pibake build) to write it", exit_code=2)
+    block_map = bmaps.read(bmap_path)
+    if block_map.image_size != image_path.stat().st_size:
+        raise BuildError(f"{bmap_path} is not {image_path.name}'s block map (another size): build again", exit_code=2)
+    bmaps.check_covers(block_map, image_path, bmap_path)
+    return image_path, block_map, entry.get("sha256", "")
+
+
+def _refuse(disk: Disk, why: str | None) -> None:
+    if why is not None:
+        raise BuildError(f"will not write {disk.path}: {why}; nothing was written", exit_code=2)
+
+
+def _claim(given: str, disk: Disk) -> Claim:
+    """`disk` opened exclusively, for writing; BuildError if the kernel says it is in use."""
+    flags = os.O_RDWR | os.O_EXCL | os.O_CLOEXEC
+    direct = True
+    try:
+        try:
+            fd = os.open(disk.path, flags | os.O_DIRECT)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            direct = False  # no O_DIRECT here: the page cache is dropped before reading back
+            fd = os.open(disk.path, flags)
+    except OSError as e:
+        if e.errno == errno.EBUSY:
+            _refuse(disk, "it is in use (mounted, or opened by another program)")
+        if e.errno in (errno.EACCES, errno.EPERM):
+            raise BuildError(f"cannot open {disk.path} to write it: permission denied; run pibake flash with sudo") from None
+        raise
+    try:
+        return Claim(given, fd, direct, os.fstat(fd).st_rdev, loop_backing(fd, disk.name))
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _check_claim(job: Job, context: Context) -> None:
+    """BuildError unless the device held open is the one its path names, over what it was
+    over when first checked, and neither it nor anything beneath it is refused now."""
+    claim, disk = job.claim, job.device
+    if _number_at(claim.given) != claim.number or _number_at(disk.path) != claim.number:
+        _refuse(disk, f"{claim.given} no longer names the device that was checked")
+    if loop_backing(claim.fd, disk.name) != claim.backing:
+        _refuse(disk, "what it is over changed since it was checked (detached, or set up again)")
+    now = find(claim.given, context.disks)
+    if now.path != disk.path:
+        _refuse(disk, f"{claim.given} no longer names the device that was checked")
+    _refuse(disk, refusal(now, job.bmap.image_size, context.force, context.root) or beneath_refusal(claim.backing, context))
+
+
+def _number_at(path: str) -> int | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_rdev if stat.S_ISBLK(st.st_mode) else None

@@ -24,6 +24,7 @@ from builder.files import write_file
 log = logging.getLogger(__name__)
 _HELD: dict[Path, int] = {}  # state folders' lock files this process holds
 OPERATOR_KEY = "operator_id_ed25519"
+LOCK = ".lock"  # in the state folder
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,67 @@ def _read_own(path: Path) -> bytes:
         return f.read(64 << 10)
 
 
+def _check_folder(folder: Path, st: os.stat_result) -> None:
+    """As sshd's StrictModes: a folder of this user's that nobody else can write to."""
+    if not stat.S_ISDIR(st.st_mode):
+        raise BuildError(f"state folder {folder} is not a folder (a link?); pibake keeps its keys only in a real one",
+                         exit_code=2)
+    if st.st_uid != os.getuid():
+        raise BuildError(f"state folder {folder} belongs to another user (uid {st.st_uid}); "
+                         "use a folder of your own (--state)", exit_code=2)
+    if st.st_mode & 0o022:
+        raise BuildError(f"state folder {folder} can be written by others (mode {stat.S_IMODE(st.st_mode):04o}); "
+                         f"chmod 700 it, or use another (--state)", exit_code=2)
+
+
+def _open_folder(state: Path) -> int:
+    """The state folder, made if missing, opened without following a link, and checked:
+    its lock is made in it only after that, through this descriptor."""
+    state.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.mkdir(state, 0o700)  # never through a link: mkdir does not follow one
+    except FileExistsError:
+        pass
+    try:
+        fd = os.open(state, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENOTDIR):
+            _check_folder(state, os.lstat(state))
+        raise BuildError(f"cannot open state folder {state}: {e.strerror}", exit_code=2) from None
+    try:
+        _check_folder(state, os.fstat(fd))
+    except BuildError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _open_lock(lock: Path, folder: int) -> int:
+    """The state folder's lock file, opened in the checked folder without following a
+    link: a link planted there would have pibake create or lock a file elsewhere."""
+    try:
+        fd = os.open(LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600,
+                     dir_fd=folder)
+    except OSError as e:
+        why = "it is a symlink, which pibake does not follow in its state folder" if e.errno == errno.ELOOP else e.strerror
+        raise BuildError(f"cannot use {lock} as the state folder's lock: {why}; remove it", exit_code=2) from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid():
+        os.close(fd)
+        raise BuildError(f"cannot use {lock} as the state folder's lock: not a file of yours; remove it", exit_code=2)
+    return fd
+
+
+def _same_file(held: int, folder: int) -> bool:
+    """Whether the lock file held is still the one in the folder."""
+    try:
+        st = os.stat(LOCK, dir_fd=folder, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    here = os.fstat(held)
+    return (st.st_dev, st.st_ino) == (here.st_dev, here.st_ino)
+
+
 class KeyStore:
     def __init__(self, state_dir: Path) -> None:
         self.dir = state_dir / "keys"
@@ -90,19 +152,22 @@ class KeyStore:
         if self._lock is not None:
             return
         state = self.dir.parent
-        state.mkdir(parents=True, exist_ok=True, mode=0o700)
-        lock = (state / ".lock").resolve()
-        held = _HELD.get(lock)
-        if held is not None and os.path.exists(lock) and os.fstat(held).st_ino != os.stat(lock).st_ino:
-            os.close(_HELD.pop(lock))  # the folder was removed and made again since
-        if lock not in _HELD:  # one lock per folder and process: flock would wait on itself
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                log.info("waiting for another pibake run that uses %s", state)
-                fcntl.flock(fd, fcntl.LOCK_EX)
-            _HELD[lock] = fd  # released when this process ends
+        folder = _open_folder(state)  # checked before anything is made in it
+        try:
+            lock = Path(os.path.realpath(state)) / LOCK
+            held = _HELD.get(lock)
+            if held is not None and not _same_file(held, folder):
+                os.close(_HELD.pop(lock))  # the folder was removed and made again since
+            if lock not in _HELD:  # one lock per folder and process: flock would wait on itself
+                fd = _open_lock(lock, folder)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    log.info("waiting for another pibake run that uses %s", state)
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+                _HELD[lock] = fd  # released when this process ends
+        finally:
+            os.close(folder)
         self._lock = _HELD[lock]
 
     def _load_or_make(self, name: str, comment: str) -> KeyPair:
@@ -132,19 +197,10 @@ class KeyStore:
         return pair
 
     def _check_folders(self) -> None:
-        """As sshd's StrictModes: the state folder and its keys folder are this user's and
-        nobody else can write to them, or nothing in them is trusted."""
+        """The state folder and its keys folder pass _check_folder, or nothing in them is trusted."""
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         for folder in (self.dir.parent, self.dir):
-            st = os.lstat(folder)
-            if not stat.S_ISDIR(st.st_mode):
-                raise BuildError(f"state folder {folder} is not a folder (a link?); pibake keeps its keys only in a real one")
-            if st.st_uid != os.getuid():
-                raise BuildError(f"state folder {folder} belongs to another user (uid {st.st_uid}); "
-                                 "use a folder of your own (--state)")
-            if st.st_mode & 0o022:
-                raise BuildError(f"state folder {folder} can be written by others (mode {stat.S_IMODE(st.st_mode):04o}); "
-                                 f"chmod 700 it, or use another (--state)")
+            _check_folder(folder, os.lstat(folder))
 
     def host_key(self, hostname: str) -> KeyPair:
         return self._pair(f"{hostname}_ssh_host_ed25519_key", f"root@{hostname}")

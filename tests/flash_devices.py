@@ -44,18 +44,31 @@ class Loops:
         backing = self.folder / f"card{len(self.made)}.raw"
         with open(backing, "xb") as f:
             f.truncate(size)
+        return self.attach(backing)
+
+    def attach(self, backing: Path) -> Loop:
+        """A loop device over `backing`: a file the test made, or a loop device of this module's."""
+        assert backing.is_file() or self.ours(str(backing)), backing  # only what the test made
         device = subprocess.run(["losetup", "--find", "--show", str(backing)], capture_output=True, text=True,
                                 check=True).stdout.strip()
         loop = Loop(device, backing)
         self.made.append(loop)
         assert re.fullmatch(r"/dev/loop\d+", device), device
-        back = subprocess.run(["losetup", "--noheadings", "--output", "BACK-FILE", device], capture_output=True,
-                              text=True, check=True).stdout.strip()
-        assert Path(back).resolve() == backing.resolve(), f"{device} is not backed by {backing}"
+        assert self.backed_by(loop), f"{device} is not backed by {backing}"
         return loop
 
+    def ours(self, device: str) -> bool:
+        """Whether `device` is a loop device of this module's, or a partition of one."""
+        return any(re.fullmatch(re.escape(loop.device) + r"(p\d+)?", device) for loop in self.made)
+
+    @staticmethod
+    def backed_by(loop: Loop) -> bool:
+        back = subprocess.run(["losetup", "--noheadings", "--output", "BACK-FILE", loop.device], capture_output=True,
+                              text=True, check=False).stdout.strip().removesuffix(" (deleted)")
+        return bool(back) and Path(back).resolve() == loop.backing.resolve()
+
     def mount(self, loop: Loop) -> Path:
-        assert loop in self.made
+        assert self.ours(loop.device)
         subprocess.run(["mkfs.ext4", "-q", "-F", loop.device], check=True)
         where = self.folder / f"mnt-{Path(loop.device).name}"
         where.mkdir()
@@ -67,8 +80,12 @@ class Loops:
     def close(self) -> None:
         for where in self.mounted:
             subprocess.run(["umount", str(where)], check=False)
-        for loop in self.made:
-            subprocess.run(["losetup", "--detach", loop.device], check=False)
+        for loop in reversed(self.made):  # a loop over another first
+            if self.backed_by(loop):  # one a test had detached may be another's by now
+                # Partitions a test added (partx) outlive a detach, and would stand in the way of
+                # the next table on this device number.
+                subprocess.run(["partx", "--delete", loop.device], check=False, capture_output=True)
+                subprocess.run(["losetup", "--detach", loop.device], check=False)
 
 
 def synthetic_output(folder: Path, data_mib: int, node: str = "worker7") -> Path:

@@ -8,9 +8,12 @@ the device-selection logic with the machine's own lsblk output.
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
 import os
 import pty
+import select
 import re
 import shutil
 import signal
@@ -158,6 +161,188 @@ def test_refusals_write_nothing(tmp_path: Path, loops: Loops, case: str) -> None
     assert loop.sectors_written() == before
     assert loop.backing.read_bytes() == content
     assert image.is_file()
+
+
+def _backing(name: str, major: int, minor: int) -> flash.Backing:
+    return flash.Backing(0, 0, os.makedev(major, minor), 0, 0, 0, name)
+
+
+def test_a_loop_device_inherits_the_refusals_of_the_device_it_is_over() -> None:
+    context = flash.Context(flash.disks(TREE), set(), False, flash.Guard({}, []))
+    forced = flash.Context(flash.disks(TREE), set(), True, flash.Guard({}, []))
+
+    def why(name: str, major: int, minor: int, context: flash.Context = context) -> str | None:
+        return flash.beneath_refusal(_backing(name, major, minor), context)
+
+    # A partition, or a volume on one, is judged by its whole disk.
+    assert why("/dev/sda2", 8, 2) == ("it is a loop device over /dev/sda2 (on /dev/sda), which pibake refuses: "
+                                      "it holds the running system (/)")
+    assert why("/dev/mapper/root", 254, 0).endswith("which pibake refuses: it holds the running system (/)")
+    assert "mounted file systems (/media/u/bootfs)" in why("/dev/sdb1", 8, 17)
+    assert "in use by /dev/mapper/vg-data" in why("/dev/mapper/vg-data", 254, 1, forced)
+    assert "read-only" in why("/dev/sdc", 8, 32, forced)
+    # Not removable: refused as that disk is, unless forced as that disk may be.
+    assert "not a removable disk" in why("/dev/sde", 8, 64)
+    assert why("/dev/sde", 8, 64, forced) is None
+    assert why("/dev/mmcblk0", 179, 0) is None
+    assert why("/dev/nbd0", 43, 0) == "it is a loop device over /dev/nbd0, which lsblk does not show"
+    # This machine's own root disk, by its numbers.
+    root = flash.root_numbers()
+    real = flash.Context(flash.disks(flash.lsblk()), root, True, flash.Guard({}, []))
+    disk = next(d for d in real.disks if d.numbers & root or "/" in d.mounts)
+    major, minor = map(int, sorted(disk.numbers)[0].split(":"))
+    assert flash.beneath_refusal(_backing(disk.path, major, minor), real).endswith(
+        "which pibake refuses: it holds the running system (/)")
+
+
+def _one_refusal(result: Result, *words: str) -> None:
+    assert result.code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("pibake: error: will not write ") and "Traceback" not in result.output, \
+        result.stderr
+    assert lines[0].endswith("; nothing was written") and all(w in lines[0] for w in words), lines[0]
+
+
+@pytest.mark.parametrize("case", ["image", "hard link", "linked path", "other output file", "deleted output file",
+                                  "cache file", "loop over loop", "loop over loop over hard link"])
+def test_a_loop_device_over_a_file_of_pibakes_is_refused(tmp_path: Path, loops: Loops, case: str) -> None:
+    out = tmp_path / "output"
+    image = synthetic_output(out, 24)
+    cache = tmp_path / "cache"
+    target = image
+    if case == "hard link" or case.endswith("hard link"):
+        target = tmp_path / "card.img"
+        os.link(image, target)
+    elif case == "linked path":
+        (tmp_path / "elsewhere").symlink_to(out)
+        target = tmp_path / "elsewhere" / image.name
+    elif case in ("other output file", "deleted output file", "cache file"):
+        target = (cache / "pibake/images/base.img" if case == "cache file" else out / "old")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(target, "xb") as f:
+            f.truncate(64 * MIB)
+    under = loops.attach(target)
+    loop = loops.attach(Path(under.device)) if case.startswith("loop over loop") else under
+    before = {d.device: d.sectors_written() for d in (under, loop)}
+    content = hashlib.sha256(target.read_bytes()).hexdigest()
+    if case == "deleted output file":  # known by the path the kernel keeps, "(deleted)" and all
+        kept = os.open(target, os.O_RDONLY)
+        target.unlink()
+    result = run_pibake("flash", "worker7", loop.device, "--yes", "--force", "-o", str(out), cwd=tmp_path,
+                        env={"XDG_CACHE_HOME": str(cache)})
+    what = {"cache file": f"a file of pibake's cache ({cache}/pibake)"}.get(case, f"a file of pibake's output folder ({out})")
+    shown = {"linked path": os.path.realpath(target), "deleted output file": f"{target} (deleted)"}.get(case, str(target))
+    _one_refusal(result, f"will not write {loop.device}: ", f"it is a loop device over {shown}, {what}")
+    if loop is not under:
+        assert f"it is a loop device over {under.device}, which pibake refuses: " in result.stderr
+    assert {d.device: d.sectors_written() for d in (under, loop)} == before
+    if case == "deleted output file":
+        with os.fdopen(kept, "rb") as f:
+            assert hashlib.sha256(f.read()).hexdigest() == content
+    else:
+        assert hashlib.sha256(target.read_bytes()).hexdigest() == content
+
+
+@pytest.mark.parametrize("case", ["mounted", "partition mounted", "loop over loop over a mounted one"])
+def test_a_loop_device_over_a_mounted_device_is_refused(tmp_path: Path, loops: Loops, case: str) -> None:
+    out = tmp_path / "output"
+    synthetic_output(out, 24)
+    disk = loops.make(64 * MIB)
+    over = disk.device
+    if case == "partition mounted":
+        subprocess.run(["sfdisk", "--quiet", disk.device], input="start=2048, size=40960, type=83\nstart=43008, type=83\n",
+                       text=True, check=True, capture_output=True)
+        subprocess.run(["partx", "--update", disk.device], check=False)  # where the kernel did not scan it itself
+        part = Loop(disk.device + "p1", disk.backing)
+        assert Path(part.device).is_block_device()
+        where = loops.mount(part)
+        over = disk.device + "p2"  # the other partition: a loop over it is still a loop over a disk in use
+    else:
+        where = loops.mount(disk)
+    loop = loops.attach(Path(over))
+    if case.startswith("loop over loop"):
+        loop = loops.attach(Path(loop.device))
+    before, content = loop.sectors_written(), hashlib.sha256(disk.backing.read_bytes()).hexdigest()
+    result = pibake_flash("worker7", loop.device, "--yes", "--force", "-o", str(out), cwd=tmp_path)
+    _one_refusal(result, f"will not write {loop.device}: it is a loop device over ",
+                 f"which pibake refuses: it has mounted file systems ({where}): unmount them first")
+    assert loop.sectors_written() == before
+    assert hashlib.sha256(disk.backing.read_bytes()).hexdigest() == content
+
+
+@pytest.mark.parametrize("asked", [True, False])
+def test_a_device_held_open_exclusively_is_refused_before_the_question(tmp_path: Path, loops: Loops, asked: bool) -> None:
+    out = tmp_path / "output"
+    synthetic_output(out, 8)
+    loop = loops.make(64 * MIB)
+    before, content = loop.sectors_written(), loop.backing.read_bytes()
+    held = os.open(loop.device, os.O_RDONLY | os.O_EXCL)  # as a mount, or another flasher, holds it
+    try:
+        if asked:
+            proc, question = at_the_question(loop.device, out)
+            assert question == b"", question
+            stdout, stderr = proc.communicate(timeout=120)
+            result = Result(proc.returncode, stdout.decode(), stderr.decode())
+        else:
+            result = pibake_flash("worker7", loop.device, "--yes", "--force", "-o", str(out), cwd=tmp_path)
+    finally:
+        os.close(held)
+    _one_refusal(result, f"will not write {loop.device}: it is in use (mounted, or opened by another program)")
+    assert result.stdout == ""  # neither the device's description nor the question
+    assert loop.sectors_written() == before
+    assert loop.backing.read_bytes() == content
+
+
+def _without(image: Path, left_out: set[int] | None) -> None:
+    """Rewrite the image's block map with the blocks `left_out` (None: every block) not mapped,
+    every checksum right: a block map that is well formed, and wrong."""
+    block_map = bmap.read(bmap.path_for(image))
+    runs: list[list[int]] = []
+    for r in block_map.ranges:
+        for block in range(r.first, r.last + 1):
+            if left_out is None or block in left_out:
+                continue
+            if runs and runs[-1][1] == block - 1:
+                runs[-1][1] = block
+            else:
+                runs.append([block, block])
+    ranges = []
+    with open(image, "rb") as f:
+        for first, last in runs:
+            f.seek(first * bmap.BLOCK)
+            data = f.read(min((last + 1) * bmap.BLOCK, block_map.image_size) - first * bmap.BLOCK)
+            ranges.append(bmap.Range(first, last, hashlib.sha256(data).hexdigest()))
+    bmap.path_for(image).write_text(bmap.to_xml(bmap.Bmap(block_map.image_size, tuple(ranges))))
+    assert bmap.read(bmap.path_for(image)).mapped_blocks == sum(last - first + 1 for first, last in runs)
+
+
+@pytest.mark.parametrize("case", ["maps nothing", "partition table", "first partition", "second partition", "middle"])
+def test_a_block_map_without_what_a_card_boots_from_is_refused(tmp_path: Path, loops: Loops, case: str) -> None:
+    out = tmp_path / "output"
+    image = synthetic_output(out, 24)
+    if case == "second partition":  # its data split in two partitions, the second from 20 MiB
+        subprocess.run(["sfdisk", "--quiet", str(image)], input="start=8192, size=32768, type=c\nstart=40960, type=83\n",
+                       text=True, check=True, capture_output=True)
+        bmap.write(image)
+    left_out = {"maps nothing": None, "partition table": {0}, "first partition": {4 * MIB // bmap.BLOCK},
+                "second partition": {20 * MIB // bmap.BLOCK}, "middle": {12 * MIB // bmap.BLOCK}}[case]
+    _without(image, left_out)
+    loop = loops.make(64 * MIB)
+    before, content = loop.sectors_written(), loop.backing.read_bytes()
+    result = pibake_flash("worker7", loop.device, "--yes", "--force", "-o", str(out), cwd=tmp_path)
+    if case == "middle":  # not what a card boots from: pibake cannot tell it from a free block
+        assert result.code == 0, result.output
+        return
+    assert result.code == 2, result.output
+    why = {"maps nothing": "it maps nothing of worker7.img",
+           "partition table": "it leaves out block 0, the partition table",
+           "first partition": "it leaves out block 1024, the start of partition 1's file system",
+           "second partition": "it leaves out block 5120, the start of partition 2's file system"}[case]
+    assert result.stderr.strip().splitlines() == [
+        f"pibake: error: {bmap.path_for(image)} is not a usable block map: {why}; build again"]
+    assert "verified" not in result.output and "Traceback" not in result.output
+    assert loop.sectors_written() == before
+    assert loop.backing.read_bytes() == content
 
 
 # ------------------------------------------------------------------ writing
@@ -375,9 +560,10 @@ def test_without_root_it_says_to_use_sudo(tmp_path: Path, loops: Loops) -> None:
                         within=("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"))
     shutil.rmtree(shared)
     assert result.code == 1, result.output
-    assert result.stderr.strip().splitlines()[-1] == (
-        f"pibake: worker7 on {loop.device}: cannot open {loop.device} to write it: permission denied; "
-        "run pibake flash with sudo")
+    # The device is opened before anything is shown or asked.
+    assert result.stderr.strip().splitlines() == [
+        f"pibake: error: cannot open {loop.device} to write it: permission denied; run pibake flash with sudo"]
+    assert result.stdout == ""
     assert loop.sectors_written() == before
 
 
@@ -424,3 +610,74 @@ def test_it_asks_on_a_terminal(tmp_path: Path, loops: Loops, answer: str) -> Non
     else:
         assert proc.returncode == 0, stdout + stderr
         same_as_image(loop, image)
+
+
+def at_the_question(device: str, out: Path) -> tuple[subprocess.Popen, bytes]:
+    """`pibake flash worker7 DEVICE` on a terminal, once it asks (or has ended without asking);
+    returns it, and what it printed up to the question. Its stdin is `proc.leader`."""
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "builder", "flash", "worker7", device, "--force", "-o", str(out)],
+                            cwd=out.parent, stdin=follower, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    os.close(follower)
+    proc.leader = leader  # type: ignore[attr-defined]
+    shown = b""
+    deadline = time.monotonic() + 60
+    while b"Overwrite this disk?" not in shown and time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stdout], [], [], 0.5)
+        if ready:
+            chunk = os.read(proc.stdout.fileno(), 4096)
+            if not chunk:
+                break  # it ended without asking
+            shown += chunk
+    return proc, shown
+
+
+def _answer(proc: subprocess.Popen, text: str) -> Result:
+    os.write(proc.leader, text.encode())  # type: ignore[attr-defined]
+    stdout, stderr = proc.communicate(timeout=120)
+    os.close(proc.leader)  # type: ignore[attr-defined]
+    return Result(proc.returncode, stdout.decode(), stderr.decode())
+
+
+def _set_offset(device: str, offset: int) -> None:
+    """Move a loop device's window onto its file, as LOOP_SET_STATUS64 allows while it is open."""
+    fd = os.open(device, os.O_RDONLY)
+    try:
+        info = list(flash.LOOP_INFO.unpack(fcntl.ioctl(fd, flash.LOOP_GET_STATUS64, bytes(flash.LOOP_INFO.size))))
+        info[3] = offset
+        fcntl.ioctl(fd, 0x4C04, flash.LOOP_INFO.pack(*info))  # LOOP_SET_STATUS64
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("change", ["detached and attached again", "offset moved", "path names another device"])
+def test_a_device_changed_while_asked_is_not_written(tmp_path: Path, loops: Loops, change: str) -> None:
+    out = tmp_path / "output"
+    synthetic_output(out, 8)
+    card, other = loops.make(64 * MIB), loops.make(64 * MIB)
+    spare = tmp_path / "spare.raw"
+    with open(spare, "xb") as f:
+        f.truncate(64 * MIB)
+    given = tmp_path / "card"
+    given.symlink_to(card.device)
+    contents = {p: p.read_bytes() for p in (card.backing, other.backing, spare)}
+    before = other.sectors_written()
+    proc, shown = at_the_question(str(given), out)
+    assert b"Overwrite this disk?" in shown, shown
+    if change == "detached and attached again":
+        subprocess.run(["losetup", "--detach", card.device], check=True)  # put off while pibake holds it
+        again = subprocess.run(["losetup", card.device, str(spare)], check=False, capture_output=True)
+        if again.returncode == 0:  # where the kernel allows it (this one says busy): pibake must refuse all the same
+            loops.made.append(Loop(card.device, spare))
+    elif change == "offset moved":
+        _set_offset(card.device, 4096)
+    else:
+        given.unlink()
+        given.symlink_to(other.device)
+    result = _answer(proc, "y\n")
+    why = (f"{given} no longer names the device that was checked" if change == "path names another device"
+           else "what it is over changed since it was checked (detached, or set up again)")
+    _one_refusal(result, f"will not write {card.device}: {why}")
+    assert "verified" not in result.output
+    assert {p: p.read_bytes() for p in contents} == contents
+    assert other.sectors_written() == before

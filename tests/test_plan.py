@@ -266,8 +266,8 @@ def _plan_one(workdir: Path) -> "subprocess.CompletedProcess[str]":
                           env={**os.environ, "PIBAKE_WIFI_PASSPHRASE": WIFI_PASSPHRASE})
 
 
-def _refused(result: "subprocess.CompletedProcess[str]", *words: str) -> None:
-    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+def _refused(result: "subprocess.CompletedProcess[str]", *words: str, code: int = 2) -> None:
+    assert result.returncode == code and "Traceback" not in result.stderr, result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("pibake: error: ") and all(w in last for w in words), result.stderr
 
@@ -289,6 +289,41 @@ def test_a_state_folder_others_could_have_written_is_not_trusted(operator_key: P
         _refused(_plan_one(workdir), "is not a folder (a link?)")
 
 
+@pytest.mark.parametrize("planted", ["lock link", "lock link to a file", "lock folder", "state link",
+                                     "dangling state link"])
+def test_the_state_folder_is_checked_before_its_lock_is_made(operator_key: Path, workdir: Path, planted: str) -> None:
+    write_profile(workdir, f"user:\n  ssh_keys: [{operator_key}]\nworkers:\n  count: 1\n")
+    state, elsewhere = workdir / "state", workdir / "elsewhere"
+    elsewhere.mkdir(mode=0o700)
+    victim = elsewhere / "victim"
+    if planted.startswith("lock"):
+        state.mkdir(mode=0o700)
+        if planted == "lock folder":
+            (state / ".lock").mkdir()
+        else:
+            if planted == "lock link to a file":
+                victim.write_text("kept\n")
+            (state / ".lock").symlink_to(victim)
+    else:
+        state.symlink_to(elsewhere if planted == "state link" else elsewhere / "missing")
+    before = sorted(p.name for p in elsewhere.iterdir())
+    result = _plan_one(workdir)
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    if planted.startswith("lock"):
+        why = "it is a symlink" if "link" in planted else "Is a directory"
+        _refused(result, f"cannot use {state / '.lock'} as the state folder's lock: {why}")
+        assert sorted(p.name for p in state.iterdir()) == [".lock"]  # no keys made
+    else:
+        _refused(result, f"state folder {state} is not a folder (a link?)")
+        assert state.is_symlink()
+    # Nothing made or changed through the link.
+    assert sorted(p.name for p in elsewhere.iterdir()) == before
+    if planted == "lock link to a file":
+        assert victim.read_text() == "kept\n"
+    else:
+        assert not victim.exists()
+
+
 def test_key_files_are_not_followed_nor_their_public_half_read_back(operator_key: Path, workdir: Path,
                                                                     tmp_path_factory: pytest.TempPathFactory) -> None:
     write_profile(workdir, f"user:\n  ssh_keys: [{operator_key}]\nworkers:\n  count: 1\n")
@@ -298,7 +333,7 @@ def test_key_files_are_not_followed_nor_their_public_half_read_back(operator_key
     private = keys / "master_ssh_host_ed25519_key"
     private.unlink()
     private.symlink_to(operator_key.with_suffix(""))
-    _refused(_plan_one(workdir), f"cannot reuse key {private}: it is a symlink")
+    _refused(_plan_one(workdir), f"cannot reuse key {private}: it is a symlink", code=1)
     private.unlink()
     # A line added to the cluster key's .pub never reaches authorized_keys: the public half is derived.
     # (In this process last: it holds the state folder's lock from here on.)
