@@ -292,7 +292,7 @@ def flash_command(args: tuple[str, ...], all_nodes: bool, list_disks: bool, yes:
             raise BuildError("give a node and a device (pibake flash worker3 /dev/sdb), --all and devices, or --list",
                              exit_code=2)
         pairs = [(args[0], args[1])]
-    with flash.prepare(output, manifest, pairs, force, cache.root()) as batch:
+    with flash.prepare(output, manifest, pairs, force, flash.cache_roots(cache.root())) as batch:
         _flash(batch, yes)
 
 

@@ -27,6 +27,7 @@ import hashlib
 import json
 import mmap
 import os
+import pwd
 import stat
 import struct
 import threading
@@ -650,13 +651,25 @@ class Batch:
         self.close()
 
 
-def prepare(output: Path, manifest: dict, pairs: list[tuple[str, str]], force: bool, cache_root: Path) -> Batch:
+def cache_roots(own: Path) -> list[Path]:
+    """pibake's caches a flash must not write over: this user's, and under sudo, that of
+    the user who ran sudo too (whose ~/.cache the environment no longer names)."""
+    roots = [own]
+    user = os.environ.get("SUDO_USER")
+    if user:
+        with contextlib.suppress(KeyError):
+            roots.append(Path(pwd.getpwnam(user).pw_dir) / ".cache" / "pibake")
+    return roots
+
+
+def prepare(output: Path, manifest: dict, pairs: list[tuple[str, str]], force: bool, caches: list[Path]) -> Batch:
     """The jobs for (node, device) pairs, every device checked and held open exclusively;
     BuildError at the first refusal, with nothing written and every device let go."""
     nodes = manifest.get("nodes", {})
     images = [output / e.get("image", "") for e in nodes.values() if e.get("image")]
-    guard = Guard({output: f"a file of pibake's output folder ({output})", cache_root: f"a file of pibake's cache ({cache_root})"},
-                  images)
+    folders = {output: f"a file of pibake's output folder ({output})"}
+    folders.update({root: f"a file of pibake's cache ({root})" for root in caches})
+    guard = Guard(folders, images)
     context = Context(disks(lsblk()), root_numbers(), force, guard)
     batch = Batch([], force, guard)
     try:

@@ -13,6 +13,7 @@ import re
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from builder import bmap
 
@@ -39,6 +40,7 @@ class Loops:
         self.folder = folder
         self.made: list[Loop] = []
         self.mounted: list[Path] = []
+        self.afterwards: list[Callable[[], None]] = []
 
     def make(self, size: int) -> Loop:
         backing = self.folder / f"card{len(self.made)}.raw"
@@ -77,6 +79,10 @@ class Loops:
         self.mounted.append(where)
         return where
 
+    def cleanup(self, step: Callable[[], None]) -> None:
+        """Something to undo once the loop devices are gone (a file made outside the test's folder)."""
+        self.afterwards.append(step)
+
     def close(self) -> None:
         for where in self.mounted:
             subprocess.run(["umount", str(where)], check=False)
@@ -86,6 +92,8 @@ class Loops:
                 # the next table on this device number.
                 subprocess.run(["partx", "--delete", loop.device], check=False, capture_output=True)
                 subprocess.run(["losetup", "--detach", loop.device], check=False)
+        for step in self.afterwards:
+            step()
 
 
 def synthetic_output(folder: Path, data_mib: int, node: str = "worker7") -> Path:

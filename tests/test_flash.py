@@ -12,6 +12,7 @@ import fcntl
 import hashlib
 import json
 import os
+import pwd
 import pty
 import select
 import re
@@ -204,13 +205,21 @@ def _one_refusal(result: Result, *words: str) -> None:
 
 
 @pytest.mark.parametrize("case", ["image", "hard link", "linked path", "other output file", "deleted output file",
-                                  "cache file", "loop over loop", "loop over loop over hard link"])
+                                  "cache file", "sudo user's cache file", "loop over loop", "loop over loop over hard link"])
 def test_a_loop_device_over_a_file_of_pibakes_is_refused(tmp_path: Path, loops: Loops, case: str) -> None:
     out = tmp_path / "output"
     image = synthetic_output(out, 24)
     cache = tmp_path / "cache"
     target = image
-    if case == "hard link" or case.endswith("hard link"):
+    # Under sudo, the cache of the user who ran it: root's own here, in a file this test makes and removes.
+    sudo_cache = Path(pwd.getpwnam("root").pw_dir) / ".cache/pibake"
+    if case == "sudo user's cache file":
+        target = sudo_cache / f"flash-test-{os.getpid()}-{tmp_path.name}.img"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(target, "xb") as f:
+            f.truncate(64 * MIB)
+        loops.cleanup(lambda: target.unlink(missing_ok=True))
+    elif case == "hard link" or case.endswith("hard link"):
         target = tmp_path / "card.img"
         os.link(image, target)
     elif case == "linked path":
@@ -229,8 +238,10 @@ def test_a_loop_device_over_a_file_of_pibakes_is_refused(tmp_path: Path, loops: 
         kept = os.open(target, os.O_RDONLY)
         target.unlink()
     result = run_pibake("flash", "worker7", loop.device, "--yes", "--force", "-o", str(out), cwd=tmp_path,
-                        env={"XDG_CACHE_HOME": str(cache)})
-    what = {"cache file": f"a file of pibake's cache ({cache}/pibake)"}.get(case, f"a file of pibake's output folder ({out})")
+                        env={"XDG_CACHE_HOME": str(cache), "SUDO_USER": "root" if case.startswith("sudo") else None})
+    what = {"cache file": f"a file of pibake's cache ({cache}/pibake)",
+            "sudo user's cache file": f"a file of pibake's cache ({sudo_cache})"}.get(
+        case, f"a file of pibake's output folder ({out})")
     shown = {"linked path": os.path.realpath(target), "deleted output file": f"{target} (deleted)"}.get(case, str(target))
     _one_refusal(result, f"will not write {loop.device}: ", f"it is a loop device over {shown}, {what}")
     if loop is not under:
