@@ -100,18 +100,18 @@ class Write(_Op):
         try:
             path = tree.resolve(self.path)
         except BuildError as e:
-            raise BuildError(where + e.message) from None
+            raise BuildError(where + e.message, exit_code=2 if self.origin else e.exit_code) from None
         if tree.lstat(path).kind == "dir":
-            raise BuildError(f"{where}cannot write {self.path}: it is a folder in the image")
+            raise BuildError(f"{where}cannot write {self.path}: it is a folder in the image", exit_code=2 if self.origin else 1)
         if self.origin:
             problem = destination_problem(path) if path != self.path else None
             if problem:
-                raise BuildError(f"{where}{self.path} leads to {problem}")
+                raise BuildError(f"{where}{self.path} leads to {problem}", exit_code=2)
             if path in tree.claimed:
-                raise BuildError(f"{where}{path} is written by {tree.claimed[path]} too")
+                raise BuildError(f"{where}{path} is written by {tree.claimed[path]} too", exit_code=2)
             if path in tree.state:
                 shown = self.path if path == self.path else f"{self.path} (which is {path} in the image)"
-                raise BuildError(f"{where}pibake writes {shown} itself: choose another path")
+                raise BuildError(f"{where}pibake writes {shown} itself: choose another path", exit_code=2)
             self._keeps_promises(tree, path)
         tree.write(path, self.content, self.mode, self.owner)
         if self.origin:

@@ -343,7 +343,7 @@ def configure_extra_files(ctx: _Context) -> None:
         ours = next((op for op in ctx.ops if op.path == extra.path), None)
         if ours:
             raise BuildError(f"{extra.origin}: pibake writes {extra.path} itself ({ours.name} {ours.path}): "
-                             "choose another path")
+                             "choose another path", exit_code=2)
         broken = promises.by_path(extra.path)  # as typed; the build checks it again where it leads in the image
         if broken is not None and broken.name not in extra.allow:
             raise BuildError(promises.refusal(extra.origin, extra.path, broken), exit_code=2)

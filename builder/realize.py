@@ -142,7 +142,7 @@ class Tree:
     def put(self, path: str, st: Stat, content: bytes | None = None) -> None:
         """Record a change at a resolved path; a path a `files:` entry claims is refused."""
         if path in self.claimed:
-            raise BuildError(f"{self.claimed[path]}: pibake writes {path} itself: choose another path")
+            raise BuildError(f"{self.claimed[path]}: pibake writes {path} itself: choose another path", exit_code=2)
         self.state[path] = st
         if content is None:
             self.contents.pop(path, None)
