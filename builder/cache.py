@@ -31,6 +31,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 from typing import TYPE_CHECKING, Iterator, Optional
 
 from builder import catalog, environment, download, image, signature, urls
@@ -156,7 +157,11 @@ def resolve(choice: Choice, http: requests.Session) -> ImageSpec:
     """The remote image a spec names, from the OS list or the remembered answer."""
     if catalog.is_url(choice.spec):
         m = catalog.FILE_RE.search(choice.spec)
-        return ImageSpec(url=choice.spec, name=choice.spec.rsplit("/", 1)[-1], release_date=m[1] if m else "",
+        # Named by the last part of its path, never by anything before it (a host, a login).
+        name = urlsplit(urls.strip_credentials(choice.spec)).path.rsplit("/", 1)[-1]
+        if not name:
+            raise BuildError(f"{urls.shown(choice.spec)} names no file: give the URL of the image itself", exit_code=2)
+        return ImageSpec(url=choice.spec, name=name, release_date=m[1] if m else "",
                          codename=m[2] if m else "", sha256=choice.sha256.lower() if choice.sha256 else None)
     _, date = catalog.parse_spec(choice.spec)
     remembered = read_json(layout().resolved).get(_resolve_key(choice))

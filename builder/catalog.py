@@ -7,14 +7,18 @@ exact URL (with its sha256), or a local file.
 
 from __future__ import annotations
 
+import datetime
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
-from urllib.parse import urljoin
+from urllib.parse import urljoin, urlsplit
 
-from builder import environment, release
+from builder import environment, release, urls
 from builder.errors import BuildError
+
+log = logging.getLogger(__name__)
 
 OFFICIAL_BASE = "https://downloads.raspberrypi.com"
 OS_LIST_NAME = "os_list_imagingutility_v4.json"
@@ -40,7 +44,8 @@ class ImageSpec:
 
     @property
     def filename(self) -> str:
-        return self.url.rsplit("/", 1)[-1]
+        """The last part of the URL's path: never its host or a login."""
+        return urlsplit(urls.strip_credentials(self.url)).path.rsplit("/", 1)[-1] or "image"
 
 
 @dataclass(frozen=True)
@@ -71,10 +76,18 @@ def parse_spec(text: str) -> tuple[Optional[str], Optional[str]]:
     family, _, date = text.partition("@")
     if DATE_RE.match(family) and not date:
         family, date = "latest", family
-    if family not in ("latest", *FAMILIES) or (date and not DATE_RE.match(date)):
+    if family not in ("latest", *FAMILIES) or (date and not _is_date(date)):
         raise BuildError(f"'{text}' is not an image spec: use latest, {', '.join(FAMILIES)}, a date like 2025-05-13, "
                          "family@date, a URL or a file path", exit_code=2)
     return None if family == "latest" else family, date or None
+
+
+def _is_date(text: str) -> bool:
+    """YYYY-MM-DD, and a day the calendar has."""
+    try:
+        return bool(DATE_RE.match(text)) and datetime.date.fromisoformat(text[:10]) is not None
+    except ValueError:
+        return False
 
 
 def is_url(text: str) -> bool:
@@ -85,16 +98,31 @@ def looks_like_file(text: str) -> bool:
     return "/" in text or text.endswith((".img", ".xz", ".zip", ".gz")) or Path(text).exists()
 
 
-def _leaves(items: list[Any], fetch_json: Callable[[str], Any]) -> list[dict[str, Any]]:
+# Imager's own list nests categories two or three deep.
+MAX_NESTING = 8
+
+
+def _leaves(items: list[Any], fetch_json: Callable[[str], Any], fetched: Optional[set[str]] = None,
+            depth: int = 0) -> list[dict[str, Any]]:
+    """The entries that name an image, under categories inline or fetched (`subitems_url`):
+    each list fetched once, nested at most MAX_NESTING deep, whatever the server says."""
+    fetched = set() if fetched is None else fetched
     out: list[dict[str, Any]] = []
+    if depth > MAX_NESTING:
+        return out
     for item in items:
         if not isinstance(item, dict):
             continue
+        sub_url = item.get("subitems_url")
         if isinstance(item.get("subitems"), list):
-            out.extend(_leaves(item["subitems"], fetch_json))
-        elif isinstance(item.get("subitems_url"), str) and "raspios" in item["subitems_url"]:
-            sub = fetch_json(item["subitems_url"])
-            out.extend(_leaves(sub.get("os_list", []) if isinstance(sub, dict) else [], fetch_json))
+            out.extend(_leaves(item["subitems"], fetch_json, fetched, depth + 1))
+        elif isinstance(sub_url, str) and "raspios" in sub_url and sub_url not in fetched:
+            fetched.add(sub_url)
+            if urls.problem(sub_url):
+                log.warning("the OS list names a list at %s, which is not a URL: skipped", sub_url[:200])
+                continue
+            sub = fetch_json(sub_url)
+            out.extend(_leaves(sub.get("os_list", []) if isinstance(sub, dict) else [], fetch_json, fetched, depth + 1))
         elif isinstance(item.get("url"), str):
             out.append(item)
     return out
@@ -109,14 +137,18 @@ def lite_images(os_list: Any, source: Source, fetch_json: Callable[[str], Any]) 
         m = FILE_RE.search(leaf["url"])
         if not m:
             continue
+        if urls.problem(leaf["url"]):
+            log.warning("the OS list offers an image at %s, which is not a URL: skipped", leaf["url"][:200])
+            continue
         try:
             images.append(ImageSpec(
-                url=source.mirror(leaf["url"]), name=str(leaf.get("name", m[0])), release_date=m[1], codename=m[2],
+                url=source.mirror(leaf["url"]), name=str(leaf.get("name", m[0]))[:200], release_date=m[1], codename=m[2],
                 sha256=_sha(leaf.get("image_download_sha256")), extract_sha256=_sha(leaf.get("extract_sha256")),
                 extract_size=_int(leaf.get("extract_size")), download_size=_int(leaf.get("image_download_size")),
             ))
-        except (TypeError, ValueError) as e:
-            raise BuildError(f"the OS list at {source.os_list} is malformed: entry {leaf.get('name')!r}: {e}") from None
+        except (TypeError, ValueError, OverflowError) as e:
+            raise BuildError(f"the OS list at {source.os_list} is malformed: entry {str(leaf.get('name'))[:80]!r}: "
+                             f"{str(e)[:200]}") from None
     return sorted(images, key=lambda i: i.release_date, reverse=True)
 
 

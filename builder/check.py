@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import re
+import secrets
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,7 +57,8 @@ OUTPUT_LIMIT = 64 << 10
 FACT_LIMIT = 200  # characters of one value kept
 MAX_LEASES = 1024
 # The lines of ssh's own log (never the node's words) that say why it did not get in.
-TELLING = re.compile(r"^(ssh: .*|Host key verification failed\.|Permission denied .*|.*Connection refused|"
+TELLING = re.compile(r"^(ssh: .*|Host key verification failed\.|Permission denied .*|Received disconnect from .*|"
+                     r".*Connection refused|"
                      r".*Connection timed out|.*No route to host|Could not resolve hostname .*|"
                      r"kex_exchange_identification: .*|.*Connection closed by .*)$")
 WRONG_KEY = re.compile(r"^(Host key verification failed\.|@ +WARNING: REMOTE HOST IDENTIFICATION HAS CHANGED! +@)$")
@@ -69,7 +71,10 @@ def probe(profile: Profile, node: Node, ssh_config: Path, timeout: float = DEFAU
     """Ask `node` through ssh_config. What ssh itself says goes to a log file of its own
     (-E), which no node can write to; what the node says comes on stdout and stderr,
     bounded in size and time, and is only ever its own row's facts."""
-    script = f"echo '{MARK}'\n" + PROBE.format(interface=profile.interface)
+    # A mark no node can know before ssh has checked its host key and logged in: the
+    # probe itself, sent only then, prints it.
+    mark = f"{MARK} {secrets.token_hex(16)}"
+    script = f"echo '{mark}'\n" + PROBE.format(interface=profile.interface)
     if node.role == "master":
         script += MASTER_PROBE.format(uplink=profile.master.uplink)
     through = f" (through {profile.master.node.hostname})" if node.role == "worker" else ""
@@ -81,16 +86,17 @@ def probe(profile: Profile, node: Node, ssh_config: Path, timeout: float = DEFAU
                    "-o", f"ConnectTimeout={min(CONNECT_SECONDS, max(1, int(timeout)))}", node.hostname, "sh -s"]
         done = run.bounded(command, input=script.encode(), timeout=timeout, limit=OUTPUT_LIMIT,
                            cwd=str(ssh_config.parent))
-        ssh_said = _read_log(log_file)
-    if not AUTHENTICATED.search(ssh_said):
+        ssh_said = _own_words(_read_log(log_file))
+    out = formats.decoded(done.stdout)
+    ran = mark in out.split("\n")
+    if not ran and not AUTHENTICATED.search(ssh_said):
         return _not_reached(node, done, ssh_said, through, timeout)
     report = Report(node, reached=True)
-    out = formats.decoded(done.stdout)
     if done.flooded:
         report.why = f"it sent more than {OUTPUT_LIMIT >> 10} KiB in answer to the probe; the rest was not read"
     elif done.timed_out:
         report.why = f"it did not finish the probe within {timeout:g} s"
-    elif MARK not in out.split("\n"):
+    elif not ran:
         report.why = f"the probe did not run there (ssh exit {done.returncode}{_node_said(done.stderr)})"
     for line in out.split("\n"):  # lines end in \n only: a \r is part of a value, shown escaped
         key, sep, value = line.partition(": ")
@@ -110,6 +116,17 @@ def _read_log(path: Path) -> str:
             return formats.decoded(f.read(OUTPUT_LIMIT)).replace("\r\n", "\n")  # ssh ends its lines in \r\n here
     except OSError:
         return ""
+
+
+def _own_words(log: str) -> str:
+    """ssh's log up to a disconnect the other side sent: ssh logs that message as it came,
+    line breaks and all, so whatever follows it may be the node's words, not ssh's."""
+    kept = []
+    for line in log.split("\n"):
+        kept.append(line)
+        if re.match(r"(Received disconnect from|Disconnected from) ", line):
+            break
+    return "\n".join(kept)
 
 
 def _node_said(stderr: bytes) -> str:

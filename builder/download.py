@@ -49,7 +49,8 @@ def _get(http: requests.Session, url: str, **options: Any) -> requests.Response:
     from requests.auth import HTTPBasicAuth
 
     login = urls.credentials(url)
-    return http.get(urls.strip_credentials(url), auth=HTTPBasicAuth(*login) if login else None, timeout=TIMEOUT, **options)
+    return http.get(urls.strip_credentials(url), auth=HTTPBasicAuth(*login) if login else None, timeout=TIMEOUT,
+                    **{"stream": True, **options})
 
 
 def _backoff(attempt: int) -> float:
@@ -74,13 +75,29 @@ def get_bytes(http: requests.Session, url: str, missing_ok: bool = False) -> Opt
                 raise _Retry(f"HTTP {response.status_code}")
             if response.status_code != 200:
                 raise BuildError(f"cannot fetch {url}: HTTP {response.status_code} {response.reason}")
-            return response.content
-        except (requests.ConnectionError, requests.Timeout, _Retry) as e:
+            return _bounded_body(response, url)
+        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError, _Retry) as e:
             if attempt == ATTEMPTS - 1:
                 raise BuildError(f"cannot fetch {url}: {_reason(e)} (tried {ATTEMPTS} times)") from None
             log.info("fetching %s failed (%s); retrying", url, _reason(e))
             time.sleep(_backoff(attempt))
     raise AssertionError("unreachable")
+
+
+# An OS list is about 100 KiB, a signature or a sidecar less: a server sending more is not
+# serving one.
+SMALL_LIMIT = 16 << 20
+
+
+def _bounded_body(response: requests.Response, url: str) -> bytes:
+    body = bytearray()
+    for chunk in response.iter_content(1 << 16):
+        body += chunk
+        if len(body) > SMALL_LIMIT:
+            response.close()
+            raise BuildError(f"{url} sent more than {SMALL_LIMIT >> 20} MiB, far more than a list, a checksum or a "
+                             "signature takes")
+    return bytes(body)
 
 
 def get_json(http: requests.Session, url: str) -> Any:
@@ -89,6 +106,8 @@ def get_json(http: requests.Session, url: str) -> Any:
         return json.loads(text or "")
     except ValueError as e:
         raise BuildError(f"{url} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise BuildError(f"{url} is not an OS list: its JSON is nested too deeply") from None
 
 
 def download(http: requests.Session, url: str, part: Path, expected_size: Optional[int] = None) -> Path:

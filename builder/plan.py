@@ -185,6 +185,13 @@ def configure_user(ctx: _Context) -> None:
     if user.sudo != "none":
         nopasswd = "NOPASSWD: " if user.sudo == "nopasswd" else ""
         ctx.ops.append(Write(f"/etc/sudoers.d/010_{name}-nopasswd", f"{name} ALL=(ALL) {nopasswd}ALL\n".encode(), 0o440))
+    else:
+        # Debian's sudoers lets the sudo group in with a password: no sudo means out of it too.
+        for path in ("/etc/group", "/etc/gshadow"):
+            for pattern, replacement in ((rf"^(sudo:[^:]*:[^:]*:(?:[^,]*,)*){name},", r"\1"),  # first or between others
+                                         (rf"^(sudo:[^:]*:[^:]*:.+),{name}$", r"\1"),  # last of several
+                                         (rf"^(sudo:[^:]*:[^:]*:){name}$", r"\1")):  # the only one
+                ctx.ops.append(EditLines(path, pattern, replacement, required=False))
     # Cancel the first-boot rename wizard the way cancel-rename does, and mask it: an
     # [Install] section moved to another target would otherwise bring it back, and it
     # holds up multi-user.target waiting for an answer on tty8.

@@ -49,7 +49,9 @@ MAX_LIST = 250  # entries in one list, like workers.count
 
 
 def _q(value: str) -> str:
-    """A value quoted for an error message: a short prefix of it, never the whole of a long one."""
+    """A value quoted for an error message: a short prefix of it, never the whole of a long one,
+    and never a URL's credentials (hidden before it is cut, which could leave half of them)."""
+    value = urls.shown(value)
     return f"'{value}'" if len(value) <= 60 else f"'{value[:57]}...' ({len(value)} characters)"
 
 
@@ -121,8 +123,8 @@ def destination_problem(path: str) -> Optional[str]:
 
 
 def is_private_key(content: bytes) -> bool:
-    """OpenSSH, PEM and PKCS#8 private keys, encrypted or not, and PuTTY's."""
-    return bool(re.search(rb"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----|^PuTTY-User-Key-File-", content, re.M))
+    """OpenSSH, PEM and PKCS#8 private keys, encrypted or not, OpenPGP's, and PuTTY's."""
+    return bool(re.search(rb"-----BEGIN [A-Z0-9 ]*PRIVATE KEY( BLOCK)?-----|^PuTTY-User-Key-File-", content, re.M))
 
 
 # The master answers to <hostname>.local on the home network, which output/ssh_config
@@ -482,7 +484,12 @@ def _compose(text: str, name: str) -> tuple[Any, dict[KeyPath, int], dict[KeyPat
                 return out
             if isinstance(node, yaml.SequenceNode):
                 return [build(item, path + (i,)) for i, item in enumerate(node.value)]
-            value = loader.construct_object(node)
+            try:
+                value = loader.construct_object(node)
+            except (yaml.YAMLError, ValueError, OverflowError):
+                # A plain scalar YAML 1.1 reads as something it then cannot make (a date like
+                # 2025-02-30, `=`): what was typed, for its setting's own check to judge.
+                value = node.value
             if not node.style and value is not None and not isinstance(value, str):  # plain, unquoted
                 texts[path] = node.value
             return value

@@ -30,4 +30,8 @@ def bar(*args: Any, disable: bool | None = None, **kwargs: Any) -> Any:
         return _Hidden()
     from tqdm import tqdm
 
+    from builder import formats, urls
+
+    if "desc" in kwargs:  # a file or device name from elsewhere: no escape sequence reaches the terminal
+        kwargs["desc"] = formats.shown(urls.shown(str(kwargs["desc"])), 80)
     return tqdm(*args, disable=False, **kwargs)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import socket
+import struct
 import threading
 from typing import Callable, Optional
 
@@ -19,8 +20,24 @@ import paramiko
 Answer = Callable[[paramiko.Channel], None]
 
 
-def say(stdout: bytes = b"", stderr: bytes = b"", status: int = 0) -> Answer:
+def the_mark(channel: paramiko.Channel) -> bytes:
+    """The line the probe would print first, read from the script ssh sends (`echo '...'`),
+    as a node that runs the probe prints it."""
+    script = b""
+    while b"\n" not in script and len(script) < 4096:
+        data = channel.recv(4096)
+        if not data:
+            break
+        script += data
+    first = script.split(b"\n", 1)[0]
+    return first.removeprefix(b"echo '").removesuffix(b"'") + b"\n"
+
+
+def say(stdout: bytes = b"", stderr: bytes = b"", status: int = 0, runs_probe: bool = False) -> Answer:
+    """An answer: `runs_probe`, the probe's first line as a node that ran it prints it, then `stdout`."""
     def answer(channel: paramiko.Channel) -> None:
+        if runs_probe:
+            channel.sendall(the_mark(channel))
         if stdout:
             channel.sendall(stdout)
         if stderr:
@@ -30,8 +47,8 @@ def say(stdout: bytes = b"", stderr: bytes = b"", status: int = 0) -> Answer:
 
 
 def honest(hostname: str, address: str, extra: str = "") -> Answer:
-    return say(f"pibake-probe: begin\nhostname: {hostname}\nsystem: running\nfirst-boot: done 12s\n"
-               f"address: {address}/24\n{extra}".encode())
+    return say(f"hostname: {hostname}\nsystem: running\nfirst-boot: done 12s\naddress: {address}/24\n{extra}".encode(),
+               runs_probe=True)
 
 
 def flood(channel: paramiko.Channel) -> None:
@@ -146,3 +163,36 @@ def _pipe(channel: paramiko.Channel, port: int) -> None:
 
     threading.Thread(target=copy, args=(upstream.recv, channel.sendall, channel.close), daemon=True).start()
     copy(channel.recv, upstream.sendall, lambda: upstream.close())
+
+
+class Disconnector:
+    """Not a node at all: a server on 127.0.0.1 with no host key, which answers ssh's
+    greeting with a disconnect carrying `text` (in clear, before any key exchange)."""
+
+    def __init__(self, text: bytes) -> None:
+        self.text = text
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            with client:
+                client.sendall(b"SSH-2.0-OpenSSH_9.2p1\r\n")
+                client.recv(256)  # ssh's own greeting
+                payload = bytes([1]) + struct.pack(">I", 11) + _string(self.text) + _string(b"")  # SSH_MSG_DISCONNECT
+                padding = 8 - (len(payload) + 5) % 8 + 8
+                packet = struct.pack(">IB", len(payload) + padding + 1, padding) + payload + bytes(padding)
+                client.sendall(packet)
+                threading.Event().wait(1)
+
+    def stop(self) -> None:
+        self.listener.close()
+
+
+def _string(data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + data

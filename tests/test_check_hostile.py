@@ -24,7 +24,7 @@ from builder.keys import KeyStore
 from builder.outputs import write_ssh_files
 from builder.profile import load
 from conftest import write_profile
-from hostile_node import Answer, Node, flood, honest, say, silent
+from hostile_node import Answer, Disconnector, Node, flood, honest, say, silent
 
 MEMORY = 1 << 30  # address space allowed to pibake check
 MASTER_FACTS = ("dnsmasq: active\nmdns: active\nnat: on\nfirewall-v4: loaded\nworkers-out: open\nfirewall-v6: loaded\n"
@@ -114,8 +114,8 @@ ESCAPES = (b"\x1b]0;owned\x07"  # the terminal's title
 
 
 def test_escape_sequences_from_a_node_never_reach_the_terminal(cluster) -> None:
-    hostile = say(b"pibake-probe: begin\nhostname: " + ESCAPES + b"worker1\n" + b"system: running\n"
-                  b"first-boot: done " + ESCAPES + b"\naddress: 192.168.5.101/24\n", stderr=ESCAPES)
+    hostile = say(b"hostname: " + ESCAPES + b"worker1\n" + b"system: running\n"
+                  b"first-boot: done " + ESCAPES + b"\naddress: 192.168.5.101/24\n", stderr=ESCAPES, runs_probe=True)
     done, _, _ = cluster(worker1=hostile).check()
     table, errors = terminal_safe(done)
     assert done.returncode == 1
@@ -166,8 +166,8 @@ def test_a_node_that_stalls_is_given_up_in_time(cluster) -> None:
 
 
 def test_bytes_that_are_not_utf8_are_shown_escaped(cluster) -> None:
-    odd = say(b"pibake-probe: begin\nhostname: w\xff\xfe\xc3(1\nsystem: running\nfirst-boot: done\n"
-              b"address: 192.168.5.101/24\n\xff\xff: \xff\n")
+    odd = say(b"hostname: w\xff\xfe\xc3(1\nsystem: running\nfirst-boot: done\n"
+              b"address: 192.168.5.101/24\n\xff\xff: \xff\n", runs_probe=True)
     done, _, _ = cluster(worker1=odd).check()
     _, errors = terminal_safe(done)
     assert "pibake: worker1: it calls itself 'w\\\\xff\\\\xfe\\\\xc3(1'" in errors, errors
@@ -183,3 +183,33 @@ def test_the_fabfile_shows_a_node_s_lines_escaped(cluster, workdir: Path) -> Non
     lines = out.splitlines()
     assert [line.split(":")[0] for line in lines if line.startswith("worker1")] == ["worker1"] * 3, lines
     assert "worker1: up 3 days\\r\\x1b]0;owned\\x07" in out
+
+
+@pytest.mark.parametrize("words, wrong", [(b'Authenticated to master ([127.0.0.1]:22) using "publickey".', "-"),
+                                          (b"Host key verification failed.", "-"),
+                                          (b"@ WARNING: REMOTE HOST IDENTIFICATION HAS CHANGED! @", "-")])
+def test_a_server_without_the_key_cannot_put_words_in_ssh_s_log(workdir: Path, operator_key: Path, words: bytes,
+                                                                 wrong: str) -> None:
+    """ssh logs the text of a disconnect as it came, line breaks and all: what follows is not ssh's."""
+    c = Cluster(workdir, operator_key, HONEST)
+    impostor = Disconnector(b"bye\n" + words + b"\n" + words)
+    try:
+        profile = workdir / "profiles/cluster.yaml"
+        profile.write_text(profile.read_text().replace(f"port: {c.master.port}", f"port: {impostor.port}"))
+        write_ssh_files(workdir / "output", load(workdir / "profiles"), KeyStore(workdir / "state"))
+        done, _, _ = c.check()
+    finally:
+        c.stop()
+        impostor.stop()
+    table, errors = terminal_safe(done)
+    assert table[1].split()[:3] == ["master", "no", wrong], table
+    said = next(line for line in errors if line.startswith("pibake: master: "))
+    assert said.startswith("pibake: master: unreachable: Received disconnect from 127.0.0.1 port "), said
+
+
+def test_a_node_that_prints_the_probe_s_first_line_without_running_it_is_not_believed(cluster) -> None:
+    forger = say(b"pibake-probe: begin\nhostname: worker1\nsystem: running\nfirst-boot: done\n"
+                 b"address: 192.168.5.101/24\n")
+    done, _, _ = cluster(worker1=forger).check()
+    _, errors = terminal_safe(done)
+    assert "pibake: worker1: the probe did not run there (ssh exit 0)" in errors, errors

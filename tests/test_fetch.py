@@ -317,6 +317,46 @@ def test_malformed_os_list(mirror: Mirror, published: Published, workdir: Path) 
     assert_fails(fetch(workdir, fetch_env(mirror, published, workdir / "cache")), "is not valid JSON", workdir / "cache")
 
 
+@pytest.mark.parametrize("case", ["deep", "huge number", "loop", "too long", "escapes in a name and a URL"])
+def test_a_hostile_os_list_is_one_line_and_bounded(mirror: Mirror, published: Published, workdir: Path, case: str) -> None:
+    listing = mirror.root / "os_list_imagingutility_v4.json"
+    good = json.loads(listing.read_text())
+    if case == "deep":
+        listing.write_text("[" * 200_000 + "]" * 200_000)
+    elif case == "huge number":
+        good["os_list"][1]["subitems"][0]["extract_size"] = 1e400  # json.dumps writes Infinity; a server, 1e400
+        listing.write_text(json.dumps(good).replace("Infinity", "1e400"))
+    elif case == "loop":  # a category whose list is itself
+        listing.write_text(json.dumps({"os_list": [{"name": "raspios", "subitems_url":
+                                                    f"{mirror.base}/os_list_imagingutility_v4.json?raspios"}]}))
+    elif case == "too long":
+        listing.write_text('{"os_list": [' + '"x",' * (6 << 20) + '"x"]}')
+    else:
+        entry = dict(good["os_list"][1]["subitems"][0])
+        named = {**entry, "name": "Lite \x1b]0;owned\x07\x1b[2J"}
+        entry["url"] = entry["url"].rsplit("/", 1)[0] + "/\x1b[2J" + entry["url"].rsplit("/", 1)[1]
+        good["os_list"][1]["subitems"][:1] = [entry, named]
+        listing.write_text(json.dumps(good))
+    result = run_pibake("images", cwd=workdir, env=fetch_env(mirror, published, workdir / "cache"))
+    assert "Traceback" not in result.output and not any(c in result.output for c in "\x1b\x07"), result.output
+    if case == "escapes in a name and a URL":
+        assert result.code == 0 and "which is not a URL: skipped" in result.stderr, result.output
+        assert "\\x1b[2J" in result.stderr  # shown, escaped
+        return
+    assert result.code != 0 and len(result.stderr.strip().splitlines()) == 1, result.output
+    said = {"deep": "nested too deeply", "huge number": "is malformed: entry", "loop": "no Raspberry Pi OS Lite",
+            "too long": "sent more than 16 MiB"}[case]
+    assert said in result.stderr, result.stderr
+    if case == "loop":
+        assert mirror.paths().count("/os_list_imagingutility_v4.json") == 2  # the list, and its one self-reference
+
+
+def test_an_image_url_that_names_no_file_is_refused_without_its_login(workdir: Path) -> None:
+    for url in ("http://bob:s3cretPW@127.0.0.1:9", "http://bob:s3cretPW@127.0.0.1:9/"):
+        result = run_pibake("fetch", "--image", url, "--sha256", "0" * 64, cwd=workdir)
+        assert result.code == 2 and "names no file" in result.stderr and "s3cretPW" not in result.output, result.output
+
+
 def test_two_concurrent_fetches_of_one_image(mirror: Mirror, published: Published, workdir: Path) -> None:
     env = {**os.environ, **fetch_env(mirror, published, workdir / "cache"), "PIBAKE_DOWNLOAD_BASE": mirror.base}
     procs = [subprocess.Popen([sys.executable, "-m", "builder", "fetch"], cwd=workdir, env=env, stdout=subprocess.PIPE,

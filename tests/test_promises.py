@@ -40,6 +40,21 @@ PATHS = [
     ("/boot/firmware/user-data", "boot-hooks"),
     ("/boot/firmware/network-config", "boot-hooks"),
     ("/boot/firmware/cmdline.txt", "boot-hooks"),
+    ("/boot/firmware/cmdline.txt.", "boot-hooks"),  # FAT drops trailing dots: the same file
+    ("/boot/firmware/ssh..", "boot-hooks"),
+    ("/boot/firmware/config.txt", "boot-hooks"),  # cmdline= and kernel= there choose what boots
+    ("/boot/firmware/autoboot.txt", "boot-hooks"),
+    ("/usr/local/lib/systemd/system/ssh.service", "sshd"),  # outranks /lib's
+    ("/etc/systemd/system/service.d/all.conf", "sshd"),  # a drop-in for every service
+    ("/etc/sudoers.d/020_more", "sudo"),
+    ("/etc/sudoers", "sudo"),
+    ("/etc/systemd/system/multi-user.target.d/wants.conf", "units"),
+    ("/usr/local/lib/systemd/system/multi-user.target.wants/x.service", "units"),
+    ("/etc/systemd/system.control/x.service", "units"),
+    ("/usr/lib/systemd/user/default.target.wants/x.service", "units"),
+    ("/home/pi/.config/systemd/user/default.target.wants/x.service", "units"),
+    ("/etc/systemd/system-generators/gen", "units"),
+    ("/etc/rc.local", "units"),
     ("/etc/sysctl.d/99-forward.conf", "firewall"),
     ("/etc/sysctl.conf", "firewall"),
     ("/usr/lib/sysctl.d/50-mine.conf", "firewall"),
@@ -193,3 +208,57 @@ def test_the_plan_names_every_source_by_its_resolved_path(workdir: Path, key: st
     lines = [line for line in result.stdout.splitlines() if "/etc/app/token" in line or " /etc/motd " in line]
     assert len(lines) == 2 and all(f"from {os.path.realpath(workdir / 'real')}/" in line for line in lines), lines
     assert "s3cr3t" not in result.stdout
+
+
+@pytest.mark.parametrize("body, line, words", [
+    ("master:\n  hostname: =\n", 6, "master.hostname: '=' is not a valid hostname"),
+    ("image:\n  release: 2025-02-30\n", 6, "image.release: '2025-02-30' is not an image spec"),
+    ("master:\n  dhcp:\n    lease: !!float 1e400\n", 7, "tags"),
+])
+def test_values_yaml_cannot_make_are_profile_errors(workdir: Path, key: str, body: str, line: int, words: str) -> None:
+    write_profile(workdir, f"user:\n  ssh_keys: [{key}]\nworkers:\n  count: 1\n{body}")
+    assert_refused(workdir, plan(workdir), f"cluster.yaml:{line}: ", words)
+
+
+def test_a_long_url_is_cut_after_its_login_is_hidden(workdir: Path, key: str) -> None:
+    url = "https://bob:S3cr3tPassw0rd@mirror.lan/" + "a" * 5000
+    write_profile(workdir, f"user:\n  ssh_keys: [{key}]\nimage:\n  url: '{url}'\n")
+    result = plan(workdir)
+    assert_refused(workdir, result, "cluster.yaml:4: ", "longer than 4096 characters")
+    assert "S3cr3t" not in result.stderr and "***@" in result.stderr, result.stderr
+
+
+def test_a_pgp_private_key_is_a_secret(workdir: Path, key: str) -> None:
+    (workdir / "signing.asc").write_text("-----BEGIN PGP PRIVATE KEY BLOCK-----\nlQVYBGV\n-----END PGP PRIVATE KEY BLOCK-----\n")
+    write_profile(workdir, f"user:\n  ssh_keys: [{key}]\nmaster:\n  files:\n"
+                           "    - {source: signing.asc, path: /etc/app/signing.asc}\n")
+    assert_refused(workdir, plan(workdir), "cluster.yaml:5: ", "is a private key", "use 0600")
+
+
+def test_no_sudo_means_out_of_the_sudo_group_too(workdir: Path, key: str) -> None:
+    """Debian's sudoers lets the sudo group in with a password."""
+    from builder.keys import KeyStore
+    from builder.operations import EditLines
+    from builder.plan import plan_node
+    from builder.profile import load
+    from builder.realize import Changes, Tree
+    from builder.release import named
+    from rpios_image import GROUP
+    from test_realize import CONTENT, TableBase
+
+    for name, before, after in (("pi", "sudo:x:27:pi", "sudo:x:27:"), ("alice", "sudo:x:27:bob,pi,carol", "sudo:x:27:bob,carol"),
+                                ("alice", "sudo:x:27:bob,pi", "sudo:x:27:bob")):
+        profile = load(write_profile(workdir, f"user:\n  name: {name}\n  ssh_keys: [{key}]\n  sudo: none\n"
+                                              "  password_hash: $6$salt$hash\n"))
+        plan = plan_node(profile, profile.master.node, named("bookworm"), KeyStore(workdir / "state"))
+        CONTENT["/etc/group"] = GROUP.replace("sudo:x:27:pi", before).encode()
+        tree = Tree(TableBase(), "/boot/firmware")
+        try:
+            for op in plan.ops:
+                if isinstance(op, EditLines) and op.path == "/etc/group":
+                    op.play(tree, Changes())
+        finally:
+            CONTENT["/etc/group"] = GROUP.encode()
+        sudo = [line for line in tree.text("/etc/group").split("\n") if line.startswith("sudo:")]
+        assert sudo == [after], (name, before, sudo)
+        assert not any(op.path.startswith("/etc/sudoers.d/010_") and type(op).__name__ == "Write" for op in plan.ops)
