@@ -412,7 +412,9 @@ def _print_plan(node_plan: NodePlan) -> None:
     for op in node_plan.ops:
         d = describe(op)
         attrs = f"{d.get('mode', ''):>4} {d.get('owner', ''):>9}" if "mode" in d else " " * 14
-        _echo(f"  {d['op']:<7} {d['path']:<58} {attrs}  {d.get('summary', '')}".rstrip())
+        source = f"from {d['source']}: " if "source" in d else ""
+        allows = f" (allows: {d['allows']})" if "allows" in d else ""
+        _echo(f"  {d['op']:<7} {d['path']:<58} {attrs}  {source}{d.get('summary', '')}{allows}".rstrip())
         for line in d["content"].rstrip("\n").split("\n") if "content" in d else ():  # an entry allowed to break a promise
             _echo(f"      | {line}")
     _echo("")

@@ -29,6 +29,7 @@ VARIABLES = {
     "PIBAKE_SLOW_COPY": "seconds a first copy may take before the appliance is launched while the rest are made",
     "XDG_CACHE_HOME": "the cache's parent folder (default ~/.cache)",
     "LIBGUESTFS_BACKEND_SETTINGS": "libguestfs' own; force_tcg skips the KVM attempt",
+    "SUDO_USER": "sudo's own: `pibake flash` under sudo also keeps off the cache of the user who ran sudo",
 }
 
 
@@ -107,3 +108,7 @@ def force_tcg() -> bool:
 def passphrase(variable: str) -> Optional[str]:
     """The Wi-Fi passphrase from the variable the profile names (PIBAKE_WIFI_PASSPHRASE by default)."""
     return os.environ.get(variable) or None
+
+
+def sudo_user() -> Optional[str]:
+    return _get("SUDO_USER")

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from builder import bmap as bmaps
+from builder import environment
 from builder import image, run
 from builder.errors import BuildError
 
@@ -655,7 +656,7 @@ def cache_roots(own: Path) -> list[Path]:
     """pibake's caches a flash must not write over: this user's, and under sudo, that of
     the user who ran sudo too (whose ~/.cache the environment no longer names)."""
     roots = [own]
-    user = os.environ.get("SUDO_USER")
+    user = environment.sudo_user()
     if user:
         with contextlib.suppress(KeyError):
             roots.append(Path(pwd.getpwnam(user).pw_dir) / ".cache" / "pibake")

@@ -83,11 +83,9 @@ class Write(_Op):
             out["summary"] = _summary(self.content.decode(errors="replace"))
         if self.source:
             out["source"] = self.source
-            out["summary"] = f"from {self.source}: {out['summary']}"
         if self.allow:
             # What an entry is allowed to break is shown whole, unless it is a secret.
             out["allows"] = ", ".join(self.allow)
-            out["summary"] += f" (allows: {out['allows']})"
             if not self.secret:
                 out["content"] = self.content.decode(errors="replace")
         return out

@@ -9,6 +9,7 @@ stderr. A master also forwards the connections ssh's ProxyJump opens through it
 
 from __future__ import annotations
 
+import contextlib
 import io
 import socket
 import struct
@@ -140,7 +141,8 @@ class Node:
         except (OSError, EOFError, paramiko.SSHException):
             pass  # the operator's side went away, as it should for a node that floods or stalls
         finally:
-            channel.close()
+            with contextlib.suppress(Exception):  # the transport may be gone already
+                channel.close()
 
     def stop(self) -> None:
         self.listener.close()
@@ -156,10 +158,11 @@ def _pipe(channel: paramiko.Channel, port: int) -> None:
         try:
             while data := read(1 << 15):
                 write(data)
-        except OSError:
+        except (OSError, EOFError, paramiko.SSHException):  # either side went away
             pass
         finally:
-            done()
+            with contextlib.suppress(OSError, EOFError, paramiko.SSHException):
+                done()
 
     threading.Thread(target=copy, args=(upstream.recv, channel.sendall, channel.close), daemon=True).start()
     copy(channel.recv, upstream.sendall, lambda: upstream.close())
