@@ -62,6 +62,19 @@ def silent(channel: paramiko.Channel) -> None:
     threading.Event().wait(120)
 
 
+def serve(listener: socket.socket, handle: Callable[[socket.socket], None]) -> None:
+    """Each connection to `listener` handled in a thread of its own, until it is closed."""
+    def accept() -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=handle, args=(client,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+
+
 class _Interface(paramiko.ServerInterface):
     def __init__(self, node: "Node") -> None:
         self.node = node
@@ -103,15 +116,7 @@ class Node:
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.transports: list[paramiko.Transport] = []
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._connection, args=(client,), daemon=True).start()
+        serve(self.listener, self._connection)
 
     def _connection(self, client: socket.socket) -> None:
         transport = paramiko.Transport(client)
@@ -176,22 +181,17 @@ class Disconnector:
         self.text = text
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
-        threading.Thread(target=self._serve, daemon=True).start()
+        serve(self.listener, self._connection)
 
-    def _serve(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            with client:
-                client.sendall(b"SSH-2.0-OpenSSH_9.2p1\r\n")
-                client.recv(256)  # ssh's own greeting
-                payload = bytes([1]) + struct.pack(">I", 11) + _string(self.text) + _string(b"")  # SSH_MSG_DISCONNECT
-                padding = 8 - (len(payload) + 5) % 8 + 8
-                packet = struct.pack(">IB", len(payload) + padding + 1, padding) + payload + bytes(padding)
-                client.sendall(packet)
-                threading.Event().wait(1)
+    def _connection(self, client: socket.socket) -> None:
+        with client:
+            client.sendall(b"SSH-2.0-OpenSSH_9.2p1\r\n")
+            client.recv(256)  # ssh's own greeting
+            payload = bytes([1]) + struct.pack(">I", 11) + _string(self.text) + _string(b"")  # SSH_MSG_DISCONNECT
+            padding = 8 - (len(payload) + 5) % 8 + 8
+            packet = struct.pack(">IB", len(payload) + padding + 1, padding) + payload + bytes(padding)
+            client.sendall(packet)
+            threading.Event().wait(1)
 
     def stop(self) -> None:
         self.listener.close()

@@ -96,6 +96,16 @@ def fresh(tmp_path: Path, name: str) -> Path:
     return case
 
 
+def linked_folder(tmp_path: Path, name: str, link: str) -> tuple[Path, Path]:
+    """A case folder holding a folder named `name`, and a tidy link to it: what a shared
+    profile folder can arrange."""
+    case = fresh(tmp_path, name)
+    real = case / name
+    real.mkdir()
+    (case / link).symlink_to(real)
+    return case, real
+
+
 @given(name=NAMES)
 @EXAMPLES
 @example(name=HOSTILE[0])
@@ -103,12 +113,9 @@ def fresh(tmp_path: Path, name: str) -> Path:
 @example(name="${HOME}")
 @example(name='say "hi" \\ back')
 def test_a_key_reached_through_a_hostile_folder_name(tmp_path: Path, shared: Path, defaults: dict, name: str) -> None:
-    case = fresh(tmp_path, name)
-    real = case / name
-    real.mkdir()
+    case, real = linked_folder(tmp_path, name, "keys")
     for half in ("id_ed25519", "id_ed25519.pub"):
         shutil.copy(shared / half, real / half)
-    (case / "keys").symlink_to(real)  # the profile names a tidy path; the link leads to the folder
     profile = load(write_profile(case, "user:\n  ssh_keys: [keys/id_ed25519.pub]\nworkers:\n  count: 2\n"))
     (case / "output").mkdir()
     try:
@@ -130,10 +137,7 @@ def test_a_key_reached_through_a_hostile_folder_name(tmp_path: Path, shared: Pat
 @example(name="{{ lookup('pipe','id') }}")
 @example(name="ümlaut@x+y=z:1,2")
 def test_an_output_folder_with_a_hostile_name(tmp_path: Path, shared: Path, defaults: dict, name: str) -> None:
-    case = fresh(tmp_path, name)
-    real = case / name
-    real.mkdir()
-    (case / "out").symlink_to(real)
+    case, real = linked_folder(tmp_path, name, "out")
     profile = load(write_profile(case, f"user:\n  ssh_keys: [{shared / 'id_ed25519.pub'}]\nworkers:\n  count: 2\n"))
     try:
         write_ssh_files(case / "out", profile, KeyStore(shared / "state"))
