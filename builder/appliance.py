@@ -1,7 +1,8 @@
-"""The libguestfs appliance: the only module that imports guestfs.
+"""The libguestfs appliance: the only module that imports guestfs, and an adapter over it.
 
-One appliance is launched per command with every image attached; each image is
-mounted, edited and unmounted in turn.
+One appliance is launched per command with every image attached. It reads the base
+(its facts, and the files the plans look at) and applies each node's `Changes` to
+its copy; it plans nothing.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import tarfile
 import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -24,8 +26,7 @@ from builder import cache, environment
 from builder.errors import BuildError
 from builder.facts import BaseFacts, BaseReads
 from builder.packages import read_inputs
-from builder.plan import NodePlan
-from builder.realize import Changes, Stat, paths_read, realize
+from builder.tree import Changes, Stat
 from builder.release import Release
 
 try:
@@ -157,7 +158,7 @@ class Appliance:
     def partitions(self, index: int, check: bool = True) -> tuple[str, str]:
         """The boot (FAT) and root (ext4) partitions of drive `index`, checked unless told not to.
 
-        Checked is how drives are first read (facts, prepare, snapshot); written drives are not checked."""
+        Checked is how drives are first read (facts, the base); written drives are not checked."""
         device = self.devices[index]
         name = self.drives[index].path
         if not check:
@@ -218,29 +219,21 @@ class Appliance:
 
     # ------------------------------------------------------------ applying
 
-    def prepare(self, plans: list[NodePlan], known: BaseReads | None = None) -> list[Changes]:
-        """Play every plan through against drive 0 before any copy is changed (they all start equal).
+    @contextmanager
+    def base(self, boot_dir: str, known: BaseReads | None = None) -> Iterator[BaseReader]:
+        """Drive 0 as the base the plans are played against (they all start equal).
 
-        What `known` holds of the base is not read again; what is read is added to it.
+        What `known` holds of it is not read again; what is read is added to it.
         Drive 0 is only mounted (and checked) when something is not known."""
-        reads = known if known is not None else BaseReads()
-        base = _BaseReader(self, plans[0].release.boot_dir, reads)
+        reader = BaseReader(self, boot_dir, known if known is not None else BaseReads())
         try:
-            free = base.free()
-            for plan in plans:
-                if free < plan.bytes_needed:
-                    packages = (f" ({plan.install_room // 1024} KiB of it for the packages installed on first boot)"
-                                if plan.install_room else "")
-                    raise BuildError(f"{plan.node.hostname}: the image's root file system is too full: {free // 1024} KiB "
-                                     f"free, pibake needs about {plan.bytes_needed // 1024} KiB{packages}")
-            base.prefetch(paths_read(plans))
-            return [realize(plan, base) for plan in plans]
+            yield reader
         finally:
-            base.close()
+            reader.close()
 
-    def apply(self, plans: list[NodePlan], changes: list[Changes], mtime: float,
+    def apply(self, nodes: list[str], boot_dir: str, changes: list[Changes], mtime: float,
               done: Callable[[int], None] = lambda index: None, group: int = 8) -> None:
-        """Make every node's changes, drive i for plans[i], a group of nodes at a time.
+        """Make every node's changes, drive i for nodes[i], a group of nodes at a time.
 
         A group's root file systems are mounted side by side (/n0, /n1, ...) and get
         their files from one tar archive, so what costs is one mount per node: each
@@ -248,33 +241,33 @@ class Appliance:
         is called once drive i is unmounted, its data handed to the host.
         """
         g = self.g
-        for index in range(len(plans)):
+        for index in range(len(nodes)):
             g.mkmountpoint(f"/n{index}")
         try:
-            for start in range(0, len(plans), group):
-                indexes = range(start, min(len(plans), start + group))
-                self._apply_group(plans, changes, indexes, mtime, done)
+            for start in range(0, len(nodes), group):
+                indexes = range(start, min(len(nodes), start + group))
+                self._apply_group(nodes, boot_dir, changes, indexes, mtime, done)
         finally:  # each group unmounts what it mounted, also when it fails
-            for index in range(len(plans)):
+            for index in range(len(nodes)):
                 g.rmmountpoint(f"/n{index}")
 
-    def _apply_group(self, plans: list[NodePlan], changes: list[Changes], indexes: range, mtime: float,
+    def _apply_group(self, nodes: list[str], boot_dir: str, changes: list[Changes], indexes: range, mtime: float,
                      done: Callable[[int], None]) -> None:
         g = self.g
         mounted = False  # anything of this group's: then umount_all on the way out
-        node = plans[indexes[0]].node.hostname
+        node = nodes[indexes[0]]
         step = "mount"
         try:
             for index in indexes:
-                node, top, change = plans[index].node.hostname, f"/n{index}", changes[index]
-                boot, root = self.partitions(index, check=False)  # copies of drive 0, checked by prepare()
+                node, top, change = nodes[index], f"/n{index}", changes[index]
+                boot, root = self.partitions(index, check=False)  # copies of drive 0, checked when the base was read
                 # Naming the type spares mount(8) probing the partition (0.03 to 0.05 s under TCG).
                 step = "mount the root file system"
                 g.mount_vfs("", "ext4", root, top)
                 mounted = True
                 if change.touches_boot:
                     step = "mount the boot partition"
-                    g.mount_vfs("", "vfat", boot, top + plans[index].release.boot_dir)
+                    g.mount_vfs("", "vfat", boot, top + boot_dir)
                 for old, new in change.moves:
                     step = f"move {old}"
                     g.mv(top + old, top + new)
@@ -282,7 +275,7 @@ class Appliance:
                     step = f"delete {path}"
                     g.rm_f(top + path)
             if any(changes[i].root for i in indexes):
-                node, step = ", ".join(plans[i].node.hostname for i in indexes), "write the root file systems' files"
+                node, step = ", ".join(nodes[i] for i in indexes), "write the root file systems' files"
                 with tempfile.NamedTemporaryFile(prefix="pibake-", suffix=".tar") as archive:
                     with tarfile.open(fileobj=archive, mode="w", format=tarfile.GNU_FORMAT) as tar:
                         for index in indexes:
@@ -294,10 +287,10 @@ class Appliance:
                         # tar names the member that failed: n<drive>/path
                         which = re.search(r"\bn(\d+)/", str(e))
                         if which and int(which[1]) in indexes:
-                            node = plans[int(which[1])].node.hostname
+                            node = nodes[int(which[1])]
                         raise
             for index in indexes:
-                node, top, change = plans[index].node.hostname, f"/n{index}", changes[index]
+                node, top, change = nodes[index], f"/n{index}", changes[index]
                 for path in change.boot_mkdirs:
                     step = f"mkdir {path}"
                     g.mkdir_p(top + path)
@@ -312,7 +305,7 @@ class Appliance:
                           len(change.boot_writes))
             # Only this group is mounted. umount_all runs umount(8) as umount does, without
             # the two `udevadm settle` libguestfs 1.48 runs first (0.07 s against 0.22 s under TCG).
-            node, step = ", ".join(plans[i].node.hostname for i in indexes), "unmount"
+            node, step = ", ".join(nodes[i] for i in indexes), "unmount"
             g.umount_all()
             mounted = False
             for index in indexes:  # the host can go on with them while the kernel's log is read
@@ -322,7 +315,7 @@ class Appliance:
         finally:
             if mounted:
                 g.umount_all()
-            self._check_writes({self.devices[i]: plans[i].node.hostname for i in indexes})
+            self._check_writes({self.devices[i]: nodes[i] for i in indexes})
 
     def _check_writes(self, nodes: dict[str, str]) -> None:
         """Fail if the guest kernel saw a write fail: sync() does not return such errors.
@@ -352,27 +345,6 @@ class Appliance:
 
     def read(self, path: str) -> bytes:
         return self.g.read_file(path)
-
-    def snapshot(self, index: int, boot_dir: str) -> dict[str, dict[str, object]]:
-        """Every path of a mounted-read-only image with type, mode, owner and content hash."""
-        self.mount(index, boot_dir, readonly=True)
-        try:
-            return dict(self._walk())
-        finally:
-            self.g.umount_all()
-
-    def _walk(self) -> Iterator[tuple[str, dict[str, object]]]:
-        g = self.g
-        for rel in g.find("/"):
-            path = "/" + rel
-            st = g.lstatns(path)
-            kind = _kind(st["st_mode"])
-            entry: dict[str, object] = {"type": kind, "mode": st["st_mode"] & 0o7777, "uid": st["st_uid"], "gid": st["st_gid"]}
-            if kind == "file":
-                entry["sha256"] = g.checksum("sha256", path)
-            elif kind == "link":
-                entry["target"] = g.readlink(path)
-            yield path, entry
 
 
 # Seconds a KVM launch may take to show the appliance's first words on its console
@@ -477,7 +449,7 @@ def _explain(e: RuntimeError) -> str:
     return text
 
 
-class _BaseReader:
+class BaseReader:
     """Drive 0 as the base, read through the appliance only for what `reads` does not hold yet."""
 
     def __init__(self, appliance: Appliance, boot_dir: str, reads: BaseReads) -> None:

@@ -31,6 +31,7 @@ from builder.packages import AptInputs, Deb
 from builder.facts import BaseFacts, BaseReads, remembered
 from builder.outputs import BuiltImage, read_manifest, refresh_manifest, update_manifest, write_ssh_files
 from builder.plan import NodePlan, check_plan, plan_node
+from builder.realize import prepare
 from builder.profile import Node, Profile
 from builder.release import Release
 
@@ -445,7 +446,8 @@ def _bake(profile: Profile, nodes: tuple[Node, ...], plans: list[NodePlan] | Non
                     facts.save(options.cache.bases, base_sha256())
                 plans = _plans(profile, nodes, facts, options, keys)
             reads = BaseReads.remembered(options.cache.bases, base_sha256())
-            changes = appliance.prepare(plans, reads)
+            with appliance.base(plans[0].release.boot_dir, reads) as base_files:
+                changes = prepare(plans, base_files)
             log.debug("plans played through against the base%s", "" if reads.learned else ", all of it known from earlier builds")
             mtime = time.time()
             # Each image is synced and hashed while the appliance goes on with the next.
@@ -457,7 +459,7 @@ def _bake(profile: Profile, nodes: tuple[Node, ...], plans: list[NodePlan] | Non
                     hashing[index] = pool.submit(_finish, staged[index], offset, prefixes.result()[1][offset], syncer)
                     meter.update()
 
-                appliance.apply(plans, changes, mtime, done)
+                appliance.apply([plan.node.hostname for plan in plans], plans[0].release.boot_dir, changes, mtime, done)
                 log.debug("every image written; waiting for their hashes")
                 hashes = [hashing[i].result() for i in range(len(plans))]
                 log.debug("hashed")

@@ -13,7 +13,7 @@ from typing import Optional
 
 from builder.files import read_json, write_json
 from builder.packages import AptInputs
-from builder.realize import Stat
+from builder.tree import Stat
 from builder.release import Release, detect
 
 

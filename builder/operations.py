@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING, ClassVar, Union
 from builder import promises
 from builder.errors import BuildError
 from builder.profile import destination_problem
-from builder.realize import ABSENT, ROOT, Changes, Stat, under
+from builder.tree import ABSENT, ROOT, Changes, Stat, under
 
 if TYPE_CHECKING:
-    from builder.realize import Tree
+    from builder.tree import Tree
 
 # A unit linked to /dev/null is masked: systemd reads the link, and /dev is empty
 # until the node boots.

@@ -1,162 +1,40 @@
-"""From a node's plan to the few changes the appliance makes to its copy.
+"""Planning's last step: each node's plan played through against the base image.
 
-Every node image starts as an exact copy of the base, so whatever a plan reads
-(the lines it edits, whether a path exists, where a symlink leads) is read once
-from the base and the plan is played through on the host. What is left per node
-is a handful of appliance calls: moves, deletes, one tar archive unpacked over
-the root file system, and the boot partition's few files (FAT has no owners,
-which tar would try to set).
+Every node image starts as an exact copy of the base, so whatever a plan reads (the
+lines it edits, whether a path exists, where a symlink leads) is read once from the
+base and the plan is played through on the host, with every path checked where it
+leads in the image. What comes out is each node's `Changes`, for the appliance.
 """
 
 from __future__ import annotations
 
-import io
-import posixpath
-import tarfile
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from builder.errors import BuildError
-
-if TYPE_CHECKING:
-    from builder.plan import NodePlan
-
-ROOT = (0, 0)
+from builder.plan import NodePlan
+from builder.tree import Base, Changes, Tree
 
 
-@dataclass(frozen=True)
-class Stat:
-    kind: str  # file, dir, link, other
-    mode: int = 0o644
-    owner: tuple[int, int] = ROOT
-    target: str = ""  # a link's
+class BaseImage(Base, Protocol):
+    """The base as the appliance reads it: also its free space, and many paths at once."""
+
+    def free(self) -> int: ...
+
+    def prefetch(self, paths: set[str]) -> None: ...
 
 
-class Base(Protocol):
-    """The base image, read-only: lstat (None when absent) and file contents."""
-
-    def lstat(self, path: str) -> Stat | None: ...
-
-    def read(self, path: str) -> bytes: ...
-
-
-@dataclass
-class Changes:
-    moves: list[tuple[str, str]] = field(default_factory=list)
-    deletes: list[str] = field(default_factory=list)
-    root: dict[str, Stat] = field(default_factory=dict)  # what the archive holds; files' data in contents
-    contents: dict[str, bytes] = field(default_factory=dict)
-    boot_writes: dict[str, bytes] = field(default_factory=dict)
-    boot_mkdirs: list[str] = field(default_factory=list)
-    boot_deletes: list[str] = field(default_factory=list)
-
-    @property
-    def touches_boot(self) -> bool:
-        return bool(self.boot_writes or self.boot_mkdirs or self.boot_deletes)
-
-    def add_to(self, archive: tarfile.TarFile, prefix: str, mtime: float) -> None:
-        """The root file system's part, under `prefix`: numeric owners, parents before children."""
-        for path in sorted(self.root, key=lambda p: p.split("/")):
-            st = self.root[path]
-            info = tarfile.TarInfo(prefix + path)
-            info.mode, (info.uid, info.gid), info.mtime = st.mode, st.owner, mtime
-            info.uname = info.gname = ""  # so tar in the appliance keeps the numbers
-            data = None
-            if st.kind == "dir":
-                info.type = tarfile.DIRTYPE
-            elif st.kind == "link":
-                info.type, info.linkname = tarfile.SYMTYPE, st.target
-            else:
-                data = self.contents[path]
-                info.size = len(data)
-            archive.addfile(info, io.BytesIO(data) if data is not None else None)
-
-
-ABSENT = Stat("absent")
-
-
-class Tree:
-    """The node's file system as the plan changes it, over the base."""
-
-    def __init__(self, base: Base, boot_dir: str) -> None:
-        self.base = base
-        self.boot_dir = boot_dir
-        self.state: dict[str, Stat] = {}
-        self.contents: dict[str, bytes] = {}
-        self.moved: list[tuple[str, str]] = []  # (from, to): the base's paths under `to` are read from `from`
-        self.claimed: dict[str, str] = {}  # resolved path -> the profile's `files:` entry that writes it
-
-    def base_path(self, path: str) -> str:
-        for old, new in reversed(self.moved):
-            if under(path, new):
-                return old + path[len(new):]
-        return path
-
-    def lstat(self, path: str) -> Stat:
-        if path in self.state:
-            return self.state[path]
-        for old, _ in self.moved:
-            if under(path, old):
-                return ABSENT
-        return self.base.lstat(self.base_path(path)) or ABSENT
-
-    def read(self, path: str) -> bytes:
-        if path in self.contents:
-            return self.contents[path]
-        return self.base.read(self.base_path(path))
-
-    def resolve(self, path: str) -> str:
-        """The path with every symlink in it followed inside the image, as the node will see
-        it (an absolute link leads from the image's root, not the build machine's), so that
-        what is written lands where the node looks."""
-        todo = path.strip("/").split("/")
-        done = ""
-        links = 0
-        while todo:
-            name = todo.pop(0)
-            if name in ("", "."):
-                continue
-            if name == "..":
-                done = done.rsplit("/", 1)[0]
-                continue
-            here = f"{done}/{name}"
-            st = self.lstat(here)
-            if st.kind == "link":
-                links += 1
-                if links > 40:  # as the kernel's ELOOP
-                    raise BuildError(f"cannot follow {path} in the image: too many symbolic links")
-                if st.target.startswith("/"):
-                    done = ""
-                todo[:0] = st.target.split("/")
-                continue
-            if todo and st.kind not in ("dir", "absent"):
-                raise BuildError(f"cannot write {path}: {here} is not a folder in the image")
-            done = here
-        return done or "/"
-
-    def resolve_parent(self, path: str) -> str:
-        """The path with the symlinks in its folders followed, its last name kept as it is."""
-        folder, name = posixpath.split(path)
-        return posixpath.join(self.resolve(folder), name)
-
-    def put(self, path: str, st: Stat, content: bytes | None = None) -> None:
-        """Record a change at a resolved path; a path a `files:` entry claims is refused."""
-        if path in self.claimed:
-            raise BuildError(f"{self.claimed[path]}: pibake writes {path} itself: choose another path", exit_code=2)
-        self.state[path] = st
-        if content is None:
-            self.contents.pop(path, None)
-        else:
-            self.contents[path] = content
-
-    def on_boot(self, path: str) -> bool:
-        return under(path, self.boot_dir)
-
-    def write(self, path: str, content: bytes, mode: int, owner: tuple[int, int]) -> None:
-        self.put(path, Stat("file", mode, owner), content)
-
-    def text(self, path: str) -> str:
-        return self.read(path).decode("utf-8", "surrogateescape")
+def prepare(plans: list[NodePlan], base: BaseImage) -> list[Changes]:
+    """Every plan played through against the base, before any copy is changed (they all
+    start equal), once the root file system is known to have room for each."""
+    free = base.free()
+    for plan in plans:
+        if free < plan.bytes_needed:
+            packages = (f" ({plan.install_room // 1024} KiB of it for the packages installed on first boot)"
+                        if plan.install_room else "")
+            raise BuildError(f"{plan.node.hostname}: the image's root file system is too full: {free // 1024} KiB "
+                             f"free, pibake needs about {plan.bytes_needed // 1024} KiB{packages}")
+    base.prefetch(paths_read(plans))
+    return [realize(plan, base) for plan in plans]
 
 
 def realize(plan: NodePlan, base: Base) -> Changes:
@@ -197,11 +75,6 @@ def _check_account(tree: Tree, name: str, origin: str) -> None:
             ids = others[0].split(":")[2] if len(others[0].split(":")) > 2 else "?"
             raise BuildError(f"{origin}: '{name}' is already {what} in the image ({path}, id {ids}): "
                              "choose another name for the login user", exit_code=2)
-
-
-def under(path: str, folder: str) -> bool:
-    """`path` is `folder` or below it."""
-    return path == folder or path.startswith(folder + "/")
 
 
 def paths_read(plans: list[NodePlan]) -> set[str]:

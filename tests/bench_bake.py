@@ -40,6 +40,7 @@ from builder.appliance import Appliance, Drive  # noqa: E402
 from builder.build import plans_for, stage_packages  # noqa: E402
 from builder.keys import KeyStore  # noqa: E402
 from builder.profile import load  # noqa: E402
+from builder.realize import prepare  # noqa: E402
 
 REAL_SIZE = 2_751_463_424  # Bookworm Lite 2025-11-24
 REAL_DATA = 1_900_000_000
@@ -128,7 +129,10 @@ class Bench:
                     debs = stage_packages(profile, profile.nodes, facts.apt, cache.layout())
                     plans = plans_for(profile, profile.nodes, facts.release(), keys, debs)
                 # What one virt-customize run per node does: read what it edits, then write.
-                appliance.apply([plans[index]], appliance.prepare([plans[index]]), time.time())
+                plan = plans[index]
+                with appliance.base(plan.release.boot_dir) as base_files:
+                    changes = prepare([plan], base_files)
+                appliance.apply([plan.node.hostname], plan.release.boot_dir, changes, time.time())
             image.fsync(path)
             image.sha256_file(path)
         return time.monotonic() - start

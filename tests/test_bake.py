@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import re
+import stat
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from builder.appliance import Appliance, Drive
-from builder.realize import Stat, Tree
+from builder.tree import Stat, Tree
 from conftest import WIFI_PASSPHRASE, Result, run_pibake, write_profile
 from rpios_image import make_image
 
@@ -60,14 +61,36 @@ READ = ("/etc/hostname", "/etc/hosts", "/etc/passwd", "/etc/shadow", "/etc/group
         "/etc/sudoers.d/010_alice-nopasswd", "/etc/sudoers.d/010_pi-nopasswd")
 
 
+def snapshot(a: Appliance, index: int, boot_dir: str) -> dict[str, dict[str, object]]:
+    """Every path of drive `index`, mounted read-only, with type, mode, owner and content hash."""
+    kinds = {stat.S_IFREG: "file", stat.S_IFDIR: "dir", stat.S_IFLNK: "link"}
+    a.mount(index, boot_dir, readonly=True)
+    tree: dict[str, dict[str, object]] = {}
+    try:
+        for rel in a.g.find("/"):
+            path = "/" + rel
+            st = a.g.lstatns(path)
+            kind = kinds.get(stat.S_IFMT(st["st_mode"]), "other")
+            entry: dict[str, object] = {"type": kind, "mode": st["st_mode"] & 0o7777, "uid": st["st_uid"],
+                                        "gid": st["st_gid"]}
+            if kind == "file":
+                entry["sha256"] = a.g.checksum("sha256", path)
+            elif kind == "link":
+                entry["target"] = a.g.readlink(path)
+            tree[path] = entry
+    finally:
+        a.g.umount_all()
+    return tree
+
+
 def read_images(base: Path, images: dict[str, Path], boot_dir: str) -> tuple[dict, dict, dict]:
     """Snapshot the base and every image, and read the files tests look at, in one appliance."""
     names = list(images)
     with Appliance([Drive(base, readonly=True)] + [Drive(images[n], readonly=True) for n in names]) as a:
-        base_tree = a.snapshot(0, boot_dir)
+        base_tree = snapshot(a, 0, boot_dir)
         trees, files = {}, {}
         for index, name in enumerate(names, start=1):
-            trees[name] = a.snapshot(index, boot_dir)
+            trees[name] = snapshot(a, index, boot_dir)
             a.mount(index, boot_dir, readonly=True)
             home = next(p for p in trees[name] if re.fullmatch(r"/home/[^/]+", p))
             wanted = READ + (f"{boot_dir}/cmdline.txt", f"{home}/.ssh/authorized_keys", f"{home}/.ssh/id_ed25519",

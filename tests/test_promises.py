@@ -241,7 +241,7 @@ def test_no_sudo_means_out_of_the_sudo_group_too(workdir: Path, key: str) -> Non
     from builder.operations import EditLines
     from builder.plan import plan_node
     from builder.profile import load
-    from builder.realize import Changes, Tree
+    from builder.tree import Changes, Tree
     from builder.release import named
     from rpios_image import GROUP
     from test_realize import CONTENT, TableBase

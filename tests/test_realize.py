@@ -15,7 +15,8 @@ from builder.errors import BuildError
 from builder.operations import Delete, EditLines, Mkdir, Move, Op, Symlink, Write
 from builder.plan import NodePlan
 from builder.profile import Node
-from builder.realize import Stat, realize
+from builder.realize import realize
+from builder.tree import Stat
 from builder.release import named
 from rpios_image import GROUP, LINKS, PASSWD
 
