@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from builder import image, run
-from builder.errors import BuildError
+from builder.errors import BuildError, InputError
 from builder.files import write_file
 
 BLOCK = 4096
@@ -248,9 +248,9 @@ def read(path: Path) -> Bmap:
         with open(path, "rb") as f:
             raw = f.read(MAX_SIZE + 1)
     except OSError as e:
-        raise BuildError(f"cannot read the block map {path}: {e.strerror}", exit_code=2) from None
+        raise InputError(f"cannot read the block map {path}: {e.strerror}") from None
     if len(raw) > MAX_SIZE:
-        raise BuildError(f"{path} is not a block map: over {MAX_SIZE >> 20} MiB", exit_code=2)
+        raise InputError(f"{path} is not a block map: over {MAX_SIZE >> 20} MiB")
     try:
         root = ElementTree.fromstring(raw)
         if root.tag != "bmap" or root.get("version", "").split(".")[0] != VERSION.split(".")[0]:
@@ -273,7 +273,7 @@ def read(path: Path) -> Bmap:
                 raise ValueError(f"range {r.first}-{r.last} is out of order or outside the image")
             previous = r.last
     except (ElementTree.ParseError, ValueError) as e:
-        raise BuildError(f"{path} is not a usable block map: {e}", exit_code=2) from None
+        raise InputError(f"{path} is not a usable block map: {e}") from None
     return Bmap(size, tuple(ranges), block)
 
 
@@ -282,7 +282,7 @@ def check_covers(bmap: Bmap, image_path: Path, path: Path) -> None:
     starts (a FAT boot sector at the partition's start, an ext superblock 1024 bytes on):
     a card written without them would not boot, whatever the read-back said."""
     if not bmap.ranges:
-        raise BuildError(f"{path} is not a usable block map: it maps nothing of {image_path.name}; build again", exit_code=2)
+        raise InputError(f"{path} is not a usable block map: it maps nothing of {image_path.name}; build again")
     needed = {0: "the partition table"}
     with open(image_path, "rb") as f:
         for part in image.read_partitions(image_path):
@@ -294,5 +294,4 @@ def check_covers(bmap: Bmap, image_path: Path, path: Path) -> None:
                     needed.setdefault(at // bmap.block_size, f"the start of partition {part.number}'s file system")
     for block, what in sorted(needed.items()):
         if not any(r.first <= block <= r.last for r in bmap.ranges):
-            raise BuildError(f"{path} is not a usable block map: it leaves out block {block}, {what}; build again",
-                             exit_code=2)
+            raise InputError(f"{path} is not a usable block map: it leaves out block {block}, {what}; build again")

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Iterator, Optional
 
 from builder import catalog, environment, download, image, signature, urls
 from builder.catalog import ImageSpec, Source
-from builder.errors import BuildError
+from builder.errors import BuildError, InputError
 from builder.files import read_json, write_json
 
 if TYPE_CHECKING:
@@ -160,7 +160,7 @@ def resolve(choice: Choice, http: requests.Session) -> ImageSpec:
         # Named by the last part of its path, never by anything before it (a host, a login).
         name = urlsplit(urls.strip_credentials(choice.spec)).path.rsplit("/", 1)[-1]
         if not name:
-            raise BuildError(f"{urls.shown(choice.spec)} names no file: give the URL of the image itself", exit_code=2)
+            raise InputError(f"{urls.shown(choice.spec)} names no file: give the URL of the image itself")
         return ImageSpec(url=choice.spec, name=name, release_date=m[1] if m else "",
                          codename=m[2] if m else "", sha256=choice.sha256.lower() if choice.sha256 else None)
     _, date = catalog.parse_spec(choice.spec)

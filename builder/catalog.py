@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional
 from urllib.parse import urljoin, urlsplit
 
 from builder import environment, release, urls
-from builder.errors import BuildError
+from builder.errors import BuildError, InputError
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +77,8 @@ def parse_spec(text: str) -> tuple[Optional[str], Optional[str]]:
     if DATE_RE.match(family) and not date:
         family, date = "latest", family
     if family not in ("latest", *FAMILIES) or (date and not _is_date(date)):
-        raise BuildError(f"'{text}' is not an image spec: use latest, {', '.join(FAMILIES)}, a date like 2025-05-13, "
-                         "family@date, a URL or a file path", exit_code=2)
+        raise InputError(f"'{text}' is not an image spec: use latest, {', '.join(FAMILIES)}, a date like 2025-05-13, "
+                         "family@date, a URL or a file path")
     return None if family == "latest" else family, date or None
 
 

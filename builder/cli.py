@@ -15,7 +15,7 @@ import click
 
 from builder import __version__, environment, formats, progress, urls
 from builder.build import Options, build, inspect_release, plans_for
-from builder.errors import BuildError, ProfileError
+from builder.errors import BuildError, InputError, ProfileError
 from builder.keys import KeyStore
 from builder.outputs import check_operator_files, read_manifest
 from builder.plan import NodePlan, describe
@@ -112,7 +112,7 @@ def _choice(settings: ImageSettings, image_spec: Optional[str], sha256: Optional
     spec = image_spec or settings.spec
     problem = urls.problem(spec) if image_spec and is_url(image_spec) else None
     if problem:
-        raise BuildError(f"--image: {problem}", exit_code=2)
+        raise InputError(f"--image: {problem}")
     environment.check_urls()
     return Choice(spec=spec, sha256=(sha256 or (settings.sha256 if not image_spec else None)),
                   source=Source.from_settings(settings.download_base, settings.os_list),
@@ -122,7 +122,7 @@ def _choice(settings: ImageSettings, image_spec: Optional[str], sha256: Optional
 def _load(profiles: Path, role: str, first: int, count: Optional[int]) -> tuple[Profile, tuple]:
     profile = load(profiles)
     if role != "worker" and (count is not None or first != 1):
-        raise BuildError("--first and --count apply to 'pibake build worker' only", exit_code=2)
+        raise InputError("--first and --count apply to 'pibake build worker' only")
     return profile, profile.select(role, first, count)
 
 
@@ -226,7 +226,7 @@ def check(profiles: Path, output: Path, timeout: int, verbose: int) -> None:
     profile = load(profiles)
     ssh_config = output / "ssh_config"
     if not ssh_config.is_file():
-        raise BuildError(f"{ssh_config} does not exist: build the cluster first (pibake build cluster)", exit_code=2)
+        raise InputError(f"{ssh_config} does not exist: build the cluster first (pibake build cluster)")
     rows = verdicts(profile, probe_all(profile, profile.nodes, ssh_config, timeout))
     _echo_table([COLUMNS, *([row.cells[c] for c in COLUMNS] for row in rows)])
     wrong = [(row.node, problem) for row in rows for problem in row.problems]
@@ -266,7 +266,7 @@ def flash_command(args: tuple[str, ...], all_nodes: bool, list_disks: bool, yes:
     _setup_logging(verbose, quiet)
     if list_disks:
         if args or all_nodes:
-            raise BuildError("--list takes no node or device", exit_code=2)
+            raise InputError("--list takes no node or device")
         root = flash.root_numbers()
         rows = [("device", "size", "transport", "removable", "model", "flash")]
         for disk in flash.disks(flash.lsblk()):
@@ -281,16 +281,15 @@ def flash_command(args: tuple[str, ...], all_nodes: bool, list_disks: bool, yes:
     if all_nodes:
         nodes = [e["hostname"] for e in flash.nodes_in_order(manifest)]
         if not args:
-            raise BuildError("--all needs the devices to write, one per node in order: " + " ".join(nodes), exit_code=2)
+            raise InputError("--all needs the devices to write, one per node in order: " + " ".join(nodes))
         if len(args) > len(nodes):
-            raise BuildError(f"{len(args)} devices for {len(nodes)} node(s) ({' '.join(nodes)})", exit_code=2)
+            raise InputError(f"{len(args)} devices for {len(nodes)} node(s) ({' '.join(nodes)})")
         pairs = list(zip(nodes, args))
         if len(args) < len(nodes):
             log.info("flashing %s; not this time: %s", " ".join(nodes[: len(args)]), " ".join(nodes[len(args):]))
     else:
         if len(args) != 2:
-            raise BuildError("give a node and a device (pibake flash worker3 /dev/sdb), --all and devices, or --list",
-                             exit_code=2)
+            raise InputError("give a node and a device (pibake flash worker3 /dev/sdb), --all and devices, or --list")
         pairs = [(args[0], args[1])]
     with flash.prepare(output, manifest, pairs, force, flash.cache_roots(cache.root())) as batch:
         _flash(batch, yes)
@@ -307,8 +306,7 @@ def _flash(batch: Batch, yes: bool) -> None:
                    f"{job.bmap.image_size / 2**30:.2f}) -> {job.device.describe()}; on it now: {on_it}")
     if not yes:
         if not sys.stdin.isatty():
-            raise BuildError("flash overwrites whole disks and asks first: not on a terminal, pass --yes to go on",
-                             exit_code=2)
+            raise InputError("flash overwrites whole disks and asks first: not on a terminal, pass --yes to go on")
         try:
             go = click.confirm(f"Overwrite {'this disk' if len(jobs) == 1 else f'these {len(jobs)} disks'}? "
                                "Everything on it is lost")
@@ -432,6 +430,11 @@ def _on_sigint(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+def exit_status(error: BuildError) -> int:
+    """The one place an exit status is chosen: 2 for what the user gave, 1 for the rest."""
+    return 2 if isinstance(error, InputError) else 1
+
+
 def main() -> None:
     signal.signal(signal.SIGINT, _on_sigint)
     try:
@@ -440,15 +443,15 @@ def main() -> None:
         log.debug("peak RSS: %.1f MiB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     except ProfileError as e:
         _error(f"pibake: the profile has {len(e.problems)} problem(s):")
-        for problem in e.problems:
-            _error(f"  {problem}")
-        sys.exit(e.exit_code)
+        for line in e.lines():
+            _error(f"  {line}")
+        sys.exit(2)
     except BuildError as e:
         if _interrupted:
             click.echo(INTERRUPTED, err=True)
             sys.exit(130)
         _error(f"pibake: error: {e}")
-        sys.exit(e.exit_code)
+        sys.exit(exit_status(e))
     except (KeyboardInterrupt, click.exceptions.Abort):
         click.echo(INTERRUPTED, err=True)
         sys.exit(130)

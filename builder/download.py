@@ -77,8 +77,9 @@ def get_bytes(http: requests.Session, url: str, missing_ok: bool = False) -> Opt
                 raise BuildError(f"cannot fetch {url}: HTTP {response.status_code} {response.reason}")
             return _bounded_body(response, url)
         except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError, _Retry) as e:
-            if attempt == ATTEMPTS - 1:
-                raise BuildError(f"cannot fetch {url}: {_reason(e)} (tried {ATTEMPTS} times)") from None
+            if attempt == ATTEMPTS - 1 or _unresolved(e):
+                tried = f" (tried {attempt + 1} times)" if attempt else ""
+                raise BuildError(f"cannot fetch {url}: {_reason(e)}{tried}; {OFFLINE}") from None
             log.info("fetching %s failed (%s); retrying", url, _reason(e))
             time.sleep(_backoff(attempt))
     raise AssertionError("unreachable")
@@ -126,9 +127,9 @@ def download(http: requests.Session, url: str, part: Path, expected_size: Option
             meta_path.unlink(missing_ok=True)
             return part
         except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError, _Retry) as e:
-            if attempt == ATTEMPTS - 1:
-                raise BuildError(f"cannot download {url}: {_reason(e)} (tried {ATTEMPTS} times; "
-                                 "run again to resume)") from None
+            if attempt == ATTEMPTS - 1 or _unresolved(e):
+                raise BuildError(f"cannot download {url}: {_reason(e)} (tried {attempt + 1} times; "
+                                 f"run again to resume); {OFFLINE}") from None
             log.info("download of %s interrupted (%s); resuming", url, _reason(e))
             time.sleep(_backoff(attempt))
     raise AssertionError("unreachable")
@@ -177,11 +178,28 @@ def _total(response: requests.Response, have: int) -> Optional[int]:
 
 
 def _reason(e: BaseException) -> str:
+    """Why a request failed, in words: requests' own messages are long and name its internals."""
     import requests
 
-    text = str(e).strip()
+    text = str(e)
     if isinstance(e, requests.Timeout):
         return "timed out"
     if isinstance(e, requests.ConnectionError):
-        return "connection failed" + (f" ({text.splitlines()[0][:120]})" if text else "")
-    return text or type(e).__name__
+        if _unresolved(e):
+            return "its host name could not be resolved (no network, or no DNS)"
+        if "Connection refused" in text:
+            return "the connection was refused"
+        if "Network is unreachable" in text or "No route to host" in text:
+            return "the network is unreachable"
+        return "the connection failed"
+    return text.strip().splitlines()[0][:200] if text.strip() else type(e).__name__
+
+
+def _unresolved(e: BaseException) -> bool:
+    """A host name that did not resolve: not worth retrying, and the sign of no network at all."""
+    text = str(e)
+    return any(words in text for words in ("NameResolutionError", "Name or service not known",
+                                           "Temporary failure in name resolution", "nodename nor servname"))
+
+
+OFFLINE = "to build without the network, give a local image: --image FILE (make build IMAGE=FILE)"

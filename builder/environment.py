@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 from builder import urls
-from builder.errors import BuildError
+from builder.errors import InputError, Place, Problem
 
 # name -> what it sets: the README's table is made from this (tests/test_profile.py checks)
 VARIABLES = {
@@ -52,7 +52,7 @@ def _checked_url(name: str, value: Optional[str]) -> Optional[str]:
     """A URL from the environment meets the rule every URL meets (urls.problem)."""
     problem = urls.problem(value) if value else None
     if problem:
-        raise BuildError(f"{name}: {problem}", exit_code=2)
+        raise InputError(problem, Place(key=name))
     return value
 
 
@@ -80,14 +80,15 @@ def signing_key_urls() -> Optional[list[str]]:
     return [_checked_url("PIBAKE_SIGNING_KEY_URL", url) or "" for url in re.split(r",(?=https?://)", value)] if value else None
 
 
-def apt_mirrors() -> tuple[dict[str, str], list[str]]:
+def apt_mirrors() -> tuple[dict[str, str], list[Problem]]:
     """PIBAKE_APT_MIRRORS as {source: mirror}, and the pairs that are not source=mirror."""
-    mirrors, problems = {}, []
+    mirrors: dict[str, str] = {}
+    problems: list[Problem] = []
     for pair in (_get("PIBAKE_APT_MIRRORS") or "").split():
         old, _, new = pair.partition("=")
         problem = (urls.problem(old) or urls.problem(new)) if new else f"{urls.shown(pair)[:80]!r} is not source-URL=mirror-URL"
         if problem:
-            problems.append(f"PIBAKE_APT_MIRRORS: {problem}")
+            problems.append(Problem(Place(key="PIBAKE_APT_MIRRORS"), problem))
         else:
             mirrors[old] = new
     return mirrors, problems
@@ -98,7 +99,7 @@ def slow_copy() -> float:
     try:
         return float(value) if value else 0.5
     except ValueError:
-        raise BuildError(f"PIBAKE_SLOW_COPY must be a number of seconds, not '{value}'", exit_code=2) from None
+        raise InputError(f"PIBAKE_SLOW_COPY must be a number of seconds, not '{value}'") from None
 
 
 def force_tcg() -> bool:

@@ -38,7 +38,7 @@ from typing import Any, Callable
 from builder import bmap as bmaps
 from builder import environment
 from builder import image, run
-from builder.errors import BuildError
+from builder.errors import BuildError, InputError
 
 CHUNK = 4 << 20  # writes are up to this long, and do not cross a multiple of it
 PIECE = 1 << 20  # a piece of a chunk this long that is all zeros in the image is read first, written only if needed
@@ -152,17 +152,16 @@ def find(device: str, all_disks: list[Disk]) -> Disk:
     try:
         st = os.stat(path)
     except OSError as e:
-        raise BuildError(f"{device}: no such device ({e.strerror})", exit_code=2) from None
+        raise InputError(f"{device}: no such device ({e.strerror})") from None
     if not stat.S_ISBLK(st.st_mode):
-        raise BuildError(f"{device} is not a block device: give a card's device, such as /dev/sdb or /dev/mmcblk0",
-                         exit_code=2)
+        raise InputError(f"{device} is not a block device: give a card's device, such as /dev/sdb or /dev/mmcblk0")
     number = f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
     for disk in all_disks:
         if path in disk.partitions:
-            raise BuildError(f"{device} is a partition of {disk.path}: give the whole card, {disk.path}", exit_code=2)
+            raise InputError(f"{device} is a partition of {disk.path}: give the whole card, {disk.path}")
         if disk.path == path or number == _own_number(disk):
             return disk
-    raise BuildError(f"{device} is not a whole disk lsblk knows (a partition, or a device mapper volume?)", exit_code=2)
+    raise InputError(f"{device} is not a whole disk lsblk knows (a partition, or a device mapper volume?)")
 
 
 def _own_number(disk: Disk) -> str:
@@ -679,7 +678,7 @@ def prepare(output: Path, manifest: dict, pairs: list[tuple[str, str]], force: b
             image_path, block_map, image_sha256 = _image_of(output, manifest, node)
             disk = find(device, context.disks)
             if disk.path in seen:
-                raise BuildError(f"{disk.path} is given twice", exit_code=2)
+                raise InputError(f"{disk.path} is given twice")
             seen.add(disk.path)
             _refuse(disk, refusal(disk, block_map.image_size, force, context.root))
             job = Job(node, image_path, block_map, image_sha256, disk, _claim(device, disk))
@@ -697,23 +696,23 @@ def _image_of(output: Path, manifest: dict, node: str) -> tuple[Path, bmaps.Bmap
     entry = nodes.get(node)
     if entry is None:
         known = ", ".join(e["hostname"] for e in nodes_in_order(manifest)) or "none: build first (pibake build cluster)"
-        raise BuildError(f"no image of {node!r} in {output}/manifest.json (nodes: {known})", exit_code=2)
+        raise InputError(f"no image of {node!r} in {output}/manifest.json (nodes: {known})")
     image_path = output / entry["image"]
     bmap_path = bmaps.path_for(image_path)
     if not image_path.is_file():
-        raise BuildError(f"{image_path} is gone: build it again (pibake build)", exit_code=2)
+        raise InputError(f"{image_path} is gone: build it again (pibake build)")
     if not bmap_path.is_file():
-        raise BuildError(f"{bmap_path} is missing: build again (pibake build) to write it", exit_code=2)
+        raise InputError(f"{bmap_path} is missing: build again (pibake build) to write it")
     block_map = bmaps.read(bmap_path)
     if block_map.image_size != image_path.stat().st_size:
-        raise BuildError(f"{bmap_path} is not {image_path.name}'s block map (another size): build again", exit_code=2)
+        raise InputError(f"{bmap_path} is not {image_path.name}'s block map (another size): build again")
     bmaps.check_covers(block_map, image_path, bmap_path)
     return image_path, block_map, entry.get("sha256", "")
 
 
 def _refuse(disk: Disk, why: str | None) -> None:
     if why is not None:
-        raise BuildError(f"will not write {disk.path}: {why}; nothing was written", exit_code=2)
+        raise InputError(f"will not write {disk.path}: {why}; nothing was written")
 
 
 def _claim(given: str, disk: Disk) -> Claim:

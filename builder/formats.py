@@ -13,7 +13,7 @@ from __future__ import annotations
 import ipaddress
 import re
 
-from builder.errors import BuildError
+from builder.errors import InputError
 
 # C0 and C1 controls, DEL, and Unicode's line and paragraph separators: none belongs on
 # one line of a generated file.
@@ -57,8 +57,8 @@ def ssh_config_path(path: str, what: str) -> str:
     if problem is None and not path.startswith("/"):
         problem = "is not an absolute path"
     if problem:
-        raise BuildError(f"cannot name {what} {shown(path, 200)} in output/ssh_config: it {problem}; "
-                         "move or rename it", exit_code=2)
+        raise InputError(f"cannot name {what} {shown(path, 200)} in output/ssh_config: it {problem}; "
+                         "move or rename it")
     return _quote_ssh(path.replace("%", "%%"))
 
 
@@ -84,8 +84,8 @@ def known_hosts_name(name: str, port: int = 22) -> str:
     except ValueError:
         address = None
     if (address is None and not _NAME_RE.fullmatch(name)) or "%" in name:
-        raise BuildError(f"{shown(name, 200)} cannot be a host name in output/known_hosts: "
-                         "only a DNS name or an IP address without a zone id", exit_code=2)
+        raise InputError(f"{shown(name, 200)} cannot be a host name in output/known_hosts: "
+                         "only a DNS name or an IP address without a zone id")
     return name if port == 22 else f"[{name}]:{port}"
 
 
@@ -101,7 +101,7 @@ def shell_safe_path(path: str, what: str) -> str:
     """A path that ssh passes through a shell as it is: letters, digits and `_@+=:,./-`."""
     if not _SHELL_SAFE.fullmatch(path):
         bad = next(c for c in path if not _SHELL_SAFE.fullmatch(c))
-        raise BuildError(f"{what} {shown(path, 200)} holds {ascii(bad)}: ssh hands the path of output/ssh_config to a "
+        raise InputError(f"{what} {shown(path, 200)} holds {ascii(bad)}: ssh hands the path of output/ssh_config to a "
                          "shell when it goes through the master (ProxyJump), so it may hold only letters, digits and "
-                         "_ @ + = : , . / -; choose another folder (--output)", exit_code=2)
+                         "_ @ + = : , . / -; choose another folder (--output)")
     return path

@@ -18,7 +18,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from builder.errors import BuildError
+from builder.errors import BuildError, InputError
 from builder.files import write_file
 
 log = logging.getLogger(__name__)
@@ -76,14 +76,13 @@ def _read_own(path: Path) -> bytes:
 def _check_folder(folder: Path, st: os.stat_result) -> None:
     """As sshd's StrictModes: a folder of this user's that nobody else can write to."""
     if not stat.S_ISDIR(st.st_mode):
-        raise BuildError(f"state folder {folder} is not a folder (a link?); pibake keeps its keys only in a real one",
-                         exit_code=2)
+        raise InputError(f"state folder {folder} is not a folder (a link?); pibake keeps its keys only in a real one")
     if st.st_uid != os.getuid():
-        raise BuildError(f"state folder {folder} belongs to another user (uid {st.st_uid}); "
-                         "use a folder of your own (--state)", exit_code=2)
+        raise InputError(f"state folder {folder} belongs to another user (uid {st.st_uid}); "
+                         "use a folder of your own (--state)")
     if st.st_mode & 0o022:
-        raise BuildError(f"state folder {folder} can be written by others (mode {stat.S_IMODE(st.st_mode):04o}); "
-                         f"chmod 700 it, or use another (--state)", exit_code=2)
+        raise InputError(f"state folder {folder} can be written by others (mode {stat.S_IMODE(st.st_mode):04o}); "
+                         f"chmod 700 it, or use another (--state)")
 
 
 def _open_folder(state: Path) -> int:
@@ -99,7 +98,7 @@ def _open_folder(state: Path) -> int:
     except OSError as e:
         if e.errno in (errno.ELOOP, errno.ENOTDIR):
             _check_folder(state, os.lstat(state))
-        raise BuildError(f"cannot open state folder {state}: {e.strerror}", exit_code=2) from None
+        raise InputError(f"cannot open state folder {state}: {e.strerror}") from None
     try:
         _check_folder(state, os.fstat(fd))
     except BuildError:
@@ -116,11 +115,11 @@ def _open_lock(lock: Path, folder: int) -> int:
                      dir_fd=folder)
     except OSError as e:
         why = "it is a symlink, which pibake does not follow in its state folder" if e.errno == errno.ELOOP else e.strerror
-        raise BuildError(f"cannot use {lock} as the state folder's lock: {why}; remove it", exit_code=2) from None
+        raise InputError(f"cannot use {lock} as the state folder's lock: {why}; remove it") from None
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid():
         os.close(fd)
-        raise BuildError(f"cannot use {lock} as the state folder's lock: not a file of yours; remove it", exit_code=2)
+        raise InputError(f"cannot use {lock} as the state folder's lock: not a file of yours; remove it")
     return fd
 
 

@@ -12,10 +12,10 @@ import hashlib
 import posixpath
 import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar, Union
+from typing import TYPE_CHECKING, ClassVar, Optional, Union
 
 from builder import promises
-from builder.errors import BuildError
+from builder.errors import BuildError, InputError, Place
 from builder.profile import destination_problem
 from builder.tree import ABSENT, ROOT, Changes, Stat, under
 
@@ -68,7 +68,7 @@ class Write(_Op):
     secret: bool = False
     # for a profile's `files:` entry, where it is listed: "profiles/cluster.yaml:12: master.files[0]",
     # the file it is read from (resolved), and the promises it may break (builder.promises)
-    origin: str = ""
+    origin: Optional[Place] = None
     source: str = ""
     allow: tuple[str, ...] = ()
     name: ClassVar[str] = "write"
@@ -94,41 +94,41 @@ class Write(_Op):
         return _block_rounded(len(self.content))
 
     def play(self, tree: Tree, changes: Changes) -> None:
-        where = f"{self.origin}: " if self.origin else ""
+        # A profile's file: every refusal is the profile's, and says where it lists the file.
+        kind, where = (InputError, self.origin) if self.origin else (BuildError, Place())
         try:
             path = tree.resolve(self.path)
         except BuildError as e:
-            raise BuildError(where + e.message, exit_code=2 if self.origin else e.exit_code) from None
+            raise kind(e.message, where) from None
         if tree.lstat(path).kind == "dir":
-            raise BuildError(f"{where}cannot write {self.path}: it is a folder in the image", exit_code=2 if self.origin else 1)
+            raise kind(f"cannot write {self.path}: it is a folder in the image", where)
         if self.origin:
             problem = destination_problem(path) if path != self.path else None
             if problem:
-                raise BuildError(f"{where}{self.path} leads to {problem}", exit_code=2)
+                raise InputError(f"{self.path} leads to {problem}", where)
             if path in tree.claimed:
-                raise BuildError(f"{where}{path} is written by {tree.claimed[path]} too", exit_code=2)
+                raise InputError(f"{path} is written by {tree.claimed[path]} too", where)
             if path in tree.state:
                 shown = self.path if path == self.path else f"{self.path} (which is {path} in the image)"
-                raise BuildError(f"{where}pibake writes {shown} itself: choose another path", exit_code=2)
+                raise InputError(f"pibake writes {shown} itself: choose another path", where)
             self._keeps_promises(tree, path)
         tree.write(path, self.content, self.mode, self.owner)
         if self.origin:
             tree.claimed[path] = self.origin
-
 
     def _keeps_promises(self, tree: Tree, path: str) -> None:
         """A profile's file, where it resolves in the image: what pibake promises stays true."""
         shown = self.path if path == self.path else f"{self.path} (which is {path} in the image)"
         broken = promises.by_path(path)
         if broken is not None and broken.name not in self.allow:
-            raise BuildError(promises.refusal(self.origin, shown, broken), exit_code=2)
+            raise InputError(promises.refusal(shown, broken), self.origin)
         if tree.on_boot(path) and (self.secret or self.owner != ROOT):
-            raise BuildError(f"{self.origin}: {shown} is on the boot partition, whose FAT file system keeps no owners "
-                             "or modes: anyone on the node could read it; put it on the root file system", exit_code=2)
+            raise InputError(f"{shown} is on the boot partition, whose FAT file system keeps no owners or modes: "
+                             "anyone on the node could read it; put it on the root file system", self.origin)
         moved = next((m for m in tree.moved if under(path, m[0])), None)
         if moved is not None:
-            raise BuildError(f"{self.origin}: {shown} is under {moved[0]}, which pibake renames to {moved[1]} "
-                             f"(user.name): write {moved[1] + path[len(moved[0]):]}", exit_code=2)
+            raise InputError(f"{shown} is under {moved[0]}, which pibake renames to {moved[1]} "
+                             f"(user.name): write {moved[1] + path[len(moved[0]):]}", self.origin)
 
 
 @dataclass(frozen=True)

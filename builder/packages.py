@@ -24,7 +24,7 @@ from pathlib import Path, PurePosixPath
 
 from builder.files import read_json, write_file, write_json
 from builder import run, urls
-from builder.errors import BuildError
+from builder.errors import BuildError, InputError
 
 log = logging.getLogger(__name__)
 
@@ -184,8 +184,8 @@ def _auth_conf(mirrors: dict[str, str]) -> bytes:
             continue
         user, password = login
         if re.search(rb"[\x00-\x20\x7f]", user + password):
-            raise BuildError(f"the credentials of apt mirror {urls.shown(mirror)} hold a space or a control character, "
-                             "which apt cannot take (its auth.conf separates words with spaces)", exit_code=2)
+            raise InputError(f"the credentials of apt mirror {urls.shown(mirror)} hold a space or a control character, "
+                             "which apt cannot take (its auth.conf separates words with spaces)")
         machine = urls.strip_credentials(mirror).rstrip("/") + "/"
         entries.append(b"machine " + machine.encode() + (b" login " + user if user else b"")
                        + (b" password " + password if password else b"") + b"\n")

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from builder import __version__, promises
-from builder.errors import BuildError
+from builder.errors import BuildError, InputError, Place
 from builder.formats import known_hosts_name
 from builder.keys import KeyPair, KeyStore
 from builder.operations import MASK, Append, Delete, EditLines, Mkdir, Move, Op, Symlink, Write
@@ -39,7 +39,7 @@ class NodePlan:
     install_room: int = 0  # what the staged packages take once installed at first boot
     # The name the first user (uid 1000) is renamed to, and where the profile says so: it
     # must not be an account or a group the image already has.
-    renamed_to: tuple[str, str] = ("", "")
+    renamed_to: tuple[str, Place] = ("", Place())
 
     def fingerprint(self, base_sha256: str) -> str:
         """A hash of everything that decides this node's image: base, pibake, and every operation in full."""
@@ -349,15 +349,15 @@ def configure_extra_files(ctx: _Context) -> None:
     for extra in ctx.profile.files(ctx.node):
         ours = next((op for op in ctx.ops if op.path == extra.path), None)
         if ours:
-            raise BuildError(f"{extra.origin}: pibake writes {extra.path} itself ({ours.name} {ours.path}): "
-                             "choose another path", exit_code=2)
+            raise InputError(f"pibake writes {extra.path} itself ({ours.name} {ours.path}): "
+                             "choose another path", extra.origin)
         broken = promises.by_path(extra.path)  # as typed; the build checks it again where it leads in the image
         if broken is not None and broken.name not in extra.allow:
-            raise BuildError(promises.refusal(extra.origin, extra.path, broken), exit_code=2)
+            raise InputError(promises.refusal(extra.path, broken), extra.origin)
         source = extra.source.resolve()
         if ctx.keys.dir.resolve() in source.parents:
-            raise BuildError(f"{extra.origin}: {source} is one of the keys pibake keeps for the cluster; "
-                             "each node gets its own", exit_code=2)
+            raise InputError(f"{source} is one of the keys pibake keeps for the cluster; "
+                             "each node gets its own", extra.origin)
         ctx.ops.append(Write(extra.path, extra.content, extra.mode, (extra.uid, extra.gid), extra.secret, extra.origin,
                              str(source), extra.allow))
 
@@ -395,7 +395,7 @@ def plan_node(profile: Profile, node: Node, release: Release, keys: KeyStore, de
     for step in STEPS:
         step(ctx)
     user = profile.user
-    renamed = (user.name, user.origin) if user.name != FIRST_USER else ("", "")
+    renamed = (user.name, user.origin) if user.name != FIRST_USER else ("", Place())
     return NodePlan(node, release, tuple(ctx.ops), sum(d.installed_size for d in debs), renamed)
 
 

@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.serialization import load_ssh_public_key
 
 from builder import environment, promises, urls
 from builder.catalog import parse_spec
-from builder.errors import BuildError, ProfileError
+from builder.errors import BuildError, InputError, Place, Problem, ProfileError
 from builder.files import read_regular
 from builder.formats import CONTROL_RE
 
@@ -312,7 +312,7 @@ class ExtraFile:
     uid: int
     gid: int
     content: bytes = field(default=b"", repr=False)  # read once, for every node that gets it
-    origin: str = ""  # where the profile lists it: "profiles/cluster.yaml:12: master.files[0]"
+    origin: Place = Place()  # where the profile lists it: "profiles/cluster.yaml:12: master.files[0]"
     allow: tuple[str, ...] = ()  # the promises it may break knowingly (builder.promises)
     enable: bool = False  # a unit to enable, as `systemctl enable` would
 
@@ -332,7 +332,7 @@ class User:
     # one in the state folder, authorizes it and names it in output/ssh_config.
     operator_key: bool = False
     key_files: tuple[Path, ...] = ()  # the public key files read: ssh_config names their private halves
-    origin: str = ""  # where the profile names it: "profiles/cluster.yaml:3: user.name"
+    origin: Place = Place()  # where the profile names it: "profiles/cluster.yaml:3: user.name"
 
 
 @dataclass(frozen=True)
@@ -436,15 +436,16 @@ def _check_events(text: str, name: str) -> None:
     anything is built from the text."""
     depth = 0
     for event in yaml.parse(text, Loader=_Loader):
-        line = f"{name}:{event.start_mark.line + 1}"
+        where = Place(file=name, line=event.start_mark.line + 1)
         if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
-            raise ProfileError([f"{line}: YAML anchors and aliases (&, *) are not allowed in a profile; write the value out"])
+            raise ProfileError([Problem(where, "YAML anchors and aliases (&, *) are not allowed in a profile; "
+                                               "write the value out")])
         if getattr(event, "tag", None) is not None and not _implicit(event):
-            raise ProfileError([f"{line}: YAML tags (!...) are not allowed in a profile"])
+            raise ProfileError([Problem(where, "YAML tags (!...) are not allowed in a profile")])
         if isinstance(event, yaml.CollectionStartEvent):
             depth += 1
             if depth > MAX_DEPTH:
-                raise ProfileError([f"{line}: nested more than {MAX_DEPTH} levels deep"])
+                raise ProfileError([Problem(where, f"nested more than {MAX_DEPTH} levels deep")])
         elif isinstance(event, yaml.CollectionEndEvent):
             depth -= 1
 
@@ -464,12 +465,12 @@ def _compose(text: str, name: str) -> tuple[Any, dict[KeyPath, int], dict[KeyPat
             root = loader.get_single_node()
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
-            where = f"{name}:{mark.line + 1}" if mark else name
             problem = getattr(e, "problem", None) or str(e)
-            raise ProfileError([f"{where}: not valid YAML: {problem}"]) from None
+            raise ProfileError([Problem(Place(file=name, line=mark.line + 1 if mark else None),
+                                        f"not valid YAML: {problem}")]) from None
         lines: dict[KeyPath, int] = {}
         texts: dict[KeyPath, str] = {}
-        problems: list[str] = []
+        problems: list[Problem] = []
 
         def build(node: yaml.Node, path: KeyPath) -> Any:
             lines.setdefault(path, node.start_mark.line + 1)
@@ -478,7 +479,7 @@ def _compose(text: str, name: str) -> tuple[Any, dict[KeyPath, int], dict[KeyPat
                 for key_node, value_node in node.value:
                     key = str(key_node.value)
                     if key in out:
-                        problems.append(f"{name}:{key_node.start_mark.line + 1}: duplicate key '{key}'")
+                        problems.append(Problem(Place(file=name, line=key_node.start_mark.line + 1), f"duplicate key '{key}'"))
                     lines[path + (key,)] = key_node.start_mark.line + 1
                     out[key] = build(value_node, path + (key,))
                 return out
@@ -510,23 +511,19 @@ class _Reader:
         self.data = data
         self.lines = lines
         self.texts = texts  # what was typed, where YAML 1.1 read a number or a boolean
-        self.problems: list[str] = []
+        self.problems: list[Problem] = []
         self.values: dict[str, Any] = {}  # what value() read, by setting path
         self.sections: set[KeyPath] = set()  # the mappings section() checked
 
-    def where(self, keypath: KeyPath) -> str:
-        while keypath not in self.lines and keypath:
-            keypath = keypath[:-1]
-        return f"{self.path}:{self.lines.get(keypath, 1)}"
-
-    def line_of(self, problem: str) -> int:
-        """A problem's line in the profile, for sorting; those from elsewhere (the environment) go last."""
-        head, _, rest = problem.partition(f"{self.path}:")
-        number = rest.split(":", 1)[0]
-        return int(number) if not head and number.isdigit() else 1 << 30
+    def where(self, keypath: KeyPath, key: str = "") -> Place:
+        """Where a key is in the profile: its file and line (its nearest present parent's), and its path."""
+        present = keypath
+        while present not in self.lines and present:
+            present = present[:-1]
+        return Place(file=str(self.path), line=self.lines.get(present, 1), key=key, setting=_dotted(keypath))
 
     def error(self, keypath: KeyPath, message: str) -> None:
-        self.problems.append(f"{self.where(keypath)}: {message}")
+        self.problems.append(Problem(self.where(keypath), message))
 
     def raw(self, keypath: KeyPath) -> Any:
         node = self.data
@@ -683,7 +680,7 @@ def _read_user(r: _Reader) -> User:
     if named and not key_paths:
         r.error(("user", "ssh_keys"), "user.ssh_keys must list at least one public key file, or you could never log in")
     return User(name or "pi", password_hash, tuple(keys), sudo or "nopasswd", not named and not keys, tuple(files),
-                f"{r.where(('user', 'name'))}: user.name")
+                r.where(("user", "name"), "user.name"))
 
 
 def _read_public_keys(r: _Reader, keypath: KeyPath, path: Path) -> list[str]:
@@ -736,13 +733,13 @@ def _read_files(r: _Reader, keypath: KeyPath) -> tuple[ExtraFile, ...]:
             uid_gid = (0, 0)
         broken = promises.by_mode(mode)
         if broken is not None and broken.name not in allow:
-            r.error(kp + ("mode",), promises.refusal(_dotted(kp), f"mode {mode:04o}", broken))
+            r.error(kp + ("mode",), f"{_dotted(kp)}: {promises.refusal(f'mode {mode:04o}', broken)}")
         if content and is_private_key(content) and mode & 0o004:
             r.error(kp + ("mode",), f"{_dotted(kp)}: {_short(str(source))} is a private key, and mode {mode:04o} "
                                    "would let everyone on the node read it: use 0600")
         if enable:
             _check_unit(r, kp, dest, content or b"")
-        out.append(ExtraFile(source or Path(), dest, mode, *uid_gid, content or b"", f"{r.where(kp + ('path',))}: {_dotted(kp)}",
+        out.append(ExtraFile(source or Path(), dest, mode, *uid_gid, content or b"", r.where(kp + ("path",), _dotted(kp)),
                              tuple(allow), bool(enable)))
     return tuple(out)
 
@@ -995,12 +992,12 @@ def _profile_text(path: Path) -> str:
     try:
         data = read_regular(path, PROFILE_LIMIT)
     except OSError as e:
-        raise BuildError(f"cannot read profile {path}: {e.strerror}", exit_code=2) from None
+        raise InputError(f"cannot read profile {path}: {e.strerror}") from None
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
         line = data[:e.start].count(b"\n") + 1
-        raise ProfileError([f"{path}:{line}: not UTF-8 text (byte {e.start})"]) from None
+        raise ProfileError([Problem(Place(file=str(path), line=line), f"not UTF-8 text (byte {e.start})")]) from None
 
 
 def load(path: Path) -> Profile:
@@ -1010,7 +1007,8 @@ def load(path: Path) -> Profile:
     data, lines, texts = _compose(_profile_text(path), str(path))
     r = _Reader(path, data, lines, texts)
     if not isinstance(data, dict):
-        raise ProfileError([f"{path}:1: a profile must be a mapping of sections (user, network, master, workers)"])
+        raise ProfileError([Problem(Place(file=str(path), line=1),
+                                    "a profile must be a mapping of sections (user, network, master, workers)")])
     r.section(())
     r.section(("network",))
     r.section(("workers",))
@@ -1035,10 +1033,10 @@ def load(path: Path) -> Profile:
     image = _read_image(r)
     mirrors = _read_apt_mirrors(r)
     if r.problems:
-        raise ProfileError(sorted(r.problems, key=r.line_of))
+        raise ProfileError(r.problems)
     settings = r.the_rest()
     if r.problems:
-        raise ProfileError(sorted(r.problems, key=r.line_of))
+        raise ProfileError(r.problems)
     return Profile(path, network, interface, user, master, Workers(workers, worker_packages, worker_files), image, mirrors,
                    settings)
 

@@ -77,6 +77,6 @@ def by_mode(mode: int) -> Optional[Promise]:
     return None
 
 
-def refusal(origin: str, path: str, promise: Promise) -> str:
-    return (f"{origin}: {path} would break pibake's promise of {promise.promise}; if that is meant, add "
+def refusal(path: str, promise: Promise) -> str:
+    return (f"{path} would break pibake's promise of {promise.promise}; if that is meant, add "
             f"`allow: [{promise.name}]` to the entry")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from builder.errors import BuildError
+from builder.errors import BuildError, InputError, Place
 from builder.plan import NodePlan
 from builder.tree import Base, Changes, Tree
 
@@ -45,7 +45,7 @@ def realize(plan: NodePlan, base: Base) -> Changes:
         try:
             op.play(tree, changes)
         except BuildError as e:
-            raise BuildError(f"{node}: {e}", exit_code=e.exit_code) from None
+            raise e.within(node=node) from None
     _check_account(tree, *plan.renamed_to)
     for path, st in tree.state.items():
         if tree.on_boot(path):
@@ -54,7 +54,7 @@ def realize(plan: NodePlan, base: Base) -> Changes:
             elif st.kind == "dir":
                 changes.boot_mkdirs.append(path)
             elif st.kind == "link":
-                raise BuildError(f"{node}: cannot make the symlink {path}: the boot partition is FAT")
+                raise BuildError(f"cannot make the symlink {path}: the boot partition is FAT", Place(node=node))
         elif st.kind != "absent":
             changes.root[path] = st
             if st.kind == "file":
@@ -63,7 +63,7 @@ def realize(plan: NodePlan, base: Base) -> Changes:
     return changes
 
 
-def _check_account(tree: Tree, name: str, origin: str) -> None:
+def _check_account(tree: Tree, name: str, origin: Place) -> None:
     """After the first user is renamed, `name` names it alone: an account or group of that
     name in the base image (a system user, `sudo`, `adm`) would now be two of them."""
     if not name:
@@ -73,8 +73,8 @@ def _check_account(tree: Tree, name: str, origin: str) -> None:
         if len(entries) > 1:
             others = [line for line in entries if ":1000:" not in line] or entries[1:]
             ids = others[0].split(":")[2] if len(others[0].split(":")) > 2 else "?"
-            raise BuildError(f"{origin}: '{name}' is already {what} in the image ({path}, id {ids}): "
-                             "choose another name for the login user", exit_code=2)
+            raise InputError(f"'{name}' is already {what} in the image ({path}, id {ids}): "
+                             "choose another name for the login user", origin)
 
 
 def paths_read(plans: list[NodePlan]) -> set[str]:

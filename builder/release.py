@@ -9,7 +9,7 @@ from __future__ import annotations
 import shlex
 from dataclasses import dataclass
 
-from builder.errors import BuildError
+from builder.errors import BuildError, InputError
 
 
 @dataclass(frozen=True)
@@ -101,6 +101,6 @@ def detect(os_release: str, is_raspberry_pi_os: bool, force: bool = False) -> Re
 def named(codename: str) -> Release:
     """A release chosen by the user (`pibake plan --release`), without reading an image."""
     if codename not in KNOWN:
-        raise BuildError(f"unknown release '{codename}' (pibake knows {', '.join(KNOWN)})", exit_code=2)
+        raise InputError(f"unknown release '{codename}' (pibake knows {', '.join(KNOWN)})")
     boot_dir, network = KNOWN[codename]
     return Release(codename, boot_dir, network, f"--release {codename}")

@@ -15,7 +15,7 @@ import tarfile
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from builder.errors import BuildError
+from builder.errors import BuildError, InputError, Place
 
 ROOT = (0, 0)
 
@@ -80,7 +80,7 @@ class Tree:
         self.state: dict[str, Stat] = {}
         self.contents: dict[str, bytes] = {}
         self.moved: list[tuple[str, str]] = []  # (from, to): the base's paths under `to` are read from `from`
-        self.claimed: dict[str, str] = {}  # resolved path -> the profile's `files:` entry that writes it
+        self.claimed: dict[str, Place] = {}  # resolved path -> where the profile lists the `files:` entry that writes it
 
     def base_path(self, path: str) -> str:
         for old, new in reversed(self.moved):
@@ -138,7 +138,7 @@ class Tree:
     def put(self, path: str, st: Stat, content: bytes | None = None) -> None:
         """Record a change at a resolved path; a path a `files:` entry claims is refused."""
         if path in self.claimed:
-            raise BuildError(f"{self.claimed[path]}: pibake writes {path} itself: choose another path", exit_code=2)
+            raise InputError(f"pibake writes {path} itself: choose another path", self.claimed[path])
         self.state[path] = st
         if content is None:
             self.contents.pop(path, None)

@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import os
 import sys
+import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -349,6 +350,21 @@ def test_a_hostile_os_list_is_one_line_and_bounded(mirror: Mirror, published: Pu
     assert said in result.stderr, result.stderr
     if case == "loop":
         assert mirror.paths().count("/os_list_imagingutility_v4.json") == 2  # the list, and its one self-reference
+
+
+def test_with_no_network_it_says_so_at_once_and_how_to_go_on(workdir: Path) -> None:
+    """In a network namespace with no interface at all: the official server's name cannot
+    resolve, and nothing leaves this machine."""
+    started = time.monotonic()
+    result = run_pibake("fetch", cwd=workdir, env={"PIBAKE_DOWNLOAD_BASE": None, "XDG_CACHE_HOME": str(workdir / "cache")},
+                        within=("unshare", "--net"))
+    taken = time.monotonic() - started
+    lines = result.stderr.strip().splitlines()
+    assert result.code == 1 and len(lines) == 1 and "Traceback" not in result.output, result.output
+    assert lines[0] == ("pibake: error: cannot fetch https://downloads.raspberrypi.com/os_list_imagingutility_v4.json: "
+                        "its host name could not be resolved (no network, or no DNS); to build without the network, "
+                        "give a local image: --image FILE (make build IMAGE=FILE)"), lines
+    assert taken < 15, taken  # no retries for a name that does not resolve
 
 
 def test_an_image_url_that_names_no_file_is_refused_without_its_login(workdir: Path) -> None:

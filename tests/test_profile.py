@@ -68,7 +68,7 @@ def test_every_problem_is_reported_at_once_with_file_and_line(tmp_path: Path) ->
         """)
     with pytest.raises(ProfileError) as raised:
         load(path)
-    problems = raised.value.problems
+    problems = raised.value.lines()
     text = "\n".join(problems)
     lines = [int(p[len(str(path)) + 1 :].split(":", 1)[0]) for p in problems]
     assert lines == sorted(lines)
@@ -102,7 +102,7 @@ def test_dhcp_range_covering_the_master_and_duplicates_are_refused(operator_key:
         """)
     with pytest.raises(ProfileError) as raised:
         load(path)
-    text = "\n".join(raised.value.problems)
+    text = "\n".join(raised.value.lines())
     assert "covers the master's address 192.168.5.10" in text
     assert "hostname 'node' is used twice" in text
     assert "address 192.168.5.200 is given to both node and other" in text
@@ -116,7 +116,7 @@ def test_wifi_passphrase_comes_from_the_environment_or_a_file(operator_key: Path
     monkeypatch.delenv("PIBAKE_WIFI_PASSPHRASE", raising=False)
     with pytest.raises(ProfileError) as raised:
         load(path)
-    assert f"{path}:6: no passphrase for Wi-Fi 'HomeNet': set the environment variable PIBAKE_WIFI_PASSPHRASE" in raised.value.problems[0]
+    assert f"{path}:6: no passphrase for Wi-Fi 'HomeNet': set the environment variable PIBAKE_WIFI_PASSPHRASE" in raised.value.lines()[0]
     monkeypatch.setenv("PIBAKE_WIFI_PASSPHRASE", WIFI_PASSPHRASE)
     assert load(path).master.wifi.country == "DE"
     secret = tmp_path / "wifi.secret"
@@ -137,7 +137,7 @@ def test_private_key_listed_as_public_key_is_explained(tmp_path: Path, operator_
     path = write_profile(tmp_path, f"user:\n  ssh_keys: [{private}]\n")
     with pytest.raises(ProfileError) as raised:
         load(path)
-    assert "is a private key: list the .pub file instead" in raised.value.problems[0]
+    assert "is a private key: list the .pub file instead" in raised.value.lines()[0]
 
 
 def test_workers_beyond_the_profile_are_refused_with_advice(operator_key: Path, tmp_path: Path) -> None:
@@ -192,9 +192,9 @@ def test_file_mode_that_is_not_octal_is_refused_with_its_line(operator_key: Path
                                    f"    - source: motd\n      path: /etc/motd\n      mode: {written}\n")
     with pytest.raises(ProfileError) as raised:
         load(path)
-    assert len(raised.value.problems) == 1, raised.value.problems
-    assert raised.value.problems[0].startswith(f"{path}:7: workers.files[0].mode: "), raised.value.problems
-    assert "octal" in raised.value.problems[0]
+    assert len(raised.value.lines()) == 1, raised.value.lines()
+    assert raised.value.lines()[0].startswith(f"{path}:7: workers.files[0].mode: "), raised.value.lines()
+    assert "octal" in raised.value.lines()[0]
 
 
 def test_numbers_and_booleans_typed_where_text_is_meant_keep_their_text(operator_key: Path, tmp_path: Path,
@@ -307,4 +307,4 @@ def test_a_setting_read_by_two_readers_is_reported_once(operator_key: Path, tmp_
     path = write_profile(tmp_path, f'user:\n  ssh_keys: [{operator_key}]\nnetwork:\n  interface: "bad name!"\n')
     with pytest.raises(ProfileError) as raised:
         load(path)
-    assert raised.value.problems == [f"{path}:4: network.interface: 'bad name!' is not a valid interface name"]
+    assert raised.value.lines() == [f"{path}:4: network.interface: 'bad name!' is not a valid interface name"]
