@@ -7,15 +7,14 @@ import os
 import resource
 import signal
 import sys
-import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import click
 
 from builder import __version__, environment, formats, progress, urls
 from builder.build import Options, build, inspect_release, plans_for
-from builder.errors import BuildError, InputError, ProfileError
+from builder.errors import BuildError, InputError, ProfileError, Stopped
 from builder.keys import KeyStore
 from builder.outputs import check_operator_files, read_manifest
 from builder.plan import NodePlan, describe
@@ -27,20 +26,34 @@ from builder.download import session
 from builder.profile import ImageSettings, Profile, load, load_image_settings
 from builder.release import NAMES, named
 
-if TYPE_CHECKING:
-    from builder.flash import Batch  # imported where it runs: only pibake flash needs it
-
 log = logging.getLogger("builder")
 
-EPILOG = """\b
-Examples:
-  pibake build master                          # newest Raspberry Pi OS Lite, fetched and verified
-  pibake build worker --count 5
-  pibake build worker --first 6 --count 2      # add worker6 and worker7
-  pibake build cluster --image bookworm        # or trixie, 2025-05-13, a URL, a local .img.xz
-  pibake plan master --release bookworm
-  pibake images                                # what the OS list offers
-"""
+def _examples(*lines: str) -> str:
+    """A command's --help epilog: its own examples, as typed."""
+    return "\b\nExamples:\n" + "".join(f"  {line}\n" for line in lines)
+
+
+EXAMPLES = {
+    "pibake": _examples("pibake build cluster                 # the master and every worker, newest Raspberry Pi OS",
+                        "pibake check                         # once the cards are in and the nodes are up",
+                        "pibake COMMAND --help                # each command's own examples"),
+    "build": _examples("pibake build master                          # newest Raspberry Pi OS Lite, fetched and verified",
+                       "pibake build worker --count 5",
+                       "pibake build worker --first 6 --count 2      # add worker6 and worker7",
+                       "pibake build cluster --image bookworm        # or trixie, 2025-05-13, a URL, a local .img.xz"),
+    "plan": _examples("pibake plan master --release bookworm        # without reading an image",
+                      "pibake plan worker --first 3 --count 1       # worker3's operations, from the base image"),
+    "check": _examples("pibake check                                 # every node, through output/ssh_config",
+                       "pibake check --timeout 30 -o elsewhere/output"),
+    "flash": _examples("pibake flash --list                          # the disks, and which can be flashed",
+                       "sudo .venv/bin/pibake flash worker3 /dev/sdb # one card",
+                       "sudo .venv/bin/pibake flash --all /dev/sdb /dev/sdc   # master, worker1, ... at once"),
+    "fetch": _examples("pibake fetch                                 # what the profile's image section names",
+                       "pibake fetch --image trixie@2025-11-24"),
+    "images": _examples("pibake images                                # * marks what the profile resolves to",
+                        "pibake images --image bookworm"),
+    "cache": _examples("pibake cache list", "pibake cache clean"),
+}
 
 
 def _safe(text: str) -> str:
@@ -130,7 +143,7 @@ def _state(state: Optional[Path], output: Path) -> Path:
     return state if state is not None else output.resolve().parent / "state"
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EPILOG)
+@click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXAMPLES["pibake"])
 @click.version_option(__version__, prog_name="pibake")
 def cli() -> None:
     """Bake flashable Raspberry Pi OS images for a small cluster.
@@ -140,7 +153,7 @@ def cli() -> None:
     """
 
 
-@cli.command("build", epilog=EPILOG)
+@cli.command("build", epilog=EXAMPLES["build"])
 @common_options
 @image_options
 @click.option("--output", "-o", type=click.Path(path_type=Path), default=Path("output"), show_default=True)
@@ -178,7 +191,7 @@ def _echo_table(rows: Sequence[Sequence[str]]) -> None:
         _echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
 
 
-@cli.command(epilog=EPILOG)
+@cli.command(epilog=EXAMPLES["plan"])
 @common_options
 @image_options
 @click.option("--release", type=click.Choice(NAMES),
@@ -206,7 +219,7 @@ def plan(role: str, count: Optional[int], first: int, profiles: Path, state: Opt
         _print_plan(node_plan)
 
 
-@cli.command(epilog=EPILOG)
+@cli.command(epilog=EXAMPLES["check"])
 @click.option("--profiles", type=click.Path(path_type=Path), default=Path("profiles"), show_default=True,
               envvar="PIBAKE_PROFILES", help="Profile file, or folder holding cluster.yaml.")
 @click.option("--output", "-o", type=click.Path(path_type=Path), default=Path("output"), show_default=True,
@@ -237,7 +250,7 @@ def check(profiles: Path, output: Path, timeout: int, verbose: int) -> None:
     _echo(f"pibake: all {len(rows)} nodes hold")
 
 
-@cli.command("flash")
+@cli.command("flash", epilog=EXAMPLES["flash"])
 @click.argument("args", nargs=-1, metavar="NODE DEVICE | --all DEVICE... | --list")
 @click.option("--all", "all_nodes", is_flag=True, help="Flash the nodes in order (master first) onto the devices given.")
 @click.option("--list", "list_disks", is_flag=True, help="List the disks, and whether each can be flashed.")
@@ -251,26 +264,21 @@ def flash_command(args: tuple[str, ...], all_nodes: bool, list_disks: bool, yes:
                   verbose: int, quiet: bool) -> None:
     """Write node images to SD cards: only their used blocks, read back and checked.
 
-    \b
-      pibake flash --list                      # the disks, and which can be flashed
-      pibake flash worker3 /dev/sdb            # one card
-      pibake flash --all /dev/sdb /dev/sdc     # master, worker1, ... onto these, at once
-
     It refuses the disk holding /, any disk with a mounted or held file system, a
     disk smaller than the image, and one that is not removable unless --force. It
     shows what it will overwrite and asks first (--yes for scripts). A card that
     holds an earlier build gets only the blocks that differ.
     """
-    from builder import flash  # here: only this command needs it
+    from builder import devices, flash  # here: only this command needs them
 
     _setup_logging(verbose, quiet)
     if list_disks:
         if args or all_nodes:
             raise InputError("--list takes no node or device")
-        root = flash.root_numbers()
+        root = devices.root_numbers()
         rows = [("device", "size", "transport", "removable", "model", "flash")]
-        for disk in flash.disks(flash.lsblk()):
-            why = flash.refusal(disk, None, False, root)
+        for disk in devices.disks(devices.lsblk()):
+            why = devices.refusal(disk, None, False, root)
             rows.append((disk.path, f"{disk.size / 2**30:.1f} GiB", disk.transport or "-", "yes" if disk.removable else "no",
                          disk.model or "-", "yes" if why is None else f"no: {why}"))
         _echo_table(rows)
@@ -278,81 +286,28 @@ def flash_command(args: tuple[str, ...], all_nodes: bool, list_disks: bool, yes:
     if (output / "manifest.json").exists() and not os.access(output / "manifest.json", os.R_OK):
         raise BuildError(f"cannot read {output / 'manifest.json'}: permission denied; run pibake flash with sudo")
     manifest = read_manifest(output)
-    if all_nodes:
-        nodes = [e["hostname"] for e in flash.nodes_in_order(manifest)]
-        if not args:
-            raise InputError("--all needs the devices to write, one per node in order: " + " ".join(nodes))
-        if len(args) > len(nodes):
-            raise InputError(f"{len(args)} devices for {len(nodes)} node(s) ({' '.join(nodes)})")
-        pairs = list(zip(nodes, args))
-        if len(args) < len(nodes):
-            log.info("flashing %s; not this time: %s", " ".join(nodes[: len(args)]), " ".join(nodes[len(args):]))
-    else:
-        if len(args) != 2:
-            raise InputError("give a node and a device (pibake flash worker3 /dev/sdb), --all and devices, or --list")
-        pairs = [(args[0], args[1])]
-    with flash.prepare(output, manifest, pairs, force, flash.cache_roots(cache.root())) as batch:
-        _flash(batch, yes)
+    chosen = flash.pairs(manifest, args, all_nodes, lambda text: log.info("%s", text))
+    screen = flash.Screen(say=_echo, warn=_error, ask=_ask if not yes else lambda question: True, bar=_card_bar)
+    if flash.flash(output, manifest, chosen, force, yes, screen, devices.cache_roots(cache.root())):
+        raise SystemExit(1)  # each card that failed has said why
 
 
-def _flash(batch: Batch, yes: bool) -> None:
-    """Ask, check every device again, write them all; each device is held open since it was checked."""
-    from builder import flash
-
-    jobs = batch.jobs
-    for job in jobs:
-        on_it = ", ".join(job.device.contents) or "no partitions"
-        _echo(f"{job.node} ({job.image.name}, {job.bmap.mapped_bytes / 2**30:.2f} GiB to write of "
-                   f"{job.bmap.image_size / 2**30:.2f}) -> {job.device.describe()}; on it now: {on_it}")
-    if not yes:
-        if not sys.stdin.isatty():
-            raise InputError("flash overwrites whole disks and asks first: not on a terminal, pass --yes to go on")
-        try:
-            go = click.confirm(f"Overwrite {'this disk' if len(jobs) == 1 else f'these {len(jobs)} disks'}? "
-                               "Everything on it is lost")
-        except (click.exceptions.Abort, KeyboardInterrupt):
-            go = None
-        if not go:
-            _error("pibake: not flashed: nothing was written")
-            raise SystemExit(130 if go is None else 1)
-    batch.recheck()  # what was shown and agreed to is what is written
-    bars = [progress.bar(total=job.bmap.mapped_bytes, unit="B", unit_scale=True, desc=f"{job.node} -> {job.device.path}",
-                         position=i) for i, job in enumerate(jobs)]
-    stop = threading.Event()
+def _ask(question: str) -> Optional[bool]:
+    """Yes or no at the terminal; None when interrupted. Without a terminal, no question is asked."""
+    if not sys.stdin.isatty():
+        raise InputError("flash overwrites whole disks and asks first: not on a terminal, pass --yes to go on")
     try:
-        outcomes = flash.write_cards(jobs, stop, [b.update for b in bars])
-    except KeyboardInterrupt:
-        for b in bars:
-            b.close()
-        for job in jobs:
-            _error(f"pibake: {flash.explain(job, flash.Interrupted())}")
-        raise SystemExit(130) from None
-    for b in bars:
-        b.close()
-    failed = 0
-    for job, outcome in zip(jobs, outcomes):
-        if isinstance(outcome, flash.Result):
-            _echo(f"pibake: {_flashed(outcome)}")
-        else:
-            failed += 1
-            _error(f"pibake: {flash.explain(job, outcome)}")
-    if failed:
-        raise SystemExit(1)
+        return click.confirm(question)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        return None
 
 
-def _flashed(result: Any) -> str:  # a flash.Result
-    job = result.job
-    held = result.previous or {}
-    if result.mode == "changed":
-        what = (f"it held {held.get('node', '?')} ({str(held.get('image_sha256', '?'))[:12]}): wrote the "
-                f"{result.written / 2**20:.1f} MiB that differed, of {result.compared / 2**30:.2f} GiB compared")
-    else:
-        what = f"wrote {result.written / 2**30:.2f} GiB"
-    return (f"{job.node} on {job.device.path}: {what}; read back {result.verified / 2**20:.1f} MiB and verified; "
-            "the card can be removed")
+def _card_bar(job: Any, position: int) -> Any:  # a flash.Job
+    return progress.bar(total=job.bmap.mapped_bytes, unit="B", unit_scale=True, desc=f"{job.node} -> {job.device.path}",
+                        position=position)
 
 
-@cli.command()
+@cli.command(epilog=EXAMPLES["fetch"])
 @image_options
 @click.option("--profiles", type=click.Path(path_type=Path), default=Path("profiles"), show_default=True,
               envvar="PIBAKE_PROFILES", help="Profile file, or folder holding cluster.yaml (its image section).")
@@ -366,7 +321,7 @@ def fetch(image_spec: Optional[str], sha256: Optional[str], no_verify_signature:
     _echo(f"{base.path}  sha256 {base.sha256 or '(local file, not hashed)'}  from {base.origin}")
 
 
-@cli.command()
+@cli.command(epilog=EXAMPLES["images"])
 @click.option("--image", "image_spec", envvar="PIBAKE_IMAGE", metavar="SPEC", help="Mark the image this spec resolves to.")
 @click.option("--profiles", type=click.Path(path_type=Path), default=Path("profiles"), show_default=True,
               envvar="PIBAKE_PROFILES")
@@ -385,19 +340,19 @@ def images(image_spec: Optional[str], profiles: Path) -> None:
         _echo(f"* {chosen.release_date}  {chosen.codename:<9} {'':>9}  (archived)  {urls.shown(chosen.url)}")
 
 
-@cli.group("cache")
+@cli.group("cache", epilog=EXAMPLES["cache"])
 def cache_group() -> None:
     """Inspect or empty the image cache ($XDG_CACHE_HOME/pibake)."""
 
 
-@cache_group.command("list")
+@cache_group.command("list", epilog=_examples("pibake cache list"))
 def cache_list() -> None:
     """List cached downloads and decompressed images."""
     for path, size, label in cache.entries():
         _echo(f"{size / 2**20:9.1f} MiB  {path}  {label}")  # _echo hides credentials older pibakes' records kept
 
 
-@cache_group.command("clean")
+@cache_group.command("clean", epilog=_examples("pibake cache clean                           # every image, download and key"))
 def cache_clean() -> None:
     """Remove every cached image, download and key."""
     _echo(f"removed {cache.clean() / 2**20:.1f} MiB from {cache.root()}")
@@ -431,7 +386,9 @@ def _on_sigint(signum: int, frame: object) -> None:
 
 
 def exit_status(error: BuildError) -> int:
-    """The one place an exit status is chosen: 2 for what the user gave, 1 for the rest."""
+    """The one place an exit status is chosen: 2 for what the user gave, 130 for Ctrl-C, 1 for the rest."""
+    if isinstance(error, Stopped) and error.interrupted:
+        return 130
     return 2 if isinstance(error, InputError) else 1
 
 
@@ -446,6 +403,10 @@ def main() -> None:
         for line in e.lines():
             _error(f"  {line}")
         sys.exit(2)
+    except Stopped as e:  # as the user asked: no error, and what stopped has said what it left
+        if e.message:
+            _error(f"pibake: {e.message}")
+        sys.exit(exit_status(e))
     except BuildError as e:
         if _interrupted:
             click.echo(INTERRUPTED, err=True)

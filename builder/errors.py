@@ -62,6 +62,15 @@ class InputError(BuildError):
     """What the user gave is wrong: a profile value, an argument, a device, a folder. Exit 2."""
 
 
+class Stopped(BuildError):
+    """Stopped as the user asked, with nothing more done: a question answered no (exit 1),
+    or Ctrl-C (`interrupted`, exit 130). An empty message: what it stopped has said so."""
+
+    def __init__(self, message: str = "", interrupted: bool = False) -> None:
+        super().__init__(message)
+        self.interrupted = interrupted
+
+
 @dataclass(frozen=True)
 class Problem:
     """One problem of a profile: its place and what is wrong."""

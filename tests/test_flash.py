@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from builder import bmap, flash
+from builder import bmap, card, devices
 from conftest import Result, run_pibake, write_profile
 from flash_devices import MIB, Loop, Loops, synthetic_output
 from rpios_image import make_image
@@ -62,13 +62,13 @@ def written(loop: Loop, before: int) -> int:
 
 
 def test_the_root_disk_is_refused_on_this_machine() -> None:
-    disks = flash.disks(flash.lsblk())
-    root = flash.root_numbers()
+    disks = devices.disks(devices.lsblk())
+    root = devices.root_numbers()
     holding = [d for d in disks if "/" in d.mounts or d.numbers & root]
     assert holding, f"no disk of {[d.path for d in disks]} holds / by lsblk"
     for disk in holding:
         # Even forced, and with room to spare.
-        assert flash.refusal(disk, 1, True, root) == "it holds the running system (/)"
+        assert devices.refusal(disk, 1, True, root) == "it holds the running system (/)"
 
 
 TREE = {"blockdevices": [
@@ -98,11 +98,11 @@ TREE = {"blockdevices": [
 
 
 def test_device_selection_rules() -> None:
-    by_path = {d.path: d for d in flash.disks(TREE)}
+    by_path = {d.path: d for d in devices.disks(TREE)}
     image = 3 << 30
 
     def why(path: str, force: bool = False, root: set[str] = frozenset()) -> str | None:
-        return flash.refusal(by_path[path], image, force, set(root))
+        return devices.refusal(by_path[path], image, force, set(root))
 
     assert why("/dev/sda", force=True) == "it holds the running system (/)"  # through LUKS, two levels down
     assert "mounted file systems (/media/u/bootfs)" in why("/dev/sdb")
@@ -124,7 +124,7 @@ def test_list_shows_every_disk_and_its_verdict(tmp_path: Path, loops: Loops) -> 
     assert result.code == 0, result.output
     row = next(line for line in result.stdout.splitlines() if line.startswith(loop.device + " "))
     assert "no: it is not a removable disk" in row
-    root = next(d for d in flash.disks(flash.lsblk()) if "/" in d.mounts or d.numbers & flash.root_numbers())
+    root = next(d for d in devices.disks(devices.lsblk()) if "/" in d.mounts or d.numbers & devices.root_numbers())
     assert "no: it holds the running system (/)" in next(line for line in result.stdout.splitlines()
                                                         if line.startswith(root.path + " "))
 
@@ -164,16 +164,16 @@ def test_refusals_write_nothing(tmp_path: Path, loops: Loops, case: str) -> None
     assert image.is_file()
 
 
-def _backing(name: str, major: int, minor: int) -> flash.Backing:
-    return flash.Backing(0, 0, os.makedev(major, minor), 0, 0, 0, name)
+def _backing(name: str, major: int, minor: int) -> devices.Backing:
+    return devices.Backing(0, 0, os.makedev(major, minor), 0, 0, 0, name)
 
 
 def test_a_loop_device_inherits_the_refusals_of_the_device_it_is_over() -> None:
-    context = flash.Context(flash.disks(TREE), set(), False, flash.Guard({}, []))
-    forced = flash.Context(flash.disks(TREE), set(), True, flash.Guard({}, []))
+    context = devices.Context(devices.disks(TREE), set(), False, devices.Guard({}, []))
+    forced = devices.Context(devices.disks(TREE), set(), True, devices.Guard({}, []))
 
-    def why(name: str, major: int, minor: int, context: flash.Context = context) -> str | None:
-        return flash.beneath_refusal(_backing(name, major, minor), context)
+    def why(name: str, major: int, minor: int, context: devices.Context = context) -> str | None:
+        return devices.beneath_refusal(_backing(name, major, minor), context)
 
     # A partition, or a volume on one, is judged by its whole disk.
     assert why("/dev/sda2", 8, 2) == ("it is a loop device over /dev/sda2 (on /dev/sda), which pibake refuses: "
@@ -188,11 +188,11 @@ def test_a_loop_device_inherits_the_refusals_of_the_device_it_is_over() -> None:
     assert why("/dev/mmcblk0", 179, 0) is None
     assert why("/dev/nbd0", 43, 0) == "it is a loop device over /dev/nbd0, which lsblk does not show"
     # This machine's own root disk, by its numbers.
-    root = flash.root_numbers()
-    real = flash.Context(flash.disks(flash.lsblk()), root, True, flash.Guard({}, []))
+    root = devices.root_numbers()
+    real = devices.Context(devices.disks(devices.lsblk()), root, True, devices.Guard({}, []))
     disk = next(d for d in real.disks if d.numbers & root or "/" in d.mounts)
     major, minor = map(int, sorted(disk.numbers)[0].split(":"))
-    assert flash.beneath_refusal(_backing(disk.path, major, minor), real).endswith(
+    assert devices.beneath_refusal(_backing(disk.path, major, minor), real).endswith(
         "which pibake refuses: it holds the running system (/)")
 
 
@@ -372,7 +372,7 @@ def test_flash_writes_the_mapped_blocks_verifies_and_rewrites_only_what_differs(
     first = written(loop, before)
     # The data, and the card's record; the partition table's sector is in the first data piece.
     assert block_map.mapped_bytes <= first <= block_map.mapped_bytes + 8192, first
-    record = flash.decode_record(loop.read(flash.RECORD_AT, flash.RECORD_SIZE))
+    record = card.decode_record(loop.read(card.RECORD_AT, card.RECORD_SIZE))
     assert record is not None and record["state"] == "finished" and record["node"] == "worker7"
 
     # The card changes under pibake's back: three blocks, at the start, middle and end.
@@ -388,7 +388,7 @@ def test_flash_writes_the_mapped_blocks_verifies_and_rewrites_only_what_differs(
                      result.stdout), result.stdout
     same_as_image(loop, image)
     # Three 4 KiB blocks, and the record twice (unfinished, then finished).
-    assert written(loop, before) == 3 * 4096 + 2 * flash.RECORD_SIZE
+    assert written(loop, before) == 3 * 4096 + 2 * card.RECORD_SIZE
 
 
 def test_read_back_catches_a_card_that_does_not_keep_a_block(tmp_path: Path, loops: Loops) -> None:
@@ -443,7 +443,7 @@ def test_an_interrupted_flash_is_written_in_full_next_time(tmp_path: Path, loops
     assert proc.returncode == 130, stdout + stderr
     assert stderr.strip().splitlines() == [
         f"pibake: worker7 on {loop.device}: interrupted; the card is unfinished, and its next flash writes it in full"]
-    record = flash.decode_record(loop.read(flash.RECORD_AT, flash.RECORD_SIZE))
+    record = card.decode_record(loop.read(card.RECORD_AT, card.RECORD_SIZE))
     assert record is not None and record["state"] == "writing"
     result = pibake_flash("worker7", loop.device, "--yes", "--force", "-o", str(out), cwd=tmp_path)
     assert result.code == 0, result.output
@@ -507,9 +507,9 @@ def test_bmap_beside_every_image_and_bmaptool_takes_it(baked: Path, loops: Loops
     same_as_image(by_bmaptool, image)
     # Block for block the same, but for pibake's record on the card.
     a, b = by_pibake.backing.read_bytes(), by_bmaptool.backing.read_bytes()
-    record = slice(flash.RECORD_AT, flash.RECORD_AT + flash.RECORD_SIZE)
+    record = slice(card.RECORD_AT, card.RECORD_AT + card.RECORD_SIZE)
     assert a[: record.start] == b[: record.start] and a[record.stop :] == b[record.stop :]
-    assert b[record] == bytes(flash.RECORD_SIZE) and a[record] != b[record]
+    assert b[record] == bytes(card.RECORD_SIZE) and a[record] != b[record]
 
 
 # The fields Imager's OSListModel reads from an entry, and what its JSON schema requires.
@@ -595,9 +595,9 @@ def test_all_writes_the_nodes_in_order_onto_several_cards_at_once(tmp_path: Path
     result = pibake_flash("--all", cards[0].device, cards[1].device, "--yes", "--force", "-o", str(out), cwd=tmp_path)
     assert result.code == 0, result.output
     assert "flashing master worker2; not this time: worker10" in result.stderr
-    for card, node in zip(cards, ("master", "worker2")):
-        assert f"{node} on {card.device}: wrote 0.02 GiB" in result.stdout
-        same_as_image(card, out / f"{node}.img")
+    for loop, node in zip(cards, ("master", "worker2")):
+        assert f"{node} on {loop.device}: wrote 0.02 GiB" in result.stdout
+        same_as_image(loop, out / f"{node}.img")
     assert cards[2].read(0, 512) == bytes(512)
 
 
@@ -654,9 +654,9 @@ def _set_offset(device: str, offset: int) -> None:
     """Move a loop device's window onto its file, as LOOP_SET_STATUS64 allows while it is open."""
     fd = os.open(device, os.O_RDONLY)
     try:
-        info = list(flash.LOOP_INFO.unpack(fcntl.ioctl(fd, flash.LOOP_GET_STATUS64, bytes(flash.LOOP_INFO.size))))
+        info = list(devices.LOOP_INFO.unpack(fcntl.ioctl(fd, devices.LOOP_GET_STATUS64, bytes(devices.LOOP_INFO.size))))
         info[3] = offset
-        fcntl.ioctl(fd, 0x4C04, flash.LOOP_INFO.pack(*info))  # LOOP_SET_STATUS64
+        fcntl.ioctl(fd, 0x4C04, devices.LOOP_INFO.pack(*info))  # LOOP_SET_STATUS64
     finally:
         os.close(fd)
 

@@ -194,6 +194,20 @@ def test_version_and_help(workdir: Path) -> None:
         assert option in help_text
 
 
+@pytest.mark.parametrize("command", [("build",), ("plan",), ("check",), ("flash",), ("fetch",), ("images",),
+                                     ("cache",), ("cache", "list")])
+def test_each_command_s_help_shows_its_own_examples(command: tuple[str, ...]) -> None:
+    from click.testing import CliRunner
+
+    from builder.cli import cli
+
+    text = CliRunner().invoke(cli, [*command, "--help"]).output
+    examples = text.split("Examples:\n", 1)[1].splitlines() if "Examples:" in text else []
+    examples = [line.split("#")[0].strip() for line in examples if line.strip()]
+    assert examples, text
+    assert all(re.match(rf"(sudo \S+/)?pibake {command[0]}\b", line) for line in examples), examples
+
+
 def _derived_public(private: Path) -> list[str]:
     out = subprocess.run(["ssh-keygen", "-y", "-f", str(private)], capture_output=True, text=True, check=True).stdout
     return out.split()[:2]
