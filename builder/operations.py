@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, ClassVar, Optional, Union
 
 from builder import promises
 from builder.errors import BuildError, InputError, Place
-from builder.profile import destination_problem
+from builder.settings import destination_problem
 from builder.tree import ABSENT, ROOT, Changes, Stat, under
 
 if TYPE_CHECKING:

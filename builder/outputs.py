@@ -128,7 +128,7 @@ def os_list(output: Path, manifest: dict) -> dict:
 def uplink_name(profile: Profile) -> str:
     """How the operator's machine reaches the master from the home network: the profile's
     master.uplink.address, or the master's mDNS name."""
-    return profile.setting("master.uplink.address") or f"{profile.master.node.hostname}.local"
+    return profile.setting("master.uplink.address")
 
 
 def _identities(profile: Profile, keys: KeyStore) -> list[Path]:

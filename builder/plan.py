@@ -21,7 +21,8 @@ from builder.formats import known_hosts_name
 from builder.keys import KeyPair, KeyStore
 from builder.operations import MASK, Append, Delete, EditLines, Mkdir, Move, Op, Symlink, Write
 from builder.packages import STAGE_DIR, Deb
-from builder.profile import UNIT_RE, Node, Profile, install_targets
+from builder.extra_files import UNIT_RE, install_targets
+from builder.profile import Node, Profile
 from builder.release import Release
 
 USER_IDS = (1000, 1000)  # Raspberry Pi OS's first user, renamed or not

@@ -243,7 +243,7 @@ def test_bad_apt_mirrors_in_the_environment_are_reported_with_the_profile_proble
 
 
 def test_the_readme_profile_table_is_the_settings_table() -> None:
-    from builder.profile import settings_table
+    from builder.settings import settings_table
 
     readme = (REPO / "README.md").read_text()
     assert settings_table() in readme, "README's profile table differs from SETTINGS; put this in its place:\n" + settings_table()
@@ -251,16 +251,16 @@ def test_the_readme_profile_table_is_the_settings_table() -> None:
 
 def test_every_setting_is_read_and_every_key_read_is_a_setting(operator_key: Path, tmp_path: Path, monkeypatch) -> None:
     # A profile that sets every key but the exclusive ones is accepted whole: the table and the readers agree.
-    from builder.profile import SETTINGS, _Reader
+    from builder.settings import SETTINGS, Reader
 
     read: set[str] = set()
-    value = _Reader.value
+    value = Reader.value
 
-    def recording(self, keypath, default=None):
+    def recording(self, keypath, values):
         read.add(".".join("[]" if isinstance(k, int) else k for k in keypath).replace(".[]", "[]"))
-        return value(self, keypath, default)
+        return value(self, keypath, values)
 
-    monkeypatch.setattr(_Reader, "value", recording)
+    monkeypatch.setattr(Reader, "value", recording)
     monkeypatch.setenv("PIBAKE_WIFI_PASSPHRASE", WIFI_PASSPHRASE)
     (tmp_path / "motd").write_text("hi\n")
     load(write_profile(tmp_path, f"""
@@ -282,9 +282,7 @@ def test_every_setting_is_read_and_every_key_read_is_a_setting(operator_key: Pat
           packages: [htop]
           files: [{{source: motd, path: /etc/motd, mode: "0644", owner: USER}}]
         """))
-    # Modes are parsed from the text typed.
-    not_read_here = {"master.files[].mode", "workers.files[].mode"}
-    assert {s.path for s in SETTINGS} - not_read_here == read
+    assert {s.path for s in SETTINGS} == read
 
 
 def test_the_readme_lists_every_environment_variable() -> None:
@@ -308,3 +306,28 @@ def test_a_setting_read_by_two_readers_is_reported_once(operator_key: Path, tmp_
     with pytest.raises(ProfileError) as raised:
         load(path)
     assert raised.value.lines() == [f"{path}:4: network.interface: 'bad name!' is not a valid interface name"]
+
+
+def test_a_derived_default_comes_after_what_it_needs_and_is_checked() -> None:
+    from builder.settings import SETTINGS
+
+    seen: set[str] = set()
+    for setting in SETTINGS:
+        assert (setting.derive is None) == (not setting.needs), setting.path
+        assert set(setting.needs) <= seen, (setting.path, set(setting.needs) - seen)
+        seen.add(setting.path)
+
+
+def test_derived_defaults_follow_what_they_are_made_from(operator_key: Path, tmp_path: Path) -> None:
+    profile = load(write_profile(tmp_path, f"user:\n  ssh_keys: [{operator_key}]\nnetwork:\n  subnet: 10.9.0.0/16\n"
+                                           "master:\n  hostname: head\nworkers:\n  nodes: [{}, {hostname: w9}]\n"))
+    assert profile.setting("master.address") == IPv4Address("10.9.0.1")
+    assert (profile.master.dhcp_start, profile.master.dhcp_end) == (IPv4Address("10.9.0.2"), IPv4Address("10.9.0.64"))
+    assert profile.setting("master.uplink.address") == "head.local"
+    assert [(n.hostname, str(n.address)) for n in profile.workers.nodes] == [("worker1", "10.9.0.101"), ("w9", "10.9.0.102")]
+    # A derived value is checked as what was typed is: worker2's name, made from the pattern, is taken.
+    bad = write_profile(tmp_path, f"user:\n  ssh_keys: [{operator_key}]\nworkers:\n  hostname: 'w{{n}}'\n"
+                                  "  nodes: [{}, {}, {hostname: w2}]\n")
+    with pytest.raises(ProfileError) as raised:
+        load(bad)
+    assert any("hostname 'w2' is used twice" in line for line in raised.value.lines()), raised.value.lines()
