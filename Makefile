@@ -1,4 +1,5 @@
-# pibake: `make build` bakes the cluster (IMAGE=bookworm, a date, URL or file to pin), `make test` runs every test.
+# pibake: `make build` bakes the cluster (IMAGE=bookworm, a date, URL or file to pin), `make test` runs every test
+# (`pytest` alone: the unit tier, in seconds).
 # Both install what they need first (system packages through apt, Python ones in .venv).
 
 PYTHON  ?= /usr/bin/python3
@@ -43,15 +44,20 @@ lint: venv
 	$(VENV)/bin/ruff check builder tests
 	$(VENV)/bin/mypy
 
+# Every tier, in its folder: unit (in-process, seconds), system (real servers, loop devices,
+# network namespaces on this machine), image (libguestfs), boot (QEMU). `pytest` alone is unit.
+TIERS := tests/unit tests/system tests/image tests/boot
+
 test: venv lint fixtures
-	$(PYTEST) -ra --durations=20
+	$(PYTEST) -ra --durations=20 $(TIERS)
 
 # Prints a table and writes output/bench/*.json; curl is the floor's downloader.
 bench: venv
 	$(VENV)/bin/python tests/bench.py
 
+# The unit and system tiers: no appliance, no guest.
 test-fast: venv lint
-	$(PYTEST) -ra -m 'not image and not boot'
+	$(PYTEST) -ra -m 'not image and not boot' tests/unit tests/system
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -39,7 +39,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mirror import Mirror  # noqa: E402
-from test_fetch import make_signer  # noqa: E402
+from signer import make_signer  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 WORK = REPO / "output" / "bench"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import contextlib
+import io
 import os
 import signal
 import subprocess
@@ -76,6 +78,38 @@ def assert_said_nowhere(secrets: list[str], results: list[Result], folders: list
         for name, content in places.items():
             assert secret.encode() not in content, f"{secret!r} is in {name}"
     return len(places)
+
+
+def pibake_here(*args: str, cwd: Path, env: dict[str, str | None] | None = None) -> subprocess.CompletedProcess:
+    """The real command line (builder.cli.main), run in this process: for the many profile
+    and plan cases, where starting Python for each would be most of their time. Its exit
+    status, stdout and stderr, as run_pibake gives them."""
+    from builder import cli
+
+    full_env = {"PIBAKE_WIFI_PASSPHRASE": WIFI_PASSPHRASE, "PIBAKE_DOWNLOAD_BASE": "http://127.0.0.1:9", **(env or {})}
+    saved_env, saved_cwd, saved_argv = dict(os.environ), os.getcwd(), sys.argv
+    out, err = io.StringIO(), io.StringIO()
+    code: int = 0
+    try:
+        for name, value in full_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        os.chdir(cwd)
+        sys.argv = ["pibake", *args]
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                cli.main()
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+    finally:
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+        sys.argv = saved_argv
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # main() sets its own
+    return subprocess.CompletedProcess(["pibake", *args], code, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture(scope="session", autouse=True)

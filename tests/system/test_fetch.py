@@ -22,35 +22,13 @@ import pytest
 
 from conftest import Result, assert_said_nowhere, run_pibake, secrets_of, write_profile
 from mirror import Mirror
+from signer import Signer, make_signer
 from rpios_image import make_image
 
 OFFICIAL = "https://downloads.raspberrypi.com"
 BOOKWORM = "raspios_lite_arm64/images/raspios_lite_arm64-2025-05-14/2025-05-13-raspios-bookworm-arm64-lite.img.xz"
 TRIXIE = "raspios_lite_arm64/images/raspios_lite_arm64-2025-11-24/2025-11-24-raspios-trixie-arm64-lite.img.xz"
 OLD = "raspios_oldstable_lite_arm64/images/raspios_oldstable_lite_arm64-2024-10-23/2024-10-22-raspios-bullseye-arm64-lite.img.xz"
-
-
-@dataclass
-class Signer:
-    home: Path
-    fingerprint: str
-
-    def sign(self, path: Path, signature: Path) -> None:
-        subprocess.run(["gpg", "--homedir", str(self.home), "--batch", "--yes", "--detach-sign", "-u", self.fingerprint,
-                        "--output", str(signature), str(path)], check=True, capture_output=True)
-
-    def public(self) -> bytes:
-        return subprocess.run(["gpg", "--homedir", str(self.home), "--armor", "--export", self.fingerprint],
-                              check=True, capture_output=True).stdout
-
-
-def make_signer(home: Path, name: str) -> Signer:
-    home.mkdir(mode=0o700)
-    subprocess.run(["gpg", "--homedir", str(home), "--batch", "--passphrase", "", "--quick-gen-key",
-                    f"{name} <signer@test.invalid>", "ed25519", "sign", "never"], check=True, capture_output=True)
-    listing = subprocess.run(["gpg", "--homedir", str(home), "--with-colons", "--list-keys"], check=True,
-                             capture_output=True, text=True).stdout
-    return Signer(home, next(line.split(":")[9] for line in listing.splitlines() if line.startswith("fpr")))
 
 
 @dataclass

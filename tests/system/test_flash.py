@@ -375,12 +375,16 @@ def test_flash_writes_the_mapped_blocks_verifies_and_rewrites_only_what_differs(
     record = card.decode_record(loop.read(card.RECORD_AT, card.RECORD_SIZE))
     assert record is not None and record["state"] == "finished" and record["node"] == "worker7"
 
-    # The card changes under pibake's back: three blocks, at the start, middle and end.
+    # The card changes under pibake's back: three blocks, at the start, middle and end. Each
+    # byte is turned into its complement, so that it differs from the image whatever the
+    # image holds there (a fixed b"\xff\xfe" matched the image's random byte 1 time in 256).
     spots = [4 * MIB + 4096, 20 * MIB + 123, block_map.image_size - 4 * MIB - 1]
     with open(loop.backing, "r+b") as f:
         for spot in spots:
             f.seek(spot)
-            f.write(b"\xff\xfe")
+            old = f.read(2)
+            f.seek(spot)
+            f.write(bytes(b ^ 0xFF for b in old))
     before = loop.sectors_written()
     result = pibake_flash("worker7", loop.device, "--yes", "--force", "-o", str(out), cwd=tmp_path)
     assert result.code == 0, result.output

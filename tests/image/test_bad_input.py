@@ -16,9 +16,9 @@ from typing import Iterator
 import pytest
 
 from conftest import WIFI_PASSPHRASE, Result, run_pibake, write_profile
+from refusals import PREVIOUS, assert_clean_failure
 from rpios_image import make_image
 
-PREVIOUS = {"master.img": b"the master image from last week", "manifest.json": b'{"nodes": {}}\n', "SHA256SUMS": b""}
 
 
 @pytest.fixture
@@ -33,14 +33,6 @@ def project(workdir: Path, operator_key: Path) -> Path:
     return workdir
 
 
-def assert_clean_failure(result: Result, project: Path, message: str) -> None:
-    assert result.code not in (0, None), result.output
-    assert "Traceback" not in result.output
-    errors = [line for line in result.stderr.splitlines() if line.startswith("pibake: error:")]
-    assert len(errors) == 1 and message in errors[0], result.stderr
-    assert result.stderr.rstrip().splitlines()[-1] == errors[0]
-    output = project / "output"
-    assert {p.name: p.read_bytes() for p in output.iterdir()} == PREVIOUS
 
 
 def test_missing_image(project: Path) -> None:

@@ -3,8 +3,8 @@
 Through the real CLI (`pibake plan`, which plans every node): each entry that would break
 one of pibake's promises is refused in one line naming the entry and the promise, and
 accepted only with `allow:`, after which the plan shows it whole. The same rules where a
-path leads through the image's links are in tests/test_realize.py; the image's own
-accounts are checked in tests/test_bad_input.py.
+path leads through the image's links are in tests/unit/test_realize.py; the image's own
+accounts are checked in tests/image/test_bad_input.py.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import WIFI_PASSPHRASE, write_profile
-from test_hostile import assert_refused, plan
+from refusals import assert_refused, plan
 
 # (destination, the promise that needs `allow:`), several of each kind
 PATHS = [
@@ -244,7 +244,7 @@ def test_no_sudo_means_out_of_the_sudo_group_too(workdir: Path, key: str) -> Non
     from builder.tree import Changes, Tree
     from builder.release import named
     from rpios_image import GROUP
-    from test_realize import CONTENT, TableBase
+    from table_base import CONTENT, TableBase
 
     for name, before, after in (("pi", "sudo:x:27:pi", "sudo:x:27:"), ("alice", "sudo:x:27:bob,pi,carol", "sudo:x:27:bob,carol"),
                                 ("alice", "sudo:x:27:bob,pi", "sudo:x:27:bob")):

@@ -17,7 +17,7 @@ from builder.appliance import Appliance, Drive
 from conftest import Result, assert_said_nowhere, run_pibake, secrets_of, write_profile
 from mirror import Mirror
 from rpios_image import make_image
-from test_bad_input import PREVIOUS, assert_clean_failure
+from refusals import PREVIOUS, assert_clean_failure
 
 pytestmark = pytest.mark.image
 

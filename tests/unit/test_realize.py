@@ -16,36 +16,8 @@ from builder.operations import Delete, EditLines, Mkdir, Move, Op, Symlink, Writ
 from builder.plan import NodePlan
 from builder.profile import Node
 from builder.realize import realize
-from builder.tree import Stat
 from builder.release import named
-from rpios_image import GROUP, LINKS, PASSWD
-
-FOLDERS = ("/etc", "/etc/ssh", "/etc/ssl", "/etc/ssl/certs", "/usr", "/usr/bin", "/usr/sbin", "/usr/lib", "/usr/lib/ssl",
-           "/var", "/run", "/run/lock", "/opt", "/boot", "/boot/firmware", "/home", "/home/pi", "/etc/sysctl.d")
-BASE = {
-    **{path: Stat("dir", 0o755) for path in FOLDERS},
-    **{path: Stat("link", 0o777, target=target) for path, target in LINKS.items()},
-    "/etc/hostname": Stat("file"),
-    "/etc/ssh/sshd_config": Stat("file"),
-    "/opt/ssh": Stat("link", 0o777, target="/etc/ssh"),  # absolute, into a folder pibake writes to
-    "/opt/up": Stat("link", 0o777, target="../etc"),
-    "/opt/loop": Stat("link", 0o777, target="/opt/loop"),
-    "/opt/fw": Stat("link", 0o777, target="../boot/firmware"),
-    "/opt/conf": Stat("link", 0o777, target="/etc/sysctl.d"),
-    "/etc/passwd": Stat("file"),
-    "/etc/group": Stat("file"),
-}
-CONTENT = {"/etc/passwd": PASSWD.encode(), "/etc/group": GROUP.encode()}
-ORIGIN = Place(file="cluster.yaml", line=7, key="master.files[0]")
-
-
-class TableBase:
-    def lstat(self, path: str) -> Stat | None:
-        return BASE.get(path)
-
-    def read(self, path: str) -> bytes:
-        return CONTENT.get(path, b"from the base\n")
-
+from table_base import ORIGIN, TableBase
 
 def play(*ops: Op, renamed_to: tuple[str, Place] = ("", Place())):
     plan = NodePlan(Node("master", 0, "master", IPv4Address("192.168.5.1")), named("bookworm"), tuple(ops),
