@@ -22,6 +22,8 @@ USERNAME_RE = re.compile(r"[a-z][a-z0-9-]{0,31}")  # what userconf-pi accepts
 INTERFACE_RE = re.compile(r"[A-Za-z0-9_.-]{1,15}")
 PACKAGE_RE = re.compile(r"[a-z0-9][a-z0-9+.-]+")  # Debian policy 5.6.1
 LEASE_RE = re.compile(r"infinite|0*[1-9][0-9]{0,8}[smhdw]?")  # 0 would be no lease at all
+# A systemd unit name (systemd.unit(5)): no leading "-" that systemctl would read as an option.
+UNIT_RE = re.compile(r"[A-Za-z0-9_:@][A-Za-z0-9_:.@-]{0,254}")
 MAC_RE = re.compile(r"([0-9a-f]{2}:){5}[0-9a-f]{2}")
 CRYPT_RE = re.compile(r"\$(1|5|6|y|gy|7|2[aby])\$[./A-Za-z0-9$=,]{1,512}")
 MODE_RE = re.compile(r"(0o?)?[0-7]{3,4}")

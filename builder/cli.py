@@ -48,6 +48,8 @@ EXAMPLES = {
     "flash": _examples("pibake flash --list                          # the disks, and which can be flashed",
                        "sudo .venv/bin/pibake flash worker3 /dev/sdb # one card",
                        "sudo .venv/bin/pibake flash --all /dev/sdb /dev/sdc   # master, worker1, ... at once"),
+    "backup": _examples("pibake backup master                         # live, over output/ssh_config; prints the path",
+                        "pibake backup worker3 --keep 5               # and keep only the newest five"),
     "fetch": _examples("pibake fetch                                 # what the profile's image section names",
                        "pibake fetch --image trixie@2025-11-24"),
     "images": _examples("pibake images                                # * marks what the profile resolves to",
@@ -248,6 +250,40 @@ def check(profiles: Path, output: Path, timeout: int, verbose: int) -> None:
     if wrong:
         raise SystemExit(1)
     _echo(f"pibake: all {len(rows)} nodes hold")
+
+
+@cli.command("backup", epilog=EXAMPLES["backup"])
+@click.argument("node_name", metavar="NODE")
+@click.option("--keep", type=click.IntRange(min=1, max=10000), default=None,
+              help="Then delete all but the newest N backups of the node.")
+@click.option("--profiles", type=click.Path(path_type=Path), default=Path("profiles"), show_default=True,
+              envvar="PIBAKE_PROFILES", help="Profile file, or folder holding cluster.yaml.")
+@click.option("--output", "-o", type=click.Path(path_type=Path), default=Path("output"), show_default=True,
+              help="Where the build left ssh_config; backups go to its backups/NODE/ folder.")
+@click.option("-v", "--verbose", count=True, help="Say more.")
+@click.option("-q", "--quiet", is_flag=True, help="Only errors, and the backup's path.")
+def backup_command(node_name: str, keep: Optional[int], profiles: Path, output: Path, verbose: int, quiet: bool) -> None:
+    """Back a running node up into an image of its own card's layout.
+
+    Its file systems are read as files over output/ssh_config (the workers through
+    the master), with the services its profile's backup.stop names stopped while
+    they are read; only what changed since the last backup is sent. The image is
+    checked (every file against what the node sent, e2fsck, fsck.fat) before it is
+    kept. The last line printed is its path.
+    """
+    from builder.backup import backup
+    _setup_logging(verbose, quiet)
+    profile = load(profiles)
+    node = next((n for n in profile.nodes if n.hostname == node_name), None)
+    if node is None:
+        raise InputError(f"{node_name!r} is not a node of the profile ({', '.join(n.hostname for n in profile.nodes)})")
+    result = backup(profile, node, output, keep)
+    if not quiet:
+        _echo(f"pibake: {node.hostname}: {result.files} files, {result.received / 1e6:.1f} MB received"
+              f"{' (changes since the last backup)' if result.incremental else ''}")
+        for line in result.report:
+            _echo(f"pibake: {node.hostname}: {line}")
+    click.echo(str(result.path))
 
 
 @cli.command("flash", epilog=EXAMPLES["flash"])

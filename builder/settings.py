@@ -23,7 +23,7 @@ from typing import Any, Callable, Optional
 from builder import promises, urls
 from builder.checks import (CRYPT_RE, DEFAULT_KEYS, LEASE_RE, MAC_RE, MAX_LIST, MODE_RE, PACKAGE_RE, USERNAME_RE, Check,
                             between, check_host, check_interface, check_owner, check_release, check_subnet,
-                            includes, matches, one_of, check_hostname, destination_problem, q, short, text_problem)
+                            includes, matches, UNIT_RE, one_of, check_hostname, destination_problem, q, short, text_problem)
 from builder.document import Document, KeyPath, dotted, pattern
 from builder.errors import Problem
 from builder.files import read_regular
@@ -91,6 +91,7 @@ def _file_settings(role: str) -> tuple[Setting, ...]:
 
 _URL: Check = urls.problem
 _PACKAGE = matches(PACKAGE_RE, "{} is not a valid Debian package name")
+_UNIT = matches(UNIT_RE, "{} is not a systemd unit name")
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("image.release", str, None, "`latest`, a family (`bookworm`), a date (`2025-05-13`) or `family@date`",
@@ -154,6 +155,8 @@ SETTINGS: tuple[Setting, ...] = (
             "staged at build time, installed offline on first boot; must include dnsmasq",
             includes(("dnsmasq", "the master is the cluster's DHCP server"), ("iptables", "the master's firewall needs it")),
             each=_PACKAGE),
+    Setting("master.backup.stop", list, ["dnsmasq"], "services stopped while `pibake backup` reads the master, "
+            "started again after (by the master itself if the connection drops)", each=_UNIT),
     Setting("master.files", list, [], "extra files for the master, each with the six keys below"),
     *_file_settings("master"),
     Setting("workers.count", int, 5, f"number of workers (0 to {MAX_LIST})", between(0, MAX_LIST, "a number of workers")),
@@ -170,6 +173,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("workers.nodes[].mac", str, None, "its Ethernet address, added to its DHCP reservation",
             matches(MAC_RE, "{} is not a MAC address like dc:a6:32:01:02:03")),
     Setting("workers.packages", list, [], "staged for the workers, installed offline on first boot", each=_PACKAGE),
+    Setting("workers.backup.stop", list, [], "services stopped while `pibake backup` reads a worker", each=_UNIT),
     Setting("workers.files", list, [], "extra files for every worker, each with the six keys below"),
     *_file_settings("workers"),
 )

@@ -1,0 +1,281 @@
+"""pibake backup, end to end but for ssh: the node's own scripts (listing, tar, the services'
+hold) run here in a shell, as sshd would run them, against folders of this machine
+that stand for the node's root and boot file systems; the image is made by the real
+libguestfs and checked by the real e2fsck and fsck.fat, and read back with libguestfs.
+
+The card's description is what the node's tools (sfdisk, dumpe2fs, the FAT boot
+sector) say of a card image the test makes with Raspberry Pi OS's layout. A live
+node, over ssh, is tests/boot/test_boot.py's.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import hashlib
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import guestfs
+import pytest
+
+from builder import backup, layout, node_side
+from builder.errors import BuildError, InputError
+from builder.profile import load
+from conftest import write_profile
+
+pytestmark = pytest.mark.image
+
+MIB = 1 << 20
+
+
+def _sh(*command: str, cwd: Path | None = None) -> None:
+    subprocess.run(command, check=True, cwd=cwd)
+
+
+def make_node_tree(root: Path, boot: Path) -> None:
+    """What a node holds: every kind of file, and what a backup must not take."""
+    for folder in ("etc", "srv/empty", "proc", "sys", "dev", "run", "tmp", "var", "boot/firmware", "home/pi"):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+    (root / "etc/hostname").write_text("master\n")
+    (root / "srv/data").write_bytes(b"data " * 2000)
+    (root / "srv/big").write_bytes(os.urandom(8 * MIB))
+    os.link(root / "srv/data", root / "srv/hard")
+    os.symlink("../etc/hostname", root / "srv/link")
+    _sh("mknod", str(root / "srv/null"), "c", "1", "3")
+    os.mkfifo(root / "srv/fifo")
+    with open(root / "srv/sparse", "wb") as f:
+        f.truncate(64 * MIB)
+        f.write(b"head")
+        f.seek(32 * MIB)
+        f.write(b"middle")
+    (root / "srv/ping").write_bytes(b"\x7fELF pretend")
+    _sh("setcap", "cap_net_raw+ep", str(root / "srv/ping"))
+    _sh("setfattr", "-n", "user.note", "-v", "kept", str(root / "srv/data"))
+    _sh("setfacl", "-m", "u:1234:r", str(root / "srv/data"))
+    (root / "srv/new\nline \\ name").write_text("odd name\n")
+    (root / "home/pi/secret").write_text("mine\n")
+    os.chown(root / "home/pi", 1000, 1000)
+    os.chown(root / "home/pi/secret", 1000, 1000)
+    os.chmod(root / "home/pi/secret", 0o600)
+    os.chmod(root / "srv/ping", 0o4755)
+    (root / "tmp/scratch").write_text("not backed up\n")
+    (root / "run/pid").write_text("not backed up\n")
+    (root / "var/swap").write_bytes(b"\0" * 4096)  # dphys-swapfile's: made again at boot
+    (boot / "cmdline.txt").write_text("console=serial0,115200 root=PARTUUID=5e3da4a0-02 rootfstype=ext4\n")
+    (boot / "overlays").mkdir(exist_ok=True)
+    (boot / "overlays/x.dtbo").write_bytes(b"\xd0\x0d" * 100)
+
+
+class LocalNode(backup.Link):
+    """The node's scripts run by a shell here, as sshd runs them; the node's file systems
+    are folders here, and its card's description comes from a card image the test made."""
+
+    def __init__(self, output: Path, node: str, folder: Path, *, mounts: dict[str, Path], facts: bytes,
+                 log: list[str]) -> None:
+        super().__init__(output, node, folder)
+        self.base = ["sh", "-c"]
+        self.mounts, self.facts, self.log = mounts, facts, log
+
+    def ask(self, remote: str, what: str, **kwargs) -> bytes:
+        self.log.append(what)
+        if remote == node_side.command(node_side.FACTS):
+            self.received += len(self.facts)
+            return self.facts
+        return super().ask(remote, what, **kwargs)
+
+    def view(self, mount: str) -> str:
+        return str(self.mounts[mount])
+
+    def close(self) -> None:
+        pass
+
+
+def card_facts(card: Path, used: dict[str, tuple[int, int]]) -> bytes:
+    """FACTS' answer for `card`, from the same tools the node runs."""
+    table = subprocess.run(["sfdisk", "--json", str(card)], check=True, capture_output=True).stdout
+    parts = json.loads(table)["partitiontable"]["partitions"]
+    boot, root = parts[0]["start"] * 512, parts[1]["start"] * 512
+    dump = subprocess.run(["dumpe2fs", "-h", f"{card}?offset={root}"], check=True, capture_output=True).stdout
+    with open(card, "rb") as f:
+        f.seek(boot)
+        sector = f.read(512)
+    b64 = lambda data: base64.b64encode(data).decode()  # noqa: E731
+    return (f"disk-size: {card.stat().st_size}\ntable: {b64(table)}\n"
+            f"fat: /dev/mmcblk0p1 /boot/firmware {b64(sector)}\nused: /dev/mmcblk0p1 {used['boot'][0]} 0\n"
+            f"ext4: /dev/mmcblk0p2 / {b64(dump)}\nused: /dev/mmcblk0p2 {used['root'][0]} {used['root'][1]}\n").encode()
+
+
+@pytest.fixture(scope="module")
+def fake_sudo(tmp_path_factory: pytest.TempPathFactory):
+    """`sudo -n` on the stand-in node: the test runs as root already, and sudo is not under test."""
+    bin_dir = tmp_path_factory.mktemp("bin")
+    (bin_dir / "sudo").write_text('#!/bin/sh\n[ "$1" = -n ] && shift\nexec "$@"\n')
+    (bin_dir / "sudo").chmod(0o755)
+    old = os.environ["PATH"]
+    os.environ["PATH"] = f"{bin_dir}:{old}"
+    yield
+    os.environ["PATH"] = old
+
+
+@pytest.fixture
+def node(tmp_path: Path, fake_sudo) -> dict:
+    root, boot = tmp_path / "node-root", tmp_path / "node-boot"
+    root.mkdir()
+    boot.mkdir()
+    make_node_tree(root, boot)
+    card = tmp_path / "card.img"  # the node's own card: Raspberry Pi OS's layout, 2 GiB
+    card_layout = layout.Layout("dos", "0x5e3da4a0", (
+        layout.Partition(1, 8192, 1048576, "c", "", "/boot/firmware", layout.Fat("5de4665c", "bootfs", 32, 1)),
+        layout.Partition(2, 1056768, 3137536, "83", "", "/", layout.Ext4(
+            "56f80fa2-e005-4cca-86e6-19da1069914d", "rootfs", ("has_journal", "ext_attr", "resize_inode", "dir_index",
+                                                              "filetype", "extent", "flex_bg", "sparse_super", "large_file",
+                                                              "huge_file", "dir_nlink", "extra_isize", "metadata_csum"),
+            4096, 256, 5))), 2 << 30)
+    layout.make_empty(card, card_layout)
+    output = tmp_path / "output"
+    output.mkdir()
+    (output / "ssh_config").write_text("# the stand-in node is reached by a local shell\n")
+    profile = load(write_profile(tmp_path, "workers:\n  count: 1\nmaster:\n  backup:\n    stop: [pibake-test-none]\n"))
+    log: list[str] = []
+    facts = card_facts(card, {"boot": (1 * MIB, 0), "root": (80 * MIB, 50)})
+    connect = lambda out, name, folder: LocalNode(out, name, folder, mounts={"/": root, "/boot/firmware": boot},  # noqa: E731
+                                                  facts=facts, log=log)
+    return {"root": root, "boot": boot, "output": output, "profile": profile, "connect": connect, "log": log}
+
+
+def _clock(*times: str):
+    stamps = iter(datetime.datetime.fromisoformat(t).replace(tzinfo=datetime.timezone.utc) for t in times)
+    return lambda: next(stamps)
+
+
+def _read_back(image: Path) -> dict:
+    g = guestfs.GuestFS(python_return_dict=True)
+    g.set_backend_settings(["force_tcg"])
+    g.add_drive_opts(str(image), format="raw", readonly=True)
+    g.launch()
+    try:
+        got = {"uuid": g.vfs_uuid("/dev/sda2"), "label": g.vfs_label("/dev/sda2"), "boot_uuid": g.vfs_uuid("/dev/sda1"),
+               "boot_label": g.vfs_label("/dev/sda1")}
+        g.mount_ro("/dev/sda2", "/")
+        g.mount_ro("/dev/sda1", "/boot/firmware")
+        got["stat"] = {p: g.lstatns(p) for p in ("/srv/data", "/srv/hard", "/srv/null", "/srv/fifo", "/srv/ping",
+                                                   "/srv/sparse", "/home/pi/secret", "/srv/empty", "/tmp", "/proc")
+                       if g.exists(p)}
+        got["xattrs"] = {p: {a["attrname"]: bytes(a["attrval"]) for a in g.lgetxattrs(p)} for p in ("/srv/data", "/srv/ping")
+                         if g.exists(p)}
+        got["link"] = g.readlink("/srv/link")
+        got["files"] = {p: g.read_file(p) for p in ("/etc/hostname", "/srv/new\nline \\ name", "/boot/firmware/cmdline.txt",
+                                                      "/boot/firmware/overlays/x.dtbo")}
+        got["sparse"] = g.pread("/srv/sparse", 6, 32 * MIB)
+        got["ls"] = {d: sorted(g.ls(d)) for d in ("/tmp", "/run", "/proc", "/srv/empty", "/var") if g.is_dir(d)}
+        got["exists"] = {p: g.exists(p) for p in ("/srv/gone", "/srv/added", "/tmp/scratch")}
+        return got
+    finally:
+        g.close()
+
+
+def test_a_backup_holds_the_node_s_files_as_they_are_in_its_card_s_layout(node: dict, tmp_path: Path) -> None:
+    result = backup.backup(node["profile"], node["profile"].master.node, node["output"],
+                           now=_clock("2026-12-05T10:00:00"), connect=node["connect"])
+    image = node["output"] / "backups/master/master-20261205T100000Z.img"
+    assert result.path == image and not result.incremental and not result.report
+    # named only once checked; nothing else left behind; owner-only (it holds the node's keys)
+    folder = image.parent
+    assert sorted(p.name for p in folder.iterdir()) == ["backups.json", image.name, image.name + ".bmap",
+                                                          image.name + ".sha256", "master-20261205T100000Z.state.json.gz"]
+    assert {oct(p.stat().st_mode & 0o777) for p in folder.iterdir()} == {"0o600"}
+    assert oct(folder.stat().st_mode & 0o777) == "0o700"
+    assert hashlib.sha256(image.read_bytes()).hexdigest() == (folder / (image.name + ".sha256")).read_text().split()[0]
+    # sized by the data, not the card: 80 MiB used, 512 MiB headroom, after the boot partition
+    assert image.stat().st_size == (1056768 * 512 + 592 * MIB)
+    table = json.loads(subprocess.run(["sfdisk", "--json", str(image)], check=True, capture_output=True).stdout)
+    assert table["partitiontable"]["id"] == "0x5e3da4a0"
+    assert [(p["start"], p["type"]) for p in table["partitiontable"]["partitions"]] == [(8192, "c"), (1056768, "83")]
+
+    got = _read_back(image)
+    assert (got["uuid"], got["label"], got["boot_uuid"], got["boot_label"]) == (
+        "56f80fa2-e005-4cca-86e6-19da1069914d", "rootfs", "5DE4-665C", "bootfs")
+    st = got["stat"]
+    assert st["/srv/data"]["st_ino"] == st["/srv/hard"]["st_ino"] and st["/srv/data"]["st_nlink"] == 2
+    assert st["/srv/null"]["st_mode"] & 0o170000 == 0o020000 and st["/srv/null"]["st_rdev"] == os.makedev(1, 3)
+    assert st["/srv/fifo"]["st_mode"] & 0o170000 == 0o010000
+    assert st["/srv/ping"]["st_mode"] & 0o7777 == 0o4755
+    assert (st["/home/pi/secret"]["st_uid"], st["/home/pi/secret"]["st_mode"] & 0o777) == (1000, 0o600)
+    assert st["/srv/sparse"]["st_size"] == 64 * MIB and st["/srv/sparse"]["st_blocks"] * 512 < MIB  # holes stay holes
+    assert got["sparse"] == b"middle"
+    assert got["xattrs"]["/srv/ping"]["security.capability"] == _xattr(node["root"] / "srv/ping", "security.capability")
+    assert got["xattrs"]["/srv/data"]["user.note"] == b"kept"
+    assert got["xattrs"]["/srv/data"]["system.posix_acl_access"] == _xattr(node["root"] / "srv/data",
+                                                                             "system.posix_acl_access")
+    assert got["link"] == "../etc/hostname"
+    assert got["files"]["/srv/new\nline \\ name"] == b"odd name\n"
+    assert got["files"]["/boot/firmware/overlays/x.dtbo"] == b"\xd0\x0d" * 100
+    # what is mounted afresh at boot: the folders are kept, empty; the swap file is not taken
+    assert got["ls"] == {"/tmp": [], "/run": [], "/proc": [], "/srv/empty": [], "/var": []}
+    records = json.loads((folder / "backups.json").read_text())["backups"]
+    assert [(r["name"], r["incremental"]) for r in records] == [(image.name, False)]
+
+
+def _xattr(path: Path, name: str) -> bytes:
+    return os.getxattr(path, name, follow_symlinks=False)
+
+
+def test_the_next_backup_sends_only_what_changed_and_is_whole_on_its_own(node: dict) -> None:
+    profile, master, output = node["profile"], node["profile"].master.node, node["output"]
+    clock = _clock("2026-12-05T10:00:00", "2026-12-05T11:00:00", "2026-12-05T12:00:00")
+    first = backup.backup(profile, master, output, now=clock, connect=node["connect"])
+    root = node["root"]
+    change = os.urandom(3 * MIB)
+    (root / "srv/added").write_bytes(change)
+    (root / "srv/data").unlink()  # its hard link stays
+    (root / "srv/empty").rmdir()
+    (root / "srv/empty").write_text("a file where a folder was\n")
+    (root / "etc/hostname").write_text("master2\n")
+    second = backup.backup(profile, master, output, now=clock, connect=node["connect"])
+    assert second.incremental
+    # what changed (3 MiB) and the listings, not the 8 MiB that did not change
+    assert second.received < len(change) + 256 * 1024, second.received
+    assert first.received > 8 * MIB
+    got = _read_back(second.path)
+    assert got["files"]["/etc/hostname"] == b"master2\n"
+    assert got["exists"] == {"/srv/gone": False, "/srv/added": True, "/tmp/scratch": False}
+    assert got["stat"]["/srv/hard"]["st_nlink"] == 1 and "/srv/data" not in got["stat"]
+    assert "/srv/empty" not in got["ls"] and got["stat"]["/srv/empty"]["st_size"] == 26
+    # the first backup is as it was
+    assert _read_back(first.path)["files"]["/etc/hostname"] == b"master\n"
+    # --keep: only the newest stay, with their companions
+    third = backup.backup(profile, master, output, keep=1, now=clock, connect=node["connect"])
+    assert sorted(p.name for p in third.path.parent.iterdir()) == sorted(
+        ["backups.json", third.path.name, third.path.name + ".bmap", third.path.name + ".sha256",
+         "master-20261205T120000Z.state.json.gz"])
+    assert third.received < 256 * 1024  # nothing changed
+
+
+def test_a_backup_that_fails_leaves_nothing_under_a_final_name_and_earlier_ones_untouched(node: dict) -> None:
+    profile, master, output = node["profile"], node["profile"].master.node, node["output"]
+    clock = _clock("2026-12-05T10:00:00", "2026-12-05T11:00:00")
+    first = backup.backup(profile, master, output, now=clock, connect=node["connect"])
+    before = {p.name: p.read_bytes() for p in first.path.parent.iterdir()}
+
+    class Drops(LocalNode):
+        def popen(self, remote: str, **kwargs):
+            if "tar --create" in remote:  # the connection drops while the files come
+                remote = "head -c 100000 /dev/urandom; exit 255"
+            return super().popen(remote, **kwargs)
+
+    dropping = lambda out, name, folder: Drops(out, name, folder, mounts={"/": node["root"], "/boot/firmware": node["boot"]},  # noqa: E731
+                                               facts=node["connect"](out, name, folder).facts, log=[])
+    (node["root"] / "srv/added").write_text("new\n")
+    with pytest.raises(BuildError, match=r"master: reading /\S* stopped: ssh exit 255"):
+        backup.backup(profile, master, output, now=clock, connect=dropping)
+    assert {p.name: p.read_bytes() for p in first.path.parent.iterdir()} == before
+
+
+def test_backup_needs_sudo_without_a_password(tmp_path: Path) -> None:
+    profile = load(write_profile(tmp_path, "user:\n  sudo: none\n"))
+    (tmp_path / "output").mkdir()
+    with pytest.raises(InputError, match="sudo without a password: this profile has user.sudo: none"):
+        backup.backup(profile, profile.master.node, tmp_path / "output")
