@@ -47,7 +47,8 @@ EXAMPLES = {
                        "pibake check --timeout 30 -o elsewhere/output"),
     "flash": _examples("pibake flash --list                          # the disks, and which can be flashed",
                        "sudo .venv/bin/pibake flash worker3 /dev/sdb # one card",
-                       "sudo .venv/bin/pibake flash --all /dev/sdb /dev/sdc   # master, worker1, ... at once"),
+                       "sudo .venv/bin/pibake flash --all /dev/sdb /dev/sdc   # master, worker1, ... at once",
+                       "sudo .venv/bin/pibake flash master /dev/sdb --backup latest   # restore its newest backup"),
     "backup": _examples("pibake backup master                         # live, over output/ssh_config; prints the path",
                         "pibake backup worker3 --keep 5               # and keep only the newest five"),
     "fetch": _examples("pibake fetch                                 # what the profile's image section names",
@@ -292,18 +293,21 @@ def backup_command(node_name: str, keep: Optional[int], profiles: Path, output: 
 @click.option("--list", "list_disks", is_flag=True, help="List the disks, and whether each can be flashed.")
 @click.option("--yes", "-y", is_flag=True, help="Do not ask before overwriting (for scripts).")
 @click.option("--force", is_flag=True, help="Allow a disk that is not removable (not USB or an SD slot).")
+@click.option("--backup", "restore", metavar="PATH|latest", default=None,
+              help="Restore one of the node's backups (pibake backup) instead of its image.")
 @click.option("--output", "-o", type=click.Path(path_type=Path), default=Path("output"), show_default=True,
               help="Where the build left the images.")
 @click.option("-v", "--verbose", count=True, help="Say more.")
 @click.option("-q", "--quiet", is_flag=True, help="Only errors; no progress bars.")
-def flash_command(args: tuple[str, ...], all_nodes: bool, list_disks: bool, yes: bool, force: bool, output: Path,
-                  verbose: int, quiet: bool) -> None:
+def flash_command(args: tuple[str, ...], all_nodes: bool, list_disks: bool, yes: bool, force: bool,
+                  restore: Optional[str], output: Path, verbose: int, quiet: bool) -> None:
     """Write node images to SD cards: only their used blocks, read back and checked.
 
     It refuses the disk holding /, any disk with a mounted or held file system, a
     disk smaller than the image, and one that is not removable unless --force. It
     shows what it will overwrite and asks first (--yes for scripts). A card that
-    holds an earlier build gets only the blocks that differ.
+    holds an earlier build gets only the blocks that differ. With --backup, a
+    backup of the node goes onto the card, and its root file system then fills it.
     """
     from builder import devices, flash  # here: only this command needs them
 
@@ -324,7 +328,7 @@ def flash_command(args: tuple[str, ...], all_nodes: bool, list_disks: bool, yes:
     manifest = read_manifest(output)
     chosen = flash.pairs(manifest, args, all_nodes, lambda text: log.info("%s", text))
     screen = flash.Screen(say=_echo, warn=_error, ask=_ask if not yes else lambda question: True, bar=_card_bar)
-    if flash.flash(output, manifest, chosen, force, yes, screen, devices.cache_roots(cache.root())):
+    if flash.flash(output, manifest, chosen, force, yes, screen, devices.cache_roots(cache.root()), restore):
         raise SystemExit(1)  # each card that failed has said why
 
 

@@ -14,12 +14,14 @@ import errno
 import hashlib
 import ipaddress
 import os
+import struct
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from builder import bmap as bmaps
+from builder import image, run
 from builder.card import Buffer, Card, pread, record_fits
 from builder.devices import (Claim, Context, Disk, Guard, check_claim, claim, disks, find, lsblk, refusal,
                              refuse, root_numbers)
@@ -279,9 +281,11 @@ class Batch:
         self.close()
 
 
-def prepare(output: Path, manifest: dict, pairs: list[tuple[str, str]], force: bool, caches: list[Path]) -> Batch:
+def prepare(output: Path, manifest: dict, pairs: list[tuple[str, str]], force: bool, caches: list[Path],
+            restore: str | None = None) -> Batch:
     """The jobs for (node, device) pairs, every device checked and held open exclusively;
-    BuildError at the first refusal, with nothing written and every device let go."""
+    BuildError at the first refusal, with nothing written and every device let go.
+    With `restore` (a backup's path, or "latest"), the node's backup is written instead of its image."""
     nodes = manifest.get("nodes", {})
     images = [output / e.get("image", "") for e in nodes.values() if e.get("image")]
     folders = {output: f"a file of pibake's output folder ({output})"}
@@ -292,7 +296,8 @@ def prepare(output: Path, manifest: dict, pairs: list[tuple[str, str]], force: b
     try:
         seen: set[str] = set()
         for node, device in pairs:
-            image_path, block_map, image_sha256 = _image_of(output, manifest, node)
+            image_path, block_map, image_sha256 = (_backup_of(output, node, restore) if restore
+                                                   else _image_of(output, manifest, node))
             disk = find(device, context.disks)
             if disk.path in seen:
                 raise InputError(f"{disk.path} is given twice")
@@ -327,6 +332,30 @@ def _image_of(output: Path, manifest: dict, node: str) -> tuple[Path, bmaps.Bmap
     return image_path, block_map, entry.get("sha256", "")
 
 
+def _backup_of(output: Path, node: str, which: str) -> tuple[Path, bmaps.Bmap, str]:
+    """A backup of `node` (a path, or "latest"), its block map (checked against it) and its sha256."""
+    from builder import backup
+
+    kept = {r["name"]: r for r in backup.records(output, node)}
+    if which == "latest":
+        if not kept:
+            raise InputError(f"no backup of {node!r} in {backup.folder(output, node)} (pibake backup {node})")
+        path = backup.folder(output, node) / list(kept)[-1]
+    else:
+        path = Path(which)
+        if path.resolve().parent != backup.folder(output, node).resolve() or path.name not in kept:
+            raise InputError(f"{which} is not a backup of {node} that {backup.folder(output, node)}/"
+                             f"{backup.RECORDS} lists (pibake backup {node} makes one)")
+    bmap_path = bmaps.path_for(path)
+    if not bmap_path.is_file():
+        raise InputError(f"{bmap_path} is missing: the backup is not whole")
+    block_map = bmaps.read(bmap_path)
+    if block_map.image_size != path.stat().st_size:
+        raise InputError(f"{bmap_path} is not {path.name}'s block map (another size)")
+    bmaps.check_covers(block_map, path, bmap_path)
+    return path, block_map, str(kept[path.name].get("sha256", ""))
+
+
 # ------------------------------------------------------------------ the whole of `pibake flash`
 
 
@@ -357,10 +386,13 @@ def pairs(manifest: dict, args: Sequence[str], all_nodes: bool, note: Callable[[
 
 
 def flash(output: Path, manifest: dict, chosen: list[tuple[str, str]], force: bool, yes: bool, screen: Screen,
-          caches: list[Path]) -> int:
+          caches: list[Path], restore: str | None = None) -> int:
     """Check and hold every device, show what each holds and ask (unless `yes`), check
-    again, write them all at once and say how each went; the number of cards that failed."""
-    with prepare(output, manifest, chosen, force, caches) as batch:
+    again, write them all at once and say how each went; the number of cards that failed.
+    A backup restored (`restore`) then has its root file system grown to fill its card."""
+    if restore and len(chosen) != 1:
+        raise InputError("--backup restores one node onto one device: pibake flash NODE DEVICE --backup PATH|latest")
+    with prepare(output, manifest, chosen, force, caches, restore) as batch:
         for job in batch.jobs:
             on_it = ", ".join(job.device.contents) or "no partitions"
             screen.say(f"{job.node} ({job.image.name}, {job.bmap.mapped_bytes / 2**30:.2f} GiB to write of "
@@ -371,7 +403,41 @@ def flash(output: Path, manifest: dict, chosen: list[tuple[str, str]], force: bo
             if not go:
                 raise Stopped("not flashed: nothing was written", interrupted=go is None)
         batch.recheck()  # what was shown and agreed to is what is written
-        return _write_all(batch.jobs, screen)
+        jobs = list(batch.jobs)
+        failed = _write_all(jobs, screen)
+    if restore and not failed:  # the card is let go first: resize2fs opens it exclusively
+        job = jobs[0]
+        screen.say(f"pibake: {job.node} on {job.device.path}: {grow_root(job.device.path, job.image)}")
+    return failed
+
+
+def grow_root(device: str, image_path: Path) -> str:
+    """The card's last partition (the root file system) grown to the card's end, and its ext4 with it."""
+    parts = image.read_partitions(image_path)
+    root = max(parts, key=lambda p: p.start)
+    fd = os.open(device, os.O_RDWR | os.O_EXCL | os.O_CLOEXEC)
+    try:
+        table = bytearray(os.pread(fd, 512, 0))
+        if table != bytearray(_first_sector(image_path)) or table[450] == 0xEE:
+            return "left its root partition as in the backup (the card's partition table is not the backup's MBR)"
+        card_sectors = os.lseek(fd, 0, os.SEEK_END) // 512
+        entry = 446 + 16 * (root.number - 1)
+        start, count = struct.unpack_from("<II", table, entry + 8)
+        if start * 512 != root.start or card_sectors - start <= count:
+            return "its root partition already fills the card"
+        struct.pack_into("<I", table, entry + 12, card_sectors - start)
+        os.pwrite(fd, bytes(table), 0)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    run.run(["resize2fs", "-f", f"{device}?offset={start * 512}", f"{card_sectors - start}s"],
+            what=f"cannot grow the root file system on {device}")
+    return f"grew the root file system to fill the card ({(card_sectors - start) * 512 / 2**30:.2f} GiB)"
+
+
+def _first_sector(image_path: Path) -> bytes:
+    with open(image_path, "rb") as f:
+        return f.read(512)
 
 
 def _write_all(jobs: list[Job], screen: Screen) -> int:

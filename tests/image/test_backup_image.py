@@ -279,3 +279,38 @@ def test_backup_needs_sudo_without_a_password(tmp_path: Path) -> None:
     (tmp_path / "output").mkdir()
     with pytest.raises(InputError, match="sudo without a password: this profile has user.sudo: none"):
         backup.backup(profile, profile.master.node, tmp_path / "output")
+
+
+@pytest.fixture
+def loops(tmp_path: Path):
+    from flash_devices import Loops
+    made = Loops(tmp_path)
+    yield made
+    made.close()
+
+
+def test_a_backup_restores_onto_a_smaller_card_that_fits_its_data_and_fills_it(node: dict, tmp_path: Path, loops) -> None:
+    from conftest import run_pibake
+    profile, master, output = node["profile"], node["profile"].master.node, node["output"]
+    taken = backup.backup(profile, master, output, now=_clock("2026-12-05T10:00:00"), connect=node["connect"])
+    # the node's card was 2 GiB; this one is smaller, and larger than the backup
+    card = loops.make(1536 * MIB)
+    assert taken.path.stat().st_size < 1536 * MIB < 2 << 30
+    wrong = run_pibake("flash", "master", card.device, "--backup", str(tmp_path / "elsewhere.img"), "--yes", "--force",
+                       "-o", str(output), cwd=tmp_path)
+    assert wrong.code == 2 and "is not a backup of master" in wrong.stderr and "Traceback" not in wrong.output
+    done = run_pibake("flash", "master", card.device, "--backup", "latest", "--yes", "--force", "-o", str(output),
+                      cwd=tmp_path, timeout=600)
+    assert done.code == 0, done.output
+    assert "read back" in done.stdout and "grew the root file system to fill the card (1.00 GiB)" in done.stdout
+    table = json.loads(subprocess.run(["sfdisk", "--json", card.device], check=True, capture_output=True).stdout)
+    root = table["partitiontable"]["partitions"][1]
+    assert table["partitiontable"]["id"] == "0x5e3da4a0" and root["start"] + root["size"] == 1536 * MIB // 512
+    fsck = subprocess.run(["e2fsck", "-fn", f"{card.device}?offset={root['start'] * 512}"], capture_output=True, text=True)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+    got = _read_back(card.backing)
+    assert got["files"]["/etc/hostname"] == b"master\n" and got["uuid"] == "56f80fa2-e005-4cca-86e6-19da1069914d"
+    # again onto the same card: only what differs is written, and it fills the card again
+    again = run_pibake("flash", "master", card.device, "--backup", str(taken.path), "--yes", "--force", "-o", str(output),
+                       cwd=tmp_path, timeout=600)
+    assert again.code == 0 and "that differed" in again.stdout and "grew the root file system" in again.stdout, again.output
