@@ -29,6 +29,7 @@ ALIGN = 4 << 20  # partitions and the image's size, in bytes
 # for its metadata and journal and for the node to go on writing after a restore.
 HEADROOM = 512 << 20
 MAX_PARTITIONS = 16
+MAX_CARD = 2 << 40  # bytes: an MBR card's limit
 # The features a mounted ext4 file system shows that say what state it is in, not what it is.
 STATE_FEATURES = {"needs_recovery", "orphan_present"}
 FEATURE_RE = re.compile(r"[a-z0-9_]{1,40}")
@@ -189,7 +190,10 @@ def sized(layout: Layout) -> Layout:
                          "Raspberry Pi OS lays them out (boot first, root last)")
     parts = tuple(p if p is not root else Partition(p.number, p.start, root_size(layout), p.type, p.uuid, p.mount,
                                                   p.fs, p.used, p.inodes) for p in layout.partitions)
-    return Layout(layout.label, layout.disk_id, parts, layout.card_size)
+    result = Layout(layout.label, layout.disk_id, parts, layout.card_size)
+    if image_size(result) > min(layout.card_size + ALIGN, MAX_CARD):
+        raise BuildError("the card's partitions reach beyond the card (or beyond 2 TiB): not a layout pibake backs up")
+    return result
 
 
 def image_size(layout: Layout) -> int:
