@@ -175,8 +175,8 @@ def test_what_a_node_says_of_its_card_is_checked_before_it_reaches_a_command(ans
 
 
 def test_partitions_beyond_the_card_are_refused() -> None:
-    table = _sfdisk(partitions=[{"node": "/dev/x1", "start": 8192, "size": (1 << 40) - 1, "type": "c"},
-                                {"node": "/dev/x2", "start": 1 << 40, "size": 1048576, "type": "83"}])
+    table = _sfdisk(partitions=[{"node": "/dev/x1", "start": 8192, "size": (1 << 39) - 8192, "type": "c"},
+                                {"node": "/dev/x2", "start": 1 << 39, "size": 1048576, "type": "83"}])
     answer = _facts(table=table).replace(b"/dev/mmcblk0p2", b"/dev/x2").replace(b"/dev/mmcblk0p1", b"/dev/x1")
     with pytest.raises(BuildError, match="beyond the card"):
         layout.sized(node_side.facts(answer).layout)
