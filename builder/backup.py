@@ -377,28 +377,36 @@ def stop_units(profile: Profile, node: Node) -> tuple[str, ...]:
 
 def backup(profile: Profile, node: Node, output: Path, keep: int | None = None,
            now: Callable[[], datetime.datetime] = lambda: datetime.datetime.now(datetime.timezone.utc),
-           connect: Callable[[Path, str, Path], Link] = Link) -> Result:
-    """Back `node` up into output/backups/NODE/, and return what was kept.
+           connect: Callable[[Path, str, Path], Link] = Link, device: str | None = None, force: bool = False) -> Result:
+    """Back `node` up into output/backups/NODE/, and return what was kept: from the running
+    node, or with `device`, from its card in a reader.
 
     `connect(output, node, folder)` makes the link to the node (ssh, unless a test's node is local)."""
-    if profile.user.sudo != "nopasswd":
+    if device is None and profile.user.sudo != "nopasswd":
         raise InputError(f"pibake backup reads {node.hostname} as root, which needs sudo without a password: "
                          f"this profile has user.sudo: {profile.user.sudo} (set it to nopasswd)")
-    if not (output / "ssh_config").is_file():
+    if device is None and not (output / "ssh_config").is_file():
         raise InputError(f"{output / 'ssh_config'} is missing: build the images first (pibake build)")
     home = folder(output, node.hostname)
     home.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(home, 0o700)  # backups hold the node's private keys
     previous = latest(output, node.hostname)
     old_state = read_state(previous) if previous else {}
+    received = 0
     with tempfile.TemporaryDirectory(prefix=".staging-", dir=home) as staging_name:
         staging = Path(staging_name)
-        with tempfile.TemporaryDirectory(prefix="pibake-ssh-") as control:
-            link = connect(output, node.hostname, Path(control))
-            try:
-                result = _take(link, profile, node, staging, previous, old_state)
-            finally:
-                link.close()
+        if device is not None:
+            from builder import card_backup
+            taken = card_backup.take(device, force, staging, output)
+        else:
+            with tempfile.TemporaryDirectory(prefix="pibake-ssh-") as control:
+                link = connect(output, node.hostname, Path(control))
+                try:
+                    taken = _from_node(link, profile, node, staging, old_state)
+                finally:
+                    link.close()
+                received = link.received
+        digest = _make(staging, taken, previous if taken.incremental else None)
         final = home / f"{node.hostname}-{now():%Y%m%dT%H%M%SZ}.img"
         if final.exists():
             raise BuildError(f"{final} already exists: a backup of {node.hostname} was made this very second")
@@ -406,29 +414,35 @@ def backup(profile: Profile, node: Node, output: Path, keep: int | None = None,
             os.replace(staging / f"new.img{suffix}", final.with_name(final.name + suffix))
         os.replace(staging / "new.state.json.gz", state_path(final))
         os.replace(staging / "new.img", final)
+    files = sum(len(f.sums) for f in taken.fills)
     kept = [*[r for r in records(output, node.hostname) if r["name"] != final.name],
-            {"name": final.name, "sha256": result.sha256, "size": final.stat().st_size, "received": link.received,
-             "files": result.files, "incremental": previous is not None, "report": list(result.report)}]
+            {"name": final.name, "sha256": digest, "size": final.stat().st_size, "received": received,
+             "files": files, "incremental": taken.incremental, "report": list(taken.report),
+             "source": device or "live"}]
     write_json(home / RECORDS, {"node": node.hostname, "backups": kept}, 0o600, sync=True)
     if keep is not None:
         forget(output, node.hostname, keep)
-    return Result(final, link.received, result.files, previous is not None, result.report)
+    return Result(final, received, files, taken.incremental, taken.report)
 
 
-@dataclass(frozen=True)
-class _Taken:
-    sha256: str
-    files: int
-    report: tuple[str, ...]
+@dataclass
+class Taken:
+    """What was read of a node, ready to be made into an image."""
+
+    layout: layouts.Layout  # sized for the backup
+    fills: list[backup_image.Fill]
+    listings: dict[str, Listing]  # by mount point: what the next backup starts from
+    incremental: bool  # made from the last backup's image
+    report: tuple[str, ...] = ()
 
 
-def _take(link: Link, profile: Profile, node: Node, staging: Path, previous: Path | None, old_state: dict) -> _Taken:
+def _from_node(link: Link, profile: Profile, node: Node, staging: Path, old_state: dict) -> Taken:
     facts = node_side.facts(link.ask(node_side.command(node_side.FACTS), "describe its card"))
     sized = layouts.sized(facts.layout)
     parts = [p for p in sized.partitions if p.mount in facts.mounts and p.fs is not None]
     listings = {p.mount: parse_listing(link.ask(node_side.command(node_side.LIST, view=link.view(p.mount)),
                                                 f"list {p.mount}", limit=MAX_LISTING), p.mount) for p in parts}
-    same_card = bool(old_state) and old_state.get("disk_id") == sized.disk_id
+    same_card = bool(old_state) and old_state.get("disk_id") == sized.disk_id and bool(old_state.get("listings"))
     report: list[str] = []
     fills = []
     with Hold(link, stop_units(profile, node)):
@@ -448,22 +462,27 @@ def _take(link: Link, profile: Profile, node: Node, staging: Path, previous: Pat
                     if k not in contents.sums and k in listings[p.mount] and k not in send} if same_card else {}
             sums.update({k: v for k, v in contents.sums.items() if k in listings[p.mount]})
             fills.append(backup_image.Fill(p, gone, [s.path for s in streams], sums, contents.xattrs))
+    return Taken(sized, fills, listings, same_card, tuple(report))
+
+
+def _make(staging: Path, taken: Taken, previous: Path | None) -> str:
+    """staging/new.img and its companions, checked; its sha256."""
     new = staging / "new.img"
-    if same_card and previous is not None:
+    if previous is not None:
         image.copy_image(previous, new)
-        _grow(new, sized)
+        _grow(new, taken.layout)
     else:
-        layouts.make_empty(new, sized)
-    backup_image.fill(new, fills)
-    backup_image.check(new, sized)
+        layouts.make_empty(new, taken.layout)
+    backup_image.fill(new, taken.fills)
+    backup_image.check(new, taken.layout)
     os.chmod(bmap.write(new), 0o600)
     digest = image.sha256_file(new)
     write_file(staging / "new.img.sha256", f"{digest}  {new.name}\n", 0o600)
-    state = {"disk_id": sized.disk_id, "listings": {m: _listing_to_json(v) for m, v in listings.items()},
-             "sums": {f.partition.mount: f.sums for f in fills}}
+    state = {"disk_id": taken.layout.disk_id, "listings": {m: _listing_to_json(v) for m, v in taken.listings.items()},
+             "sums": {f.partition.mount: f.sums for f in taken.fills}}
     write_file(staging / "new.state.json.gz", gzip.compress(json.dumps(state).encode(), 6, mtime=0), 0o600)
     os.chmod(new, 0o600)
-    return _Taken(digest, sum(len(f.sums) for f in fills), tuple(report))
+    return digest
 
 
 def _grow(path: Path, layout: layouts.Layout) -> None:

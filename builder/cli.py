@@ -50,7 +50,8 @@ EXAMPLES = {
                        "sudo .venv/bin/pibake flash --all /dev/sdb /dev/sdc   # master, worker1, ... at once",
                        "sudo .venv/bin/pibake flash master /dev/sdb --backup latest   # restore its newest backup"),
     "backup": _examples("pibake backup master                         # live, over output/ssh_config; prints the path",
-                        "pibake backup worker3 --keep 5               # and keep only the newest five"),
+                        "pibake backup worker3 --keep 5               # and keep only the newest five",
+                        "sudo .venv/bin/pibake backup master --device /dev/sdb   # its card, in a reader"),
     "fetch": _examples("pibake fetch                                 # what the profile's image section names",
                        "pibake fetch --image trixie@2025-11-24"),
     "images": _examples("pibake images                                # * marks what the profile resolves to",
@@ -257,20 +258,25 @@ def check(profiles: Path, output: Path, timeout: int, verbose: int) -> None:
 @click.argument("node_name", metavar="NODE")
 @click.option("--keep", type=click.IntRange(min=1, max=10000), default=None,
               help="Then delete all but the newest N backups of the node.")
+@click.option("--device", default=None, metavar="DEV",
+              help="Read the node's card from a reader instead (offline, read-only).")
+@click.option("--force", is_flag=True, help="With --device: allow a disk that is not removable.")
 @click.option("--profiles", type=click.Path(path_type=Path), default=Path("profiles"), show_default=True,
               envvar="PIBAKE_PROFILES", help="Profile file, or folder holding cluster.yaml.")
 @click.option("--output", "-o", type=click.Path(path_type=Path), default=Path("output"), show_default=True,
               help="Where the build left ssh_config; backups go to its backups/NODE/ folder.")
 @click.option("-v", "--verbose", count=True, help="Say more.")
 @click.option("-q", "--quiet", is_flag=True, help="Only errors, and the backup's path.")
-def backup_command(node_name: str, keep: Optional[int], profiles: Path, output: Path, verbose: int, quiet: bool) -> None:
+def backup_command(node_name: str, keep: Optional[int], device: Optional[str], force: bool, profiles: Path, output: Path,
+                   verbose: int, quiet: bool) -> None:
     """Back a running node up into an image of its own card's layout.
 
     Its file systems are read as files over output/ssh_config (the workers through
     the master), with the services its profile's backup.stop names stopped while
     they are read; only what changed since the last backup is sent. The image is
     checked (every file against what the node sent, e2fsck, fsck.fat) before it is
-    kept. The last line printed is its path.
+    kept. The last line printed is its path. With --device, the card is read
+    offline from a reader instead, read-only, with pibake flash's device rules.
     """
     from builder.backup import backup
     _setup_logging(verbose, quiet)
@@ -278,9 +284,10 @@ def backup_command(node_name: str, keep: Optional[int], profiles: Path, output: 
     node = next((n for n in profile.nodes if n.hostname == node_name), None)
     if node is None:
         raise InputError(f"{node_name!r} is not a node of the profile ({', '.join(n.hostname for n in profile.nodes)})")
-    result = backup(profile, node, output, keep)
+    result = backup(profile, node, output, keep, device=device, force=force)
     if not quiet:
-        _echo(f"pibake: {node.hostname}: {result.files} files, {result.received / 1e6:.1f} MB received"
+        source = f"read from {device}" if device else f"{result.received / 1e6:.1f} MB received"
+        _echo(f"pibake: {node.hostname}: {result.files} files, {source}"
               f"{' (changes since the last backup)' if result.incremental else ''}")
         for line in result.report:
             _echo(f"pibake: {node.hostname}: {line}")

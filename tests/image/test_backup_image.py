@@ -314,3 +314,40 @@ def test_a_backup_restores_onto_a_smaller_card_that_fits_its_data_and_fills_it(n
     again = run_pibake("flash", "master", card.device, "--backup", str(taken.path), "--yes", "--force", "-o", str(output),
                        cwd=tmp_path, timeout=600)
     assert again.code == 0 and "that differed" in again.stdout and "grew the root file system" in again.stdout, again.output
+
+
+def test_a_card_in_a_reader_is_backed_up_offline_reading_only_what_its_file_systems_use(node: dict, tmp_path: Path,
+                                                                                         loops) -> None:
+    from conftest import run_pibake
+    profile, master, output = node["profile"], node["profile"].master.node, node["output"]
+    live = backup.backup(profile, master, output, now=_clock("2026-12-05T10:00:00"), connect=node["connect"])
+    card = loops.make(1536 * MIB)
+    done = run_pibake("flash", "master", card.device, "--backup", "latest", "--yes", "--force", "-o", str(output),
+                      cwd=tmp_path, timeout=600)
+    assert done.code == 0, done.output
+    stat = Path("/sys/block") / Path(card.device).name / "stat"
+    read_before = int(stat.read_text().split()[2]) * 512
+    offline = run_pibake("backup", "master", "--device", card.device, "--force", "-o", str(output),
+                         "--profiles", str(tmp_path / "cluster.yaml"), cwd=tmp_path, timeout=900)
+    assert offline.code == 0, offline.output
+    read = int(stat.read_text().split()[2]) * 512 - read_before
+    path = Path(offline.stdout.splitlines()[-1])
+    assert path.parent == live.path.parent and path != live.path
+    # what the file systems use, as their own block maps know it, and little more
+    used = subprocess.run(["dumpe2fs", "-h", f"{card.device}?offset={1056768 * 512}"], capture_output=True, text=True,
+                          check=True).stdout
+    fields = layout.fields(used)
+    ext4_used = (int(fields["Block count"]) - int(fields["Free blocks"])) * 4096
+    print(f"offline backup: {read / MIB:.1f} MiB read, {ext4_used / MIB:.1f} MiB used by the root file system")
+    assert read < ext4_used * 1.05 + 8 * MIB, (read, ext4_used)
+    got, want = _read_back(path), _read_back(live.path)
+    for key in ("uuid", "label", "boot_uuid", "boot_label", "xattrs", "link", "files", "ls"):
+        assert got[key] == want[key], key
+    assert {p: (s["st_mode"], s["st_uid"], s["st_nlink"]) for p, s in got["stat"].items()} == \
+        {p: (s["st_mode"], s["st_uid"], s["st_nlink"]) for p, s in want["stat"].items()}
+    # a card that is mounted is refused, as pibake flash refuses it
+    mounted = loops.make(64 * MIB)
+    loops.mount(mounted)
+    refused = run_pibake("backup", "master", "--device", mounted.device, "--force", "-o", str(output),
+                         "--profiles", str(tmp_path / "cluster.yaml"), cwd=tmp_path)
+    assert refused.code != 0 and "mounted" in refused.stderr and "Traceback" not in refused.output, refused.output
