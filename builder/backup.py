@@ -16,14 +16,12 @@ from __future__ import annotations
 import codecs
 import datetime
 import gzip
-import hashlib
 import io
 import json
 import logging
 import os
 import re
 import subprocess
-import tarfile
 import tempfile
 import threading
 import time
@@ -32,6 +30,7 @@ from pathlib import Path
 from typing import BinaryIO, Callable
 
 from builder import backup_image, bmap, image, layout as layouts, node_side, run
+from builder.backup_image import Entry, Listing
 from builder.errors import BuildError, InputError
 from builder.files import read_json, write_file, write_json
 from builder.profile import Node, Profile
@@ -49,17 +48,6 @@ SERVICE_WAIT = 60  # seconds the services may take to be active again
 # ------------------------------------------------------------ listings
 
 
-@dataclass(frozen=True)
-class Entry:
-    kind: str  # find's %y: f d l b c p s
-    inode: int
-    links: int
-    size: int
-    mtime: str
-    ctime: str
-
-
-Listing = dict[str, Entry]  # "./etc/hostname" -> Entry
 ENTRY_RE = re.compile(rb"([fdlbcps]) (\d{1,20}) (\d{1,10}) (\d{1,20}) (\d{1,12}(?:\.\d{1,10})?) (\d{1,12}(?:\.\d{1,10})?) (\./.*|\.)",
                       re.S)
 
@@ -257,50 +245,6 @@ def _feed(pipe: BinaryIO, names: list[str]) -> None:
         pass
 
 
-# ------------------------------------------------------------ what the streams hold
-
-
-@dataclass
-class Contents:
-    """What a file system's streams hold: each regular file's sha256, and the extended
-    attributes tar restores only in the user namespace unless told otherwise."""
-
-    sums: dict[str, str] = field(default_factory=dict)
-    xattrs: dict[str, dict[str, bytes]] = field(default_factory=dict)
-
-
-def read_streams(streams: list[Path]) -> Contents:
-    contents = Contents()
-    for path in streams:
-        with tarfile.open(path, "r:") as tar:
-            for member in tar:
-                name = _clean(member.name)
-                if member.isreg():
-                    f = tar.extractfile(member)
-                    assert f is not None
-                    digest = hashlib.sha256()
-                    while chunk := f.read(1 << 20):
-                        digest.update(chunk)
-                    contents.sums[name] = digest.hexdigest()
-                elif member.islnk():
-                    contents.sums[name] = contents.sums.get(_clean(member.linkname), "")
-                else:
-                    contents.sums.pop(name, None)
-                attrs = {k[len("SCHILY.xattr."):]: v.encode("utf-8", "surrogateescape")
-                         for k, v in member.pax_headers.items()
-                         if k.startswith("SCHILY.xattr.") and not k.startswith("SCHILY.xattr.user.")}
-                if attrs:
-                    contents.xattrs[name] = attrs
-                else:
-                    contents.xattrs.pop(name, None)
-    return contents
-
-
-def _clean(name: str) -> str:
-    name = name.rstrip("/")
-    return "." if name in ("", ".") else name if name.startswith("./") else "./" + name
-
-
 # ------------------------------------------------------------ records
 
 
@@ -425,18 +369,7 @@ def backup(profile: Profile, node: Node, output: Path, keep: int | None = None,
     return Result(final, received, files, taken.incremental, taken.report)
 
 
-@dataclass
-class Taken:
-    """What was read of a node, ready to be made into an image."""
-
-    layout: layouts.Layout  # sized for the backup
-    fills: list[backup_image.Fill]
-    listings: dict[str, Listing]  # by mount point: what the next backup starts from
-    incremental: bool  # made from the last backup's image
-    report: tuple[str, ...] = ()
-
-
-def _from_node(link: Link, profile: Profile, node: Node, staging: Path, old_state: dict) -> Taken:
+def _from_node(link: Link, profile: Profile, node: Node, staging: Path, old_state: dict) -> backup_image.Taken:
     facts = node_side.facts(link.ask(node_side.command(node_side.FACTS), "describe its card"))
     sized = layouts.sized(facts.layout)
     parts = [p for p in sized.partitions if p.mount in facts.mounts and p.fs is not None]
@@ -457,15 +390,15 @@ def _from_node(link: Link, profile: Profile, node: Node, staging: Path, old_stat
             for name in streams[0].vanished:  # gone between the listing and tar
                 listings[p.mount].pop(name, None)
                 gone.append(name)
-            contents = read_streams([s.path for s in streams])
+            contents = backup_image.read_streams([s.path for s in streams])
             sums = {k: v for k, v in old_state.get("sums", {}).get(p.mount, {}).items()
                     if k not in contents.sums and k in listings[p.mount] and k not in send} if same_card else {}
             sums.update({k: v for k, v in contents.sums.items() if k in listings[p.mount]})
             fills.append(backup_image.Fill(p, gone, [s.path for s in streams], sums, contents.xattrs))
-    return Taken(sized, fills, listings, same_card, tuple(report))
+    return backup_image.Taken(sized, fills, listings, same_card, tuple(report))
 
 
-def _make(staging: Path, taken: Taken, previous: Path | None) -> str:
+def _make(staging: Path, taken: backup_image.Taken, previous: Path | None) -> str:
     """staging/new.img and its companions, checked; its sha256."""
     new = staging / "new.img"
     if previous is not None:

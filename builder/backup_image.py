@@ -11,7 +11,9 @@ its own checker, read-only: `e2fsck -fn` and `fsck.fat -n`.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import tarfile
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +25,19 @@ from builder.errors import BuildError
 log = logging.getLogger(__name__)
 
 MAX_SUMS = 1 << 30  # bytes of the appliance's list of checksums
+
+
+@dataclass(frozen=True)
+class Entry:
+    kind: str  # find's %y: f d l b c p s
+    inode: int
+    links: int
+    size: int
+    mtime: str
+    ctime: str
+
+
+Listing = dict[str, Entry]  # "./etc/hostname" -> Entry
 
 
 @dataclass
@@ -124,3 +139,58 @@ def _copy_range(source: Path, target: Path, offset: int, length: int) -> None:
             if n <= 0:
                 break
             copied += n
+
+
+# ------------------------------------------------------------ what the streams hold
+
+
+@dataclass
+class Contents:
+    """What a file system's streams hold: each regular file's sha256, and the extended
+    attributes tar restores only in the user namespace unless told otherwise."""
+
+    sums: dict[str, str] = field(default_factory=dict)
+    xattrs: dict[str, dict[str, bytes]] = field(default_factory=dict)
+
+
+def read_streams(streams: list[Path]) -> Contents:
+    contents = Contents()
+    for path in streams:
+        with tarfile.open(path, "r:") as tar:
+            for member in tar:
+                name = _clean(member.name)
+                if member.isreg():
+                    f = tar.extractfile(member)
+                    assert f is not None
+                    digest = hashlib.sha256()
+                    while chunk := f.read(1 << 20):
+                        digest.update(chunk)
+                    contents.sums[name] = digest.hexdigest()
+                elif member.islnk():
+                    contents.sums[name] = contents.sums.get(_clean(member.linkname), "")
+                else:
+                    contents.sums.pop(name, None)
+                attrs = {k[len("SCHILY.xattr."):]: v.encode("utf-8", "surrogateescape")
+                         for k, v in member.pax_headers.items()
+                         if k.startswith("SCHILY.xattr.") and not k.startswith("SCHILY.xattr.user.")}
+                if attrs:
+                    contents.xattrs[name] = attrs
+                else:
+                    contents.xattrs.pop(name, None)
+    return contents
+
+
+def _clean(name: str) -> str:
+    name = name.rstrip("/")
+    return "." if name in ("", ".") else name if name.startswith("./") else "./" + name
+
+
+@dataclass
+class Taken:
+    """What was read of a node, ready to be made into an image."""
+
+    layout: layouts.Layout  # sized for the backup
+    fills: list[Fill]
+    listings: dict[str, Listing]  # by mount point: what the next backup starts from
+    incremental: bool  # made from the last backup's image
+    report: tuple[str, ...] = ()

@@ -13,7 +13,7 @@ import dataclasses
 import os
 from pathlib import Path
 
-from builder import layout as layouts, run
+from builder import backup_image, layout as layouts, run
 from builder.appliance import Appliance, Drive
 from builder.errors import BuildError
 
@@ -42,9 +42,7 @@ def _claim(device: str, force: bool, output: Path) -> tuple[int, str]:
     return fd, disk.path
 
 
-def take(device: str, force: bool, staging: Path, output: Path):  # -> backup.Taken
-    from builder import backup, backup_image
-
+def take(device: str, force: bool, staging: Path, output: Path) -> backup_image.Taken:
     fd, path = _claim(device, force, output)
     try:
         layout = _layout(fd, path)
@@ -64,10 +62,10 @@ def take(device: str, force: bool, staging: Path, output: Path):  # -> backup.Ta
                               excludes=EXCLUDES if ext4 else [])
                 finally:
                     g.umount_all()
-                contents = backup.read_streams([stream])
+                contents = backup_image.read_streams([stream])
                 fills.append(backup_image.Fill(p, [], [stream], contents.sums, contents.xattrs))
                 listings[p.mount] = {}
-        return backup.Taken(sized, fills, listings, False)
+        return backup_image.Taken(sized, fills, listings, False)
     except RuntimeError as e:
         raise BuildError(f"cannot read {path}: {str(e).splitlines()[0][:300]}") from None
     finally:
