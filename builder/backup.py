@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import subprocess
 import tempfile
 import threading
@@ -42,7 +43,8 @@ RECORDS = "backups.json"
 MAX_ENTRIES = 5_000_000  # files in one file system's listing
 MAX_LISTING = 1 << 30  # bytes of one listing, unpacked
 STDERR_LIMIT = 1 << 20
-SERVICE_WAIT = 60  # seconds the services may take to be active again
+SERVICE_WAIT = 60
+FULL = 4 << 20  # bytes free on the output disk below which a failure is put down to a full disk  # seconds the services may take to be active again
 
 
 # ------------------------------------------------------------ listings
@@ -336,21 +338,19 @@ def backup(profile: Profile, node: Node, output: Path, keep: int | None = None,
     os.chmod(home, 0o700)  # backups hold the node's private keys
     previous = latest(output, node.hostname)
     old_state = read_state(previous) if previous else {}
-    received = 0
     with tempfile.TemporaryDirectory(prefix=".staging-", dir=home) as staging_name:
         staging = Path(staging_name)
-        if device is not None:
-            from builder import card_backup
-            taken = card_backup.take(device, force, staging, output)
-        else:
-            with tempfile.TemporaryDirectory(prefix="pibake-ssh-") as control:
-                link = connect(output, node.hostname, Path(control))
-                try:
-                    taken = _from_node(link, profile, node, staging, old_state)
-                finally:
-                    link.close()
-                received = link.received
-        digest = _make(staging, taken, previous if taken.incremental else None)
+        try:
+            taken, received, digest = _read_and_make(profile, node, output, staging, old_state, previous, connect,
+                                                     device, force)
+        except (BuildError, OSError) as e:
+            free = shutil.disk_usage(home).free
+            if free < FULL:  # whatever failed first, a full disk is what to act on
+                raise BuildError(f"{node.hostname}: no space left on the output disk ({home}, {free >> 20} MiB free): "
+                                 "nothing was kept") from None
+            if isinstance(e, OSError):
+                raise BuildError(f"{node.hostname}: {e.strerror or e}: {e.filename or ''}: nothing was kept") from None
+            raise
         final = home / f"{node.hostname}-{now():%Y%m%dT%H%M%SZ}.img"
         if final.exists():
             raise BuildError(f"{final} already exists: a backup of {node.hostname} was made this very second")
@@ -367,6 +367,25 @@ def backup(profile: Profile, node: Node, output: Path, keep: int | None = None,
     if keep is not None:
         forget(output, node.hostname, keep)
     return Result(final, received, files, taken.incremental, taken.report)
+
+
+def _read_and_make(profile: Profile, node: Node, output: Path, staging: Path, old_state: dict, previous: Path | None,
+                   connect: Callable[[Path, str, Path], Link], device: str | None,
+                   force: bool) -> tuple[backup_image.Taken, int, str]:
+    """What was read, the bytes received, and the sha256 of staging/new.img, made and checked."""
+    received = 0
+    if device is not None:
+        from builder import card_backup
+        taken = card_backup.take(device, force, staging, output)
+    else:
+        with tempfile.TemporaryDirectory(prefix="pibake-ssh-") as control:
+            link = connect(output, node.hostname, Path(control))
+            try:
+                taken = _from_node(link, profile, node, staging, old_state)
+            finally:
+                link.close()
+            received = link.received
+    return taken, received, _make(staging, taken, previous if taken.incremental else None)
 
 
 def _from_node(link: Link, profile: Profile, node: Node, staging: Path, old_state: dict) -> backup_image.Taken:

@@ -351,3 +351,36 @@ def test_a_card_in_a_reader_is_backed_up_offline_reading_only_what_its_file_syst
     refused = run_pibake("backup", "master", "--device", mounted.device, "--force", "-o", str(output),
                          "--profiles", str(tmp_path / "cluster.yaml"), cwd=tmp_path)
     assert refused.code != 0 and "mounted" in refused.stderr and "Traceback" not in refused.output, refused.output
+
+
+def test_ctrl_c_or_a_full_disk_leave_no_backup_under_a_final_name(node: dict, tmp_path: Path) -> None:
+    profile, master, output = node["profile"], node["profile"].master.node, node["output"]
+    first = backup.backup(profile, master, output, now=_clock("2026-12-05T10:00:00"), connect=node["connect"])
+    before = {p.name: p.read_bytes() for p in first.path.parent.iterdir()}
+
+    class CtrlC(LocalNode):
+        def popen(self, remote: str, **kwargs):
+            if "tar --create" in remote:
+                raise KeyboardInterrupt
+            return super().popen(remote, **kwargs)
+
+    interrupted = lambda out, name, folder: CtrlC(out, name, folder, mounts={"/": node["root"], "/boot/firmware": node["boot"]},  # noqa: E731
+                                                  facts=node["connect"](out, name, folder).facts, log=[])
+    (node["root"] / "srv/added").write_text("new\n")
+    with pytest.raises(KeyboardInterrupt):
+        backup.backup(profile, master, output, now=_clock("2026-12-05T11:00:00"), connect=interrupted)
+    assert {p.name: p.read_bytes() for p in first.path.parent.iterdir()} == before  # no staging left either
+
+    # An output folder on a disk with room for the stream but not for the image.
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(small)], check=True)
+    try:
+        (small / "ssh_config").write_text("# local\n")
+        (node["root"] / "srv/more").write_bytes(os.urandom(4 * MIB))
+        with pytest.raises(BuildError) as error:
+            backup.backup(profile, master, small, now=_clock("2026-12-05T12:00:00"), connect=node["connect"])
+        assert "space" in str(error.value).lower() or "No space" in str(error.value), error.value
+        assert [p.name for p in (small / "backups/master").iterdir()] == []
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
