@@ -458,6 +458,7 @@ def forget(output: Path, node: str, keep: int) -> list[str]:
     write_json(folder(output, node) / RECORDS, {"node": node, "backups": kept}, 0o600, sync=True)
     for record in old:
         path = folder(output, node) / record["name"]
-        for extra in (path.with_name(path.name + ".bmap"), path.with_name(path.name + ".sha256"), state_path(path), path):
+        for extra in (path.with_name(path.name + ".bmap"), path.with_name(path.name + ".sha256"), state_path(path),
+                      path.with_name(path.name.removesuffix(".img") + ".diff.json"), path):
             extra.unlink(missing_ok=True)
     return [r["name"] for r in old]

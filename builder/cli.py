@@ -52,6 +52,9 @@ EXAMPLES = {
     "backup": _examples("pibake backup master                         # live, over output/ssh_config; prints the path",
                         "pibake backup worker3 --keep 5               # and keep only the newest five",
                         "sudo .venv/bin/pibake backup master --device /dev/sdb   # its card, in a reader"),
+    "diff": _examples("pibake diff master                           # live, over output/ssh_config",
+                      "pibake diff worker3 --json",
+                      "sudo .venv/bin/pibake diff master --device /dev/sdb   # its card, in a reader"),
     "fetch": _examples("pibake fetch                                 # what the profile's image section names",
                        "pibake fetch --image trixie@2025-11-24"),
     "images": _examples("pibake images                                # * marks what the profile resolves to",
@@ -285,6 +288,11 @@ def backup_command(node_name: str, keep: Optional[int], device: Optional[str], f
     if node is None:
         raise InputError(f"{node_name!r} is not a node of the profile ({', '.join(n.hostname for n in profile.nodes)})")
     result = backup(profile, node, output, keep, device=device, force=force)
+    from builder import node_diff
+    try:  # what changed since the bake, beside the backup
+        node_diff.write_beside(result.path, node_diff.of_backup(output, node.hostname, result.path))
+    except InputError as e:
+        log.info("no diff beside the backup: %s", e)
     if not quiet:
         source = f"read from {device}" if device else f"{result.received / 1e6:.1f} MB received"
         _echo(f"pibake: {node.hostname}: {result.files} files, {source}"
@@ -292,6 +300,39 @@ def backup_command(node_name: str, keep: Optional[int], device: Optional[str], f
         for line in result.report:
             _echo(f"pibake: {node.hostname}: {line}")
     click.echo(str(result.path))
+
+
+@cli.command("diff", epilog=EXAMPLES["diff"])
+@click.argument("node_name", metavar="NODE")
+@click.option("--device", default=None, metavar="DEV", help="Read the node's card from a reader instead (offline).")
+@click.option("--force", is_flag=True, help="With --device: allow a disk that is not removable.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON list instead of the table.")
+@click.option("--profiles", type=click.Path(path_type=Path), default=Path("profiles"), show_default=True,
+              envvar="PIBAKE_PROFILES", help="Profile file, or folder holding cluster.yaml.")
+@click.option("--output", "-o", type=click.Path(path_type=Path), default=Path("output"), show_default=True,
+              help="Where the build left the node's image and ssh_config.")
+@click.option("-v", "--verbose", count=True, help="Say more.")
+def diff_command(node_name: str, device: Optional[str], force: bool, as_json: bool, profiles: Path, output: Path,
+                 verbose: int) -> None:
+    """What changed on a node since pibake baked it: packages, and files under /etc,
+    /home, /root, /usr/local, /opt, /srv and /var/lib (not logs, caches or what the
+    system keeps changing). Secret files are named, never shown.
+    """
+    import json as json_module
+
+    from builder import drift, node_diff
+    _setup_logging(verbose, as_json)
+    profile = load(profiles)
+    node = next((n for n in profile.nodes if n.hostname == node_name), None)
+    if node is None:
+        raise InputError(f"{node_name!r} is not a node of the profile ({', '.join(n.hostname for n in profile.nodes)})")
+    changes = node_diff.diff(profile, node, output, device, force)
+    if as_json:
+        # json.dumps escapes every control character a name holds (ensure_ascii): only its own line breaks are left
+        click.echo(json_module.dumps(drift.as_json(changes), indent=1))
+        return
+    _echo_table(node_diff.table(changes))
+    _echo(f"pibake: {node.hostname}: {len(changes) or 'no'} change{'s' if len(changes) != 1 else ''} since it was baked")
 
 
 @cli.command("flash", epilog=EXAMPLES["flash"])

@@ -384,3 +384,69 @@ def test_ctrl_c_or_a_full_disk_leave_no_backup_under_a_final_name(node: dict, tm
         assert [p.name for p in (small / "backups/master").iterdir()] == []
     finally:
         subprocess.run(["umount", str(small)], check=True)
+
+
+STATUS = """Package: {name}
+Status: install ok installed
+Version: {version}
+{extra}"""
+
+
+def _status(*packages: tuple[str, str, str]) -> str:
+    return "\n".join(STATUS.format(name=n, version=v, extra=e) for n, v, e in packages)
+
+
+def test_diff_names_what_changed_since_the_bake_and_nothing_else(node: dict, tmp_path: Path, loops) -> None:
+    from builder import node_diff
+    from conftest import run_pibake
+    root, output, profile = node["root"], node["output"], node["profile"]
+    (root / "var/lib/dpkg/info").mkdir(parents=True)
+    (root / "etc/pibake").mkdir()
+    (root / "etc/pibake/packages").write_text("staged\n")
+    (root / "etc/keep.conf").write_text("as baked\n")
+    (root / "root").mkdir(exist_ok=True)
+    (root / "usr/local/bin").mkdir(parents=True)
+    (root / "var/lib/systemd").mkdir()
+    (root / "var/lib/dpkg/status").write_text(_status(("base", "1.0", ""), ("gone", "1.0", ""), ("old", "1.0", "")))
+    baked = backup.backup(profile, profile.master.node, output, now=_clock("2026-12-05T09:00:00"), connect=node["connect"])
+    os.replace(baked.path, output / "master.img")  # stands for the image pibake baked
+    (output / "manifest.json").write_text(json.dumps({"nodes": {"master": {"image": "master.img", "role": "master"}}}))
+
+    # Since then: what the node's first boot did (pibake's), and what a person did.
+    conf_md5 = hashlib.md5(b"shipped\n").hexdigest()
+    (root / "var/lib/dpkg/status").write_text(_status(
+        ("base", "1.0", ""), ("old", "1.1", ""), ("staged", "2.0", ""), ("htop", "3.2", f"Conffiles:\n /etc/htoprc {conf_md5}\n")))
+    (root / "var/lib/dpkg/info/htop.list").write_text("/usr/local/bin/htop\n/etc/htoprc\n")
+    (root / "var/lib/dpkg/info/staged:arm64.list").write_text("/etc/staged.conf\n")
+    (root / "etc/staged.conf").write_text("from the staged package\n")
+    (root / "usr/local/bin/htop").write_text("binary\n")
+    (root / "etc/htoprc").write_text("edited by hand\n")  # a conffile changed from what it shipped
+    (root / "var/lib/systemd/random-seed").write_bytes(os.urandom(32))  # the system's own
+    (root / "srv/added").write_text("a person's\n")
+    (root / "etc/keep.conf").write_text("changed\n")
+    os.chmod(root / "etc/hostname", 0o600)
+    (root / "root/id_key").write_text("-----BEGIN OPENSSH PRIVATE KEY-----\nsecret\n")
+    os.chmod(root / "root/id_key", 0o644)
+    (root / "srv/data").unlink()
+
+    want = [("package", "removed", "gone", "1.0"), ("package", "installed", "htop", "3.2"),
+            ("package", "upgraded", "old", "1.0 -> 1.1"),
+            ("file", "changed", "/etc/hostname", "mode"), ("file", "added", "/etc/htoprc", "file"),
+            ("file", "changed", "/etc/keep.conf", "content"), ("file", "added", "/root/id_key", "file, secret: path only"),
+            ("file", "added", "/srv/added", "file"), ("file", "removed", "/srv/data", "file")]
+    live = node_diff.diff(profile, profile.master.node, output, connect=node["connect"])
+    got = [(c.what, c.how, c.name, c.detail) for c in live]
+    assert got == want, got
+
+    # the same from a backup of it, and from its card in a reader
+    after = backup.backup(profile, profile.master.node, output, now=_clock("2026-12-05T10:00:00"), connect=node["connect"])
+    assert [(c.what, c.how, c.name, c.detail) for c in node_diff.of_backup(output, "master", after.path)] == want
+    card = loops.make(1536 * MIB)
+    done = run_pibake("flash", "master", card.device, "--backup", "latest", "--yes", "--force", "-o", str(output),
+                      cwd=tmp_path, timeout=600)
+    assert done.code == 0, done.output
+    cli = run_pibake("diff", "master", "--device", card.device, "--force", "--json", "-o", str(output),
+                     "--profiles", str(tmp_path / "cluster.yaml"), cwd=tmp_path, timeout=900)
+    assert cli.code == 0, cli.output
+    assert [(c["what"], c["how"], c["name"], c["detail"]) for c in json.loads(cli.stdout)] == want
+    assert "secret\n" not in cli.output
