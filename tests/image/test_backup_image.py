@@ -151,16 +151,25 @@ def _clock(*times: str):
     return lambda: next(stamps)
 
 
-def _read_back(image: Path) -> dict:
+def _read_back(*images: Path) -> list[dict]:
+    """What each image holds, read with one libguestfs launch."""
     g = guestfs.GuestFS(python_return_dict=True)
     g.set_backend_settings(["force_tcg"])
-    g.add_drive_opts(str(image), format="raw", readonly=True)
+    for image in images:
+        g.add_drive_opts(str(image), format="raw", readonly=True)
     g.launch()
     try:
-        got = {"uuid": g.vfs_uuid("/dev/sda2"), "label": g.vfs_label("/dev/sda2"), "boot_uuid": g.vfs_uuid("/dev/sda1"),
-               "boot_label": g.vfs_label("/dev/sda1")}
-        g.mount_ro("/dev/sda2", "/")
-        g.mount_ro("/dev/sda1", "/boot/firmware")
+        return [_read_one(g, device) for device in g.list_devices()]
+    finally:
+        g.close()
+
+
+def _read_one(g, disk: str) -> dict:
+    boot, root = f"{disk}1", f"{disk}2"
+    got = {"uuid": g.vfs_uuid(root), "label": g.vfs_label(root), "boot_uuid": g.vfs_uuid(boot), "boot_label": g.vfs_label(boot)}
+    g.mount_ro(root, "/")
+    g.mount_ro(boot, "/boot/firmware")
+    try:
         got["stat"] = {p: g.lstatns(p) for p in ("/srv/data", "/srv/hard", "/srv/null", "/srv/fifo", "/srv/ping",
                                                    "/srv/sparse", "/home/pi/secret", "/srv/empty", "/tmp", "/proc")
                        if g.exists(p)}
@@ -172,9 +181,9 @@ def _read_back(image: Path) -> dict:
         got["sparse"] = g.pread("/srv/sparse", 6, 32 * MIB)
         got["ls"] = {d: sorted(g.ls(d)) for d in ("/tmp", "/run", "/proc", "/srv/empty", "/var") if g.is_dir(d)}
         got["exists"] = {p: g.exists(p) for p in ("/srv/gone", "/srv/added", "/tmp/scratch")}
-        return got
     finally:
-        g.close()
+        g.umount_all()
+    return got
 
 
 def test_a_backup_holds_the_node_s_files_as_they_are_in_its_card_s_layout(node: dict, tmp_path: Path) -> None:
@@ -195,7 +204,7 @@ def test_a_backup_holds_the_node_s_files_as_they_are_in_its_card_s_layout(node: 
     assert table["partitiontable"]["id"] == "0x5e3da4a0"
     assert [(p["start"], p["type"]) for p in table["partitiontable"]["partitions"]] == [(8192, "c"), (1056768, "83")]
 
-    got = _read_back(image)
+    [got] = _read_back(image)
     assert (got["uuid"], got["label"], got["boot_uuid"], got["boot_label"]) == (
         "56f80fa2-e005-4cca-86e6-19da1069914d", "rootfs", "5DE4-665C", "bootfs")
     st = got["stat"]
@@ -239,39 +248,19 @@ def test_the_next_backup_sends_only_what_changed_and_is_whole_on_its_own(node: d
     # what changed (3 MiB) and the listings, not the 8 MiB that did not change
     assert second.received < len(change) + 256 * 1024, second.received
     assert first.received > 8 * MIB
-    got = _read_back(second.path)
+    got, was = _read_back(second.path, first.path)
     assert got["files"]["/etc/hostname"] == b"master2\n"
     assert got["exists"] == {"/srv/gone": False, "/srv/added": True, "/tmp/scratch": False}
     assert got["stat"]["/srv/hard"]["st_nlink"] == 1 and "/srv/data" not in got["stat"]
     assert "/srv/empty" not in got["ls"] and got["stat"]["/srv/empty"]["st_size"] == 26
     # the first backup is as it was
-    assert _read_back(first.path)["files"]["/etc/hostname"] == b"master\n"
+    assert was["files"]["/etc/hostname"] == b"master\n"
     # --keep: only the newest stay, with their companions
     third = backup.backup(profile, master, output, keep=1, now=clock, connect=node["connect"])
     assert sorted(p.name for p in third.path.parent.iterdir()) == sorted(
         ["backups.json", third.path.name, third.path.name + ".bmap", third.path.name + ".sha256",
          "master-20261205T120000Z.state.json.gz"])
     assert third.received < 256 * 1024  # nothing changed
-
-
-def test_a_backup_that_fails_leaves_nothing_under_a_final_name_and_earlier_ones_untouched(node: dict) -> None:
-    profile, master, output = node["profile"], node["profile"].master.node, node["output"]
-    clock = _clock("2026-12-05T10:00:00", "2026-12-05T11:00:00")
-    first = backup.backup(profile, master, output, now=clock, connect=node["connect"])
-    before = {p.name: p.read_bytes() for p in first.path.parent.iterdir()}
-
-    class Drops(LocalNode):
-        def popen(self, remote: str, **kwargs):
-            if "tar --create" in remote:  # the connection drops while the files come
-                remote = "head -c 100000 /dev/urandom; exit 255"
-            return super().popen(remote, **kwargs)
-
-    dropping = lambda out, name, folder: Drops(out, name, folder, mounts={"/": node["root"], "/boot/firmware": node["boot"]},  # noqa: E731
-                                               facts=node["connect"](out, name, folder).facts, log=[])
-    (node["root"] / "srv/added").write_text("new\n")
-    with pytest.raises(BuildError, match=r"master: reading /\S* stopped: ssh exit 255"):
-        backup.backup(profile, master, output, now=clock, connect=dropping)
-    assert {p.name: p.read_bytes() for p in first.path.parent.iterdir()} == before
 
 
 def test_backup_needs_sudo_without_a_password(tmp_path: Path) -> None:
@@ -289,7 +278,8 @@ def loops(tmp_path: Path):
     made.close()
 
 
-def test_a_backup_restores_onto_a_smaller_card_that_fits_its_data_and_fills_it(node: dict, tmp_path: Path, loops) -> None:
+def test_a_backup_restores_onto_a_smaller_card_and_a_card_in_a_reader_is_backed_up_offline(node: dict, tmp_path: Path,
+                                                                                             loops) -> None:
     from conftest import run_pibake
     profile, master, output = node["profile"], node["profile"].master.node, node["output"]
     taken = backup.backup(profile, master, output, now=_clock("2026-12-05T10:00:00"), connect=node["connect"])
@@ -308,23 +298,12 @@ def test_a_backup_restores_onto_a_smaller_card_that_fits_its_data_and_fills_it(n
     assert table["partitiontable"]["id"] == "0x5e3da4a0" and root["start"] + root["size"] == 1536 * MIB // 512
     fsck = subprocess.run(["e2fsck", "-fn", f"{card.device}?offset={root['start'] * 512}"], capture_output=True, text=True)
     assert fsck.returncode == 0, fsck.stdout + fsck.stderr
-    got = _read_back(card.backing)
-    assert got["files"]["/etc/hostname"] == b"master\n" and got["uuid"] == "56f80fa2-e005-4cca-86e6-19da1069914d"
     # again onto the same card: only what differs is written, and it fills the card again
     again = run_pibake("flash", "master", card.device, "--backup", str(taken.path), "--yes", "--force", "-o", str(output),
                        cwd=tmp_path, timeout=600)
     assert again.code == 0 and "that differed" in again.stdout and "grew the root file system" in again.stdout, again.output
 
-
-def test_a_card_in_a_reader_is_backed_up_offline_reading_only_what_its_file_systems_use(node: dict, tmp_path: Path,
-                                                                                         loops) -> None:
-    from conftest import run_pibake
-    profile, master, output = node["profile"], node["profile"].master.node, node["output"]
-    live = backup.backup(profile, master, output, now=_clock("2026-12-05T10:00:00"), connect=node["connect"])
-    card = loops.make(1536 * MIB)
-    done = run_pibake("flash", "master", card.device, "--backup", "latest", "--yes", "--force", "-o", str(output),
-                      cwd=tmp_path, timeout=600)
-    assert done.code == 0, done.output
+    # The card, in a reader: read-only, and only what its file systems use is read.
     stat = Path("/sys/block") / Path(card.device).name / "stat"
     read_before = int(stat.read_text().split()[2]) * 512
     offline = run_pibake("backup", "master", "--device", card.device, "--force", "-o", str(output),
@@ -332,19 +311,20 @@ def test_a_card_in_a_reader_is_backed_up_offline_reading_only_what_its_file_syst
     assert offline.code == 0, offline.output
     read = int(stat.read_text().split()[2]) * 512 - read_before
     path = Path(offline.stdout.splitlines()[-1])
-    assert path.parent == live.path.parent and path != live.path
-    # what the file systems use, as their own block maps know it, and little more
-    used = subprocess.run(["dumpe2fs", "-h", f"{card.device}?offset={1056768 * 512}"], capture_output=True, text=True,
-                          check=True).stdout
-    fields = layout.fields(used)
+    assert path.parent == taken.path.parent and path != taken.path
+    fields = layout.fields(subprocess.run(["dumpe2fs", "-h", f"{card.device}?offset={root['start'] * 512}"],
+                                          capture_output=True, text=True, check=True).stdout)
     ext4_used = (int(fields["Block count"]) - int(fields["Free blocks"])) * 4096
     print(f"offline backup: {read / MIB:.1f} MiB read, {ext4_used / MIB:.1f} MiB used by the root file system")
     assert read < ext4_used * 1.05 + 8 * MIB, (read, ext4_used)
-    got, want = _read_back(path), _read_back(live.path)
-    for key in ("uuid", "label", "boot_uuid", "boot_label", "xattrs", "link", "files", "ls"):
-        assert got[key] == want[key], key
-    assert {p: (s["st_mode"], s["st_uid"], s["st_nlink"]) for p, s in got["stat"].items()} == \
-        {p: (s["st_mode"], s["st_uid"], s["st_nlink"]) for p, s in want["stat"].items()}
+
+    want, on_card, got = _read_back(taken.path, card.backing, path)
+    for held in (on_card, got):
+        for key in ("uuid", "label", "boot_uuid", "boot_label", "xattrs", "link", "files", "ls"):
+            assert held[key] == want[key], key
+        assert {p: (s["st_mode"], s["st_uid"], s["st_nlink"]) for p, s in held["stat"].items()} == \
+            {p: (s["st_mode"], s["st_uid"], s["st_nlink"]) for p, s in want["stat"].items()}
+
     # a card that is mounted is refused, as pibake flash refuses it
     mounted = loops.make(64 * MIB)
     loops.mount(mounted)
@@ -353,10 +333,23 @@ def test_a_card_in_a_reader_is_backed_up_offline_reading_only_what_its_file_syst
     assert refused.code != 0 and "mounted" in refused.stderr and "Traceback" not in refused.output, refused.output
 
 
-def test_ctrl_c_or_a_full_disk_leave_no_backup_under_a_final_name(node: dict, tmp_path: Path) -> None:
+def test_a_dropped_connection_ctrl_c_or_a_full_disk_leave_no_backup_under_a_final_name(node: dict, tmp_path: Path) -> None:
     profile, master, output = node["profile"], node["profile"].master.node, node["output"]
     first = backup.backup(profile, master, output, now=_clock("2026-12-05T10:00:00"), connect=node["connect"])
     before = {p.name: p.read_bytes() for p in first.path.parent.iterdir()}
+
+    class Drops(LocalNode):
+        def popen(self, remote: str, **kwargs):
+            if "tar --create" in remote:  # the connection drops while the files come
+                remote = "head -c 100000 /dev/urandom; exit 255"
+            return super().popen(remote, **kwargs)
+
+    dropping = lambda out, name, folder: Drops(out, name, folder, mounts={"/": node["root"], "/boot/firmware": node["boot"]},  # noqa: E731
+                                               facts=node["connect"](out, name, folder).facts, log=[])
+    (node["root"] / "srv/added").write_text("new\n")
+    with pytest.raises(BuildError, match=r"master: reading /\S* stopped: ssh exit 255"):
+        backup.backup(profile, master, output, now=_clock("2026-12-05T10:30:00"), connect=dropping)
+    assert {p.name: p.read_bytes() for p in first.path.parent.iterdir()} == before
 
     class CtrlC(LocalNode):
         def popen(self, remote: str, **kwargs):
