@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Callable
 
-from builder import backup_image, bmap, image, layout as layouts, node_side, run
+from builder import backup_image, bmap, card_backup, image, layout as layouts, node_side, run
 from builder.backup_image import Entry, Listing
 from builder.errors import BuildError, InputError
 from builder.files import read_json, write_file, write_json
@@ -375,7 +375,6 @@ def _read_and_make(profile: Profile, node: Node, output: Path, staging: Path, ol
     """What was read, the bytes received, and the sha256 of staging/new.img, made and checked."""
     received = 0
     if device is not None:
-        from builder import card_backup
         taken = card_backup.take(device, force, staging, output)
     else:
         with tempfile.TemporaryDirectory(prefix="pibake-ssh-") as control:

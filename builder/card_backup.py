@@ -21,7 +21,7 @@ from builder.errors import BuildError
 EXCLUDES = ["./proc/*", "./sys/*", "./dev/*", "./run/*", "./tmp/*", "./var/swap"]
 
 
-def _claim(device: str, force: bool, output: Path) -> tuple[int, str]:
+def claim(device: str, force: bool, output: Path) -> tuple[int, str]:
     from builder import devices
 
     context = devices.Context(devices.disks(devices.lsblk()), devices.root_numbers(), force,
@@ -43,7 +43,7 @@ def _claim(device: str, force: bool, output: Path) -> tuple[int, str]:
 
 
 def take(device: str, force: bool, staging: Path, output: Path) -> backup_image.Taken:
-    fd, path = _claim(device, force, output)
+    fd, path = claim(device, force, output)
     try:
         layout = _layout(fd, path)
         sized = layouts.sized(layout)

@@ -4,12 +4,13 @@ against the image pibake baked for it; the comparison itself is builder/drift.py
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import tempfile
 from pathlib import Path
 from typing import Callable
 
-from builder import backup, drift, node_side
+from builder import backup, card_backup, drift, node_side
 from builder.appliance import Appliance, Drive
 from builder.errors import BuildError, InputError
 from builder.files import write_file
@@ -37,8 +38,7 @@ def diff(profile: Profile, node: Node, output: Path, device: str | None = None, 
     drives = [Drive(baked, readonly=True)]
     fd = None
     if device is not None:
-        from builder.card_backup import _claim
-        fd, path = _claim(device, force, output)
+        fd, path = card_backup.claim(device, force, output)
         drives.append(Drive(Path(path), readonly=True))
     try:
         if device is None and profile.user.sudo != "nopasswd":
@@ -55,7 +55,6 @@ def diff(profile: Profile, node: Node, output: Path, device: str | None = None, 
             now = _live(output, node, connect)
     finally:
         if fd is not None:
-            import os
             os.close(fd)
     return drift.compare(baked_side, now, staged)
 
