@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import posixpath
+from fnmatch import fnmatchcase
 import re
 import tarfile
 from dataclasses import asdict, dataclass
@@ -56,7 +57,6 @@ class Change:
 
 def excluded(path: str) -> bool:
     """`path` ("etc/hostname", no leading slash) is one the diff does not compare."""
-    from fnmatch import fnmatchcase
     return any(fnmatchcase(path, pattern) or fnmatchcase(path, pattern + "/*") for pattern in NOT_COMPARED)
 
 
@@ -275,9 +275,6 @@ def _sums(data: bytes) -> dict[str, str]:
             out[_rel(name)] = digest.decode()
     return out
 
-
-def prune_patterns() -> list[str]:
-    return list(NOT_COMPARED)
 
 
 def side_from_image(g, device: str) -> Side:

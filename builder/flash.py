@@ -320,16 +320,22 @@ def _image_of(output: Path, manifest: dict, node: str) -> tuple[Path, bmaps.Bmap
         known = ", ".join(e["hostname"] for e in nodes_in_order(manifest)) or "none: build first (pibake build cluster)"
         raise InputError(f"no image of {node!r} in {output}/manifest.json (nodes: {known})")
     image_path = output / entry["image"]
-    bmap_path = bmaps.path_for(image_path)
     if not image_path.is_file():
         raise InputError(f"{image_path} is gone: build it again (pibake build)")
-    if not bmap_path.is_file():
-        raise InputError(f"{bmap_path} is missing: build again (pibake build) to write it")
-    block_map = bmaps.read(bmap_path)
-    if block_map.image_size != image_path.stat().st_size:
-        raise InputError(f"{bmap_path} is not {image_path.name}'s block map (another size): build again")
-    bmaps.check_covers(block_map, image_path, bmap_path)
+    block_map = _checked_block_map(image_path, "build again (pibake build) to write it", ": build again")
     return image_path, block_map, entry.get("sha256", "")
+
+
+def _checked_block_map(path: Path, missing: str, other_size: str) -> bmaps.Bmap:
+    """`path`'s block map, read and checked against it; `missing` and `other_size` end the errors."""
+    bmap_path = bmaps.path_for(path)
+    if not bmap_path.is_file():
+        raise InputError(f"{bmap_path} is missing: {missing}")
+    block_map = bmaps.read(bmap_path)
+    if block_map.image_size != path.stat().st_size:
+        raise InputError(f"{bmap_path} is not {path.name}'s block map (another size){other_size}")
+    bmaps.check_covers(block_map, path, bmap_path)
+    return block_map
 
 
 def _backup_of(output: Path, node: str, which: str) -> tuple[Path, bmaps.Bmap, str]:
@@ -346,13 +352,7 @@ def _backup_of(output: Path, node: str, which: str) -> tuple[Path, bmaps.Bmap, s
         if path.resolve().parent != backup.folder(output, node).resolve() or path.name not in kept:
             raise InputError(f"{which} is not a backup of {node} that {backup.folder(output, node)}/"
                              f"{backup.RECORDS} lists (pibake backup {node} makes one)")
-    bmap_path = bmaps.path_for(path)
-    if not bmap_path.is_file():
-        raise InputError(f"{bmap_path} is missing: the backup is not whole")
-    block_map = bmaps.read(bmap_path)
-    if block_map.image_size != path.stat().st_size:
-        raise InputError(f"{bmap_path} is not {path.name}'s block map (another size)")
-    bmaps.check_covers(block_map, path, bmap_path)
+    block_map = _checked_block_map(path, "the backup is not whole", "")
     return path, block_map, str(kept[path.name].get("sha256", ""))
 
 
