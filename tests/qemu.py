@@ -188,6 +188,13 @@ class Guest:
         if self._thread:
             self._thread.join(timeout=30)
 
+    def new_card(self, image: Path) -> None:
+        """Power on again with another card in: the guest must have been stopped."""
+        assert not self.running
+        self.image = image
+        self._stop.clear()
+        self.start()
+
     @property
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()

@@ -14,6 +14,8 @@ deb.debian.org, signatures included, and the guests themselves have no way out.
 
 from __future__ import annotations
 
+import json
+import re
 import subprocess
 import sys
 import time
@@ -91,6 +93,7 @@ def baked(fixture: Path, debian_mirror: Mirror, operator_key: Path, tmp_path_fac
 def cluster(baked: Path, fixture: Path, operator_key: Path):
     output = baked / "output"
     with Cluster(baked) as running:
+        as_a_larger_card(output / "master.img")
         running.add("master", output / "master.img", fixture / "vmlinuz", fixture / "initrd.img", uplink=True)
         # worker2's card as Raspberry Pi Imager 1.x leaves it when asked to customise it.
         as_imager_1_customises_it(output / f"{IMAGER_CUSTOMISED}.img")
@@ -113,6 +116,20 @@ def cluster(baked: Path, fixture: Path, operator_key: Path):
             raise
         finally:
             ssh.close()
+
+
+MASTER_CARD_GROWTH = 1 << 30
+
+
+def as_a_larger_card(image: Path) -> None:
+    """The master's image on a card 1 GiB larger, its root file system grown to fill it, as
+    Raspberry Pi OS's first boot grows it on a Pi (the fixture's first boot leaves it as is)."""
+    with open(image, "r+b") as f:
+        f.truncate(image.stat().st_size + MASTER_CARD_GROWTH)
+    subprocess.run(["sfdisk", "--no-reread", "--no-tell-kernel", "-q", "-N", "2", str(image)], input=b", +\n", check=True)
+    table = json.loads(subprocess.run(["sfdisk", "--json", str(image)], check=True, capture_output=True).stdout)
+    start = table["partitiontable"]["partitions"][1]["start"]
+    subprocess.run(["resize2fs", "-f", f"{image}?offset={start * 512}"], check=True, capture_output=True)
 
 
 IMAGER_CUSTOMISED = "worker2"
@@ -382,3 +399,64 @@ def test_the_firewall_loads_with_no_uplink_at_boot(cluster, baked: Path) -> None
     wait_for(lambda: master.boots > boots + 1, deadline, "the master to power on again")
     _wait_until_configured(running, ssh)
     _check_from_the_uplink_side(baked, running.home)
+
+
+# What the master holds that no profile does: a file, a hard link to it, a file with an
+# extended attribute and one with a file capability (cap_net_raw+ep, as setcap writes it).
+CAPABILITY = "0100000200200000000000000000000000000000"
+KEEP = ("sudo mkdir -p /srv/keep && echo kept | sudo tee /srv/keep/file >/dev/null && sudo ln -f /srv/keep/file /srv/keep/hard"
+        " && sudo cp /bin/true /srv/keep/tool && sudo python3 -c \"import os; os.setxattr('/srv/keep/file', 'user.pibake', b'x');"
+        f" os.setxattr('/srv/keep/tool', 'security.capability', bytes.fromhex('{CAPABILITY}'))\"")
+KEPT = ("cat /srv/keep/file; stat -c %i /srv/keep/file /srv/keep/hard; python3 -c \"import os;"
+        " print(os.getxattr('/srv/keep/file', 'user.pibake'), os.getxattr('/srv/keep/tool', 'security.capability').hex())\"")
+
+
+@pytest.mark.parametrize("release", ["bookworm"], indirect=True)  # the same code on Trixie; one boot more is enough
+def test_a_backup_brings_the_master_back_as_itself(cluster, baked: Path, release: str, tmp_path: Path) -> None:
+    from flash_devices import Loops
+
+    running, ssh = cluster
+    home = running.home
+    ssh.check("master", KEEP)
+    kept = ssh.check("master", KEPT)
+    leases = ssh.check("master", "cat /var/lib/misc/dnsmasq.leases")
+    assert all(name in leases for name in WORKERS), leases
+    host_key = ssh.check("master", "cat /etc/ssh/pibake/*.pub")
+
+    # From the home network, over output/ssh_config, with the master running.
+    first = run_pibake("backup", "master", cwd=baked, within=tuple(home.argv()), timeout=1800)
+    assert first.code == 0, first.output
+    path = Path(first.stdout.splitlines()[-1])
+    assert path.parent == baked / "output/backups/master" and path.is_file(), first.stdout
+    assert ssh.check("master", "systemctl is-active dnsmasq").strip() == "active"  # stopped for the copy only
+
+    ssh.check("master", "sudo head -c 10000000 /dev/urandom | sudo tee /srv/keep/ten >/dev/null")
+    second = run_pibake("backup", "master", "--keep", "2", cwd=baked, within=tuple(home.argv()), timeout=1800)
+    assert second.code == 0, second.output
+    received = float(re.search(r"([0-9.]+) MB received \(changes since the last backup\)", second.stdout)[1])
+    print(f"second backup of the master after a 10 MB change: {received} MB received")
+    assert received <= 10 + 10, second.stdout
+
+    # The master's card dies; its newest backup goes onto a smaller one that holds its data.
+    master = running.guests["master"]
+    master.stop()
+    original = (baked / "output/master.img").stat().st_size
+    backup_size = Path(second.stdout.splitlines()[-1]).stat().st_size
+    assert backup_size < original - MASTER_CARD_GROWTH // 2, (backup_size, original)
+    loops = Loops(tmp_path)
+    try:
+        card = loops.make((backup_size + original) // 2 // (1 << 20) * (1 << 20))
+        restored = run_pibake("flash", "master", card.device, "--backup", "latest", "--yes", "--force", cwd=baked)
+        assert restored.code == 0 and "grew the root file system to fill the card" in restored.stdout, restored.output
+    finally:
+        loops.close()
+    master.new_card(card.backing)
+    _wait_until_configured(running, ssh)
+    # As itself: the same host key (pibake check holds against known_hosts), its files, its leases.
+    _check_from_the_uplink_side(baked, home)
+    assert ssh.check("master", "cat /etc/ssh/pibake/*.pub") == host_key
+    assert ssh.check("master", KEPT) == kept
+    assert ssh.check("master", "sha256sum /srv/keep/ten | cut -c1-64").strip()
+    restored_leases = ssh.check("master", "cat /var/lib/misc/dnsmasq.leases")
+    assert all(name in restored_leases for name in WORKERS), restored_leases
+    _check_master(ssh)  # the workers reach it, and it them
