@@ -430,6 +430,15 @@ def test_a_backup_brings_the_master_back_as_itself(cluster, baked: Path, release
     assert path.parent == baked / "output/backups/master" and path.is_file(), first.stdout
     assert ssh.check("master", "systemctl is-active dnsmasq").strip() == "active"  # stopped for the copy only
 
+    # What changed since the bake: what this test did, and nothing pibake (or its first boot) wrote.
+    diff = run_pibake("diff", "master", "--json", cwd=baked, within=tuple(home.argv()), timeout=1800)
+    assert diff.code == 0, diff.output
+    changed = {(c["what"], c["how"], c["name"]) for c in json.loads(diff.stdout)}
+    print(f"pibake diff master: {sorted(changed)}")
+    assert {("file", "added", p) for p in ("/srv/keep", "/srv/keep/file", "/srv/keep/hard", "/srv/keep/tool")} <= changed
+    assert not {c for c in changed if c[2].startswith(("/etc/pibake", "/etc/dnsmasq", "/etc/ssh", "/etc/iptables"))
+                or c[0] == "package"}, sorted(changed)
+
     ssh.check("master", "sudo head -c 10000000 /dev/urandom | sudo tee /srv/keep/ten >/dev/null")
     second = run_pibake("backup", "master", "--keep", "2", cwd=baked, within=tuple(home.argv()), timeout=1800)
     assert second.code == 0, second.output
