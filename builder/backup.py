@@ -419,12 +419,13 @@ def _from_node(link: Link, profile: Profile, node: Node, staging: Path, old_stat
 def _make(staging: Path, taken: backup_image.Taken, previous: Path | None) -> str:
     """staging/new.img and its companions, checked; its sha256."""
     new = staging / "new.img"
+    grown = None
     if previous is not None:
         image.copy_image(previous, new)
-        _grow(new, taken.layout)
+        grown = _grow(new, taken.layout)
     else:
         layouts.make_empty(new, taken.layout)
-    backup_image.fill(new, taken.fills)
+    backup_image.fill(new, taken.fills, grown)
     backup_image.check(new, taken.layout)
     os.chmod(bmap.write(new), 0o600)
     digest = image.sha256_file(new)
@@ -436,18 +437,19 @@ def _make(staging: Path, taken: backup_image.Taken, previous: Path | None) -> st
     return digest
 
 
-def _grow(path: Path, layout: layouts.Layout) -> None:
-    """An earlier backup's copy, its root partition and file system grown to the layout's size if smaller."""
+def _grow(path: Path, layout: layouts.Layout) -> int | None:
+    """An earlier backup's copy, its root partition grown to the layout's size if smaller: then
+    the partition's number, whose file system backup_image.fill grows."""
     root = layout.root
     table_now = layouts.table(run.run(["sfdisk", "--json", str(path)]).stdout)[2]
     size_now = next(p.size for p in table_now if p.number == root.number)
     if size_now >= root.size:
-        return
+        return None
     with open(path, "r+b") as f:
         f.truncate(max(os.fstat(f.fileno()).st_size, layouts.image_size(layout)))
     run.run(["sfdisk", "--no-reread", "--no-tell-kernel", "-q", "-N", str(root.number), str(path)],
             input=f"{root.start},{root.size}\n".encode(), what="cannot grow the root partition of the backup")
-    run.run(["resize2fs", f"{path}?offset={root.start * layouts.SECTOR}"], what="cannot grow the backup's root file system")
+    return root.number
 
 
 def forget(output: Path, node: str, keep: int) -> list[str]:

@@ -51,13 +51,20 @@ class Fill:
     xattrs: dict[str, dict[str, bytes]] = field(default_factory=dict)  # beyond the user namespace, read back
 
 
-def fill(image_path: Path, fills: list[Fill]) -> None:
+def fill(image_path: Path, fills: list[Fill], grown: int | None = None) -> None:
+    """Write each file system's changes into the image; `grown`: the number of a partition made
+    larger since its file system was made, which is grown to fill it first."""
     with Appliance([Drive(image_path)]) as appliance:
         g, device = appliance.g, appliance.devices[0]
         for part in fills:
             ext4 = isinstance(part.partition.fs, layouts.Ext4)
             what = f"the {'root' if part.partition.mount == '/' else 'boot'} file system"
             try:
+                if ext4 and part.partition.number == grown:
+                    # Here, on the partition's own device: resize2fs on an image file at an offset
+                    # would set the file's length to the file system's and cut the image's end off.
+                    g.e2fsck(f"{device}{grown}", correct=True)
+                    g.resize2fs(f"{device}{grown}")
                 # FAT has no owners or modes: "quiet" lets tar's chown and chmod pass as on the node.
                 g.mount_vfs("" if ext4 else "quiet", "ext4" if ext4 else "vfat", f"{device}{part.partition.number}", "/")
                 for path in part.gone:

@@ -15,6 +15,7 @@ import datetime
 import hashlib
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -140,10 +141,11 @@ def node(tmp_path: Path, fake_sudo) -> dict:
     (output / "ssh_config").write_text("# the stand-in node is reached by a local shell\n")
     profile = load(write_profile(tmp_path, "workers:\n  count: 1\nmaster:\n  backup:\n    stop: [pibake-test-none]\n"))
     log: list[str] = []
-    facts = card_facts(card, {"boot": (1 * MIB, 0), "root": (80 * MIB, 50)})
+    said = {"facts": card_facts(card, {"boot": (1 * MIB, 0), "root": (80 * MIB, 50)})}  # what the node says, for now
     connect = lambda out, name, folder: LocalNode(out, name, folder, mounts={"/": root, "/boot/firmware": boot},  # noqa: E731
-                                                  facts=facts, log=log)
-    return {"root": root, "boot": boot, "output": output, "profile": profile, "connect": connect, "log": log}
+                                                  facts=said["facts"], log=log)
+    return {"root": root, "boot": boot, "output": output, "profile": profile, "connect": connect, "log": log, "card": card,
+            "said": said}
 
 
 def _clock(*times: str):
@@ -243,8 +245,15 @@ def test_the_next_backup_sends_only_what_changed_and_is_whole_on_its_own(node: d
     (root / "srv/empty").rmdir()
     (root / "srv/empty").write_text("a file where a folder was\n")
     (root / "etc/hostname").write_text("master2\n")
+    # The node's root file system now uses 100 MiB more: the image grows by as much, and its file system fills it.
+    node["said"]["facts"] = card_facts(node["card"], {"boot": (1 * MIB, 0), "root": (180 * MIB, 50)})
     second = backup.backup(profile, master, output, now=clock, connect=node["connect"])
     assert second.incremental
+    assert second.path.stat().st_size == first.path.stat().st_size + 100 * MIB
+    dump = subprocess.run(["dumpe2fs", "-h", f"{second.path}?offset={1056768 * 512}"], check=True, capture_output=True,
+                          text=True).stdout
+    blocks = int(re.search(r"^Block count:\s+(\d+)", dump, re.M)[1])  # type: ignore[index]
+    assert blocks * 4096 == second.path.stat().st_size - 1056768 * 512
     # what changed (3 MiB) and the listings, not the 8 MiB that did not change
     assert second.received < len(change) + 256 * 1024, second.received
     assert first.received > 8 * MIB
