@@ -26,6 +26,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Callable
@@ -203,12 +204,17 @@ def _c_unquote(text: str) -> str:
     return raw.decode("utf-8", "surrogateescape")
 
 
-def receive(link: Link, mount: str, names: list[str], target: Path) -> Stream:
-    """Ask the node for `names` of the file system it mounts at `mount`, as one tar stream, into `target`."""
+def receive(link: Link, mount: str, names: list[str], target: Path, packed_bound: int | None = None) -> Stream:
+    """Ask the node for `names` of the file system it mounts at `mount`, as one tar stream, into `target`.
+
+    With `packed_bound`, the node packs the stream (gzip), which is unpacked here into at most
+    that many bytes: what the listing says the files hold, and their headers."""
     what = mount
     stream = Stream(target)
-    with open(target, "wb") as out, tempfile.TemporaryFile() as err:
-        proc = link.popen(node_side.command(node_side.TAR, view=link.view(mount)), stdin=subprocess.PIPE, stdout=out, stderr=err)
+    arrived = target.with_name(target.name + ".gz") if packed_bound is not None else target
+    with open(arrived, "wb") as out, tempfile.TemporaryFile() as err:
+        proc = link.popen(node_side.command(node_side.TAR, "gzip" if packed_bound is not None else "plain", view=link.view(mount)),
+                          stdin=subprocess.PIPE, stdout=out, stderr=err)
         assert proc.stdin is not None
         feeder = threading.Thread(target=_feed, args=(proc.stdin, names), daemon=True)
         feeder.start()
@@ -224,8 +230,10 @@ def receive(link: Link, mount: str, names: list[str], target: Path) -> Stream:
         raise BuildError(f"{link.node}: reading {what} stopped: {_said(said.encode()) or f'ssh exit {returncode}'}")
     if exit_line[1] not in ("0", "1"):  # 1: some files changed or vanished while read, named below
         raise BuildError(f"{link.node}: tar could not read {what}: {_said(said.encode())}")
-    if image.sha256_file(target) != digest[1]:
+    if image.sha256_file(arrived) != digest[1]:
         raise BuildError(f"{link.node}: what arrived of {what} is not what the node sent (sha256 differs)")
+    if packed_bound is not None:
+        _unpack(arrived, target, packed_bound, f"{link.node}: what it sent of {what}")
     for line in said.splitlines():
         m = C_QUOTED.match(line)
         if not m:
@@ -236,6 +244,29 @@ def receive(link: Link, mount: str, names: list[str], target: Path) -> Stream:
         elif "No such file or directory" in m[2] or "File removed before we read it" in m[2]:
             stream.vanished.append(name)
     return stream
+
+
+def packed_bound(listing: Listing, names: list[str]) -> int:
+    """The most a tar stream of `names` can hold: their sizes, and for each a header with its
+    extended attributes (an ext4 inode's fit in one 4 KiB block) and long name, in 512-byte blocks."""
+    return sum(listing[n].size if n in listing else 0 for n in names) + 64 * 1024 * (len(names) + 2)
+
+
+def _unpack(packed: Path, target: Path, bound: int, what: str) -> None:
+    try:
+        with gzip.open(packed, "rb") as f, open(target, "wb") as out:
+            written = 0
+            while chunk := f.read(1 << 20):
+                written += len(chunk)
+                if written > bound:
+                    raise BuildError(f"{what} unpacks to more than its files hold ({bound >> 20} MiB)")
+                out.write(chunk)
+    except (OSError, EOFError, zlib.error) as e:
+        if isinstance(e, OSError) and e.errno is not None:
+            raise
+        raise BuildError(f"{what} is not a gzip stream: {e}") from None
+    finally:
+        packed.unlink(missing_ok=True)
 
 
 def _feed(pipe: BinaryIO, names: list[str]) -> None:
@@ -400,10 +431,14 @@ def _from_node(link: Link, profile: Profile, node: Node, staging: Path, old_stat
         for p in parts:
             old = _listing_from_json(old_state.get("listings", {}).get(p.mount)) if same_card else {}
             send, gone = changes(old, listings[p.mount])
-            streams = [receive(link, p.mount, send, staging / f"{p.number}.tar")]
+            # The next backup's changes come packed: little to pack, and often over Wi-Fi.
+            packing = bool(old)
+            streams = [receive(link, p.mount, send, staging / f"{p.number}.tar",
+                               packed_bound(listings[p.mount], send) if packing else None)]
             again = streams[0].changed
             if again:  # read once more what changed while it was read; still changing: say so
-                streams.append(receive(link, p.mount, again, staging / f"{p.number}-again.tar"))
+                streams.append(receive(link, p.mount, again, staging / f"{p.number}-again.tar",
+                                       packed_bound(listings[p.mount], again) if packing else None))
                 report += [f"{p.mount.rstrip('/')}/{name[2:]} changed while it was read" for name in streams[1].changed]
             for name in streams[0].vanished:  # gone between the listing and tar
                 listings[p.mount].pop(name, None)

@@ -59,11 +59,14 @@ find . -xdev -path ./var/swap -prune -o \
 
 # The names to send come on stdin, NUL-ended. tar's own messages name a file in C's
 # quoting; the stream's sha256, made here as it is sent, and tar's exit status end stderr.
+# With "gzip" as its argument the stream is packed (gzip -1) before it is hashed and sent.
 TAR = r"""
+pack=cat
+[ "$1" = gzip ] && pack="gzip -1"
 { tar --create --file=- --format=posix --numeric-owner --xattrs --xattrs-include='*' --acls --sparse \
       --no-recursion --null --verbatim-files-from --files-from=- --quoting-style=c --warning=no-file-ignored
   echo "tar-exit: $?" >&2
-} | { tee /dev/fd/4 | sha256sum | sed 's/^/stream-sha256: /' >&2; } 4>&1
+} | $pack | { tee /dev/fd/4 | sha256sum | sed 's/^/stream-sha256: /' >&2; } 4>&1
 """
 
 # Stops the services given that are running, once a watcher outside this connection

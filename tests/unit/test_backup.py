@@ -202,3 +202,27 @@ def test_a_gpt_card_keeps_its_disk_and_partition_uuids() -> None:
     script = layout.sfdisk_script(lay)
     assert "label: gpt\nlabel-id: b2b1dbe6-6f8f-4c2a-a0e7-8b0e3f1b7c11" in script
     assert "type=0fc63daf-8483-4772-8e79-3d69d8477de4, uuid=1a2b3c4d-5e6f-4a1b-8c2d-3e4f5a6b7c8d" in script
+
+
+def test_a_packed_stream_unpacks_into_no_more_than_its_files_hold(tmp_path: Path) -> None:
+    from builder.backup import _unpack, packed_bound
+    from builder.backup_image import Entry
+    listing = {"./a": Entry("f", 1, 1, 1000, "0", "0"), "./b": Entry("f", 2, 1, 5 << 20, "0", "0")}
+    assert packed_bound(listing, ["./a"]) == 1000 + 3 * 64 * 1024
+    assert packed_bound(listing, ["./a", "./b", "./not-listed"]) == 1000 + (5 << 20) + 5 * 64 * 1024
+    fine = tmp_path / "fine.tar.gz"
+    fine.write_bytes(gzip.compress(b"x" * 100_000))
+    _unpack(fine, tmp_path / "fine.tar", packed_bound(listing, ["./a"]), "node: /")
+    assert (tmp_path / "fine.tar").read_bytes() == b"x" * 100_000 and not fine.exists()
+    # A node that says it changed 1000 bytes and sends a stream unpacking to 64 MiB of zeros.
+    for size in (300_000, 64 << 20):
+        bomb = tmp_path / "bomb.tar.gz"
+        bomb.write_bytes(gzip.compress(bytes(size), 9))
+        with pytest.raises(BuildError, match=r"node: / unpacks to more than its files hold \(0 MiB\)"):
+            _unpack(bomb, tmp_path / "bomb.tar", packed_bound(listing, ["./a"]), "node: /")
+        assert (tmp_path / "bomb.tar").stat().st_size <= packed_bound(listing, ["./a"]) and not bomb.exists()
+    for junk in (b"not gzip at all", gzip.compress(b"cut short")[:-6]):
+        bad = tmp_path / "bad.tar.gz"
+        bad.write_bytes(junk)
+        with pytest.raises(BuildError, match="node: / is not a gzip stream"):
+            _unpack(bad, tmp_path / "bad.tar", 1 << 20, "node: /")
