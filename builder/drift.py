@@ -68,6 +68,12 @@ class Side:
     md5s: dict[str, str]  # path -> md5 of regular files (conffiles are compared by it)
     status: str
     lists: dict[str, list[str]]  # package -> its files, relative to /
+    first_boot: dict[str, File] | None = None  # as pibake's first boot left them (firstboot.list), if it did
+
+
+# Written by pibake's first boot (overlays/common/usr/local/lib/pibake/firstboot) in
+# NODE_LIST's format, its sections marked "firstboot".
+FIRST_BOOT_LIST = "var/lib/pibake/firstboot.list"
 
 
 def side_from_tar(path: Path, prefix: str = "") -> Side:
@@ -167,10 +173,13 @@ def compare(baked: Side, now: Side, staged: set[str]) -> list[Change]:
             changes.append(Change("package", "removed", name, old))
         else:
             changes.append(Change("package", "upgraded", name, f"{old} -> {new}"))
+    first_boot = now.first_boot
     for path in sorted(baked_files.keys() | now_files.keys()):
         old_file, new_file = baked_files.get(path), now_files.get(path)
         if old_file == new_file:
             continue
+        if first_boot is not None and _same(first_boot.get(path), new_file):
+            continue  # as pibake's first boot left it (its packages' installation, Raspberry Pi OS's own first boot)
         if path in owned:
             if path not in conffiles or md5s.get(path) == conffiles[path]:
                 continue  # the package's own file, as it shipped it
@@ -189,6 +198,12 @@ def compare(baked: Side, now: Side, staged: set[str]) -> list[Change]:
             if what:
                 changes.append(Change("file", "changed", "/" + path, ", ".join(what)))
     return changes
+
+
+def _same(a: File | None, b: File | None) -> bool:
+    """The same entry, whether or not its content was searched for a private key."""
+    return a is None and b is None or a is not None and b is not None and (a.kind, a.mode, a.uid, a.gid, a.sha256) == \
+        (b.kind, b.mode, b.uid, b.gid, b.sha256)
 
 
 def _kind_name(f: File | None) -> str:
@@ -224,6 +239,8 @@ echo "== $mark secret"
 list -type f -print0 | xargs -0r grep -lsZ -e '-----BEGIN [A-Z ]*PRIVATE KEY-----'
 echo "== $mark status"
 cat /mnt/var/lib/dpkg/status
+echo "== $mark firstboot"
+[ -f ./var/lib/pibake/firstboot.list ] && head -c 67108864 ./var/lib/pibake/firstboot.list
 echo "== $mark lists"
 set +f
 for f in /mnt/var/lib/dpkg/info/*.list; do printf '%s\0' "${f##*/}"; cat "$f"; printf '\0'; done
@@ -234,7 +251,7 @@ MAX_ANSWER = 256 << 20
 def side_from_node(answer: bytes, mark: str) -> Side:
     """The node's side, from NODE_LIST's answer; `mark`: the random word its section heads carry."""
     sections: dict[str, bytes] = {}
-    pieces = re.split(rb"== " + re.escape(mark.encode()) + rb" (entries|sha256|md5|secret|status|lists)\n", answer)
+    pieces = re.split(rb"== " + re.escape(mark.encode()) + rb" (entries|sha256|md5|secret|status|firstboot|lists)\n", answer)
     for key, value in zip(pieces[1::2], pieces[2::2]):
         sections[key.decode()] = value
     side = Side({}, {}, sections.get("status", b"").decode("utf-8", "replace"), {})
@@ -254,6 +271,8 @@ def side_from_node(answer: bytes, mark: str) -> Side:
         side.files[name] = File(kind, mode, uid, gid, digest, not mode & 0o004 or name in secret)
         if name in md5s:
             side.md5s[name] = md5s[name]
+    if sections.get("firstboot"):
+        side.first_boot = side_from_node(sections["firstboot"][:MAX_TEXT], "firstboot").files
     items = sections.get("lists", b"").split(b"\0")
     for i in range(0, len(items) - 1, 2):
         package = items[i].decode("utf-8", "replace").removesuffix(".list").split(":")[0]
@@ -297,6 +316,8 @@ def side_from_image(g, device: str) -> Side:
                 side.lists.update(part.lists)
             if g.is_file("/var/lib/dpkg/status"):
                 side.status = bytes(g.read_file("/var/lib/dpkg/status"))[:MAX_TEXT].decode("utf-8", "replace")
+            if g.is_file("/" + FIRST_BOOT_LIST, followsymlinks=False) and g.filesize("/" + FIRST_BOOT_LIST) <= MAX_TEXT:
+                side.first_boot = side_from_node(bytes(g.read_file("/" + FIRST_BOOT_LIST)), "firstboot").files
     finally:
         g.umount_all()
     return side

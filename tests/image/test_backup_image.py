@@ -10,7 +10,6 @@ node, over ssh, is tests/boot/test_boot.py's.
 
 from __future__ import annotations
 
-import base64
 import datetime
 import hashlib
 import json
@@ -22,14 +21,16 @@ from pathlib import Path
 import guestfs
 import pytest
 
-from builder import backup, layout, node_side
+from builder import backup, layout
 from builder.errors import BuildError, InputError
 from builder.profile import load
+from backup_node import LocalNode, card_facts
 from conftest import write_profile
 
 pytestmark = pytest.mark.image
 
 MIB = 1 << 20
+FIRST_BOOT_LIST = Path(__file__).resolve().parents[2] / "overlays/common/usr/local/lib/pibake/firstboot-list"
 
 
 def _sh(*command: str, cwd: Path | None = None) -> None:
@@ -68,45 +69,6 @@ def make_node_tree(root: Path, boot: Path) -> None:
     (boot / "cmdline.txt").write_text("console=serial0,115200 root=PARTUUID=5e3da4a0-02 rootfstype=ext4\n")
     (boot / "overlays").mkdir(exist_ok=True)
     (boot / "overlays/x.dtbo").write_bytes(b"\xd0\x0d" * 100)
-
-
-class LocalNode(backup.Link):
-    """The node's scripts run by a shell here, as sshd runs them; the node's file systems
-    are folders here, and its card's description comes from a card image the test made."""
-
-    def __init__(self, output: Path, node: str, folder: Path, *, mounts: dict[str, Path], facts: bytes,
-                 log: list[str]) -> None:
-        super().__init__(output, node, folder)
-        self.base = ["sh", "-c"]
-        self.mounts, self.facts, self.log = mounts, facts, log
-
-    def ask(self, remote: str, what: str, **kwargs) -> bytes:
-        self.log.append(what)
-        if remote == node_side.command(node_side.FACTS):
-            self.received += len(self.facts)
-            return self.facts
-        return super().ask(remote, what, **kwargs)
-
-    def view(self, mount: str) -> str:
-        return str(self.mounts[mount])
-
-    def close(self) -> None:
-        pass
-
-
-def card_facts(card: Path, used: dict[str, tuple[int, int]]) -> bytes:
-    """FACTS' answer for `card`, from the same tools the node runs."""
-    table = subprocess.run(["sfdisk", "--json", str(card)], check=True, capture_output=True).stdout
-    parts = json.loads(table)["partitiontable"]["partitions"]
-    boot, root = parts[0]["start"] * 512, parts[1]["start"] * 512
-    dump = subprocess.run(["dumpe2fs", "-h", f"{card}?offset={root}"], check=True, capture_output=True).stdout
-    with open(card, "rb") as f:
-        f.seek(boot)
-        sector = f.read(512)
-    b64 = lambda data: base64.b64encode(data).decode()  # noqa: E731
-    return (f"disk-size: {card.stat().st_size}\ntable: {b64(table)}\n"
-            f"fat: /dev/mmcblk0p1 /boot/firmware {b64(sector)}\nused: /dev/mmcblk0p1 {used['boot'][0]} 0\n"
-            f"ext4: /dev/mmcblk0p2 / {b64(dump)}\nused: /dev/mmcblk0p2 {used['root'][0]} {used['root'][1]}\n").encode()
 
 
 @pytest.fixture(scope="module")
@@ -410,6 +372,8 @@ def test_diff_names_what_changed_since_the_bake_and_nothing_else(node: dict, tmp
     (root / "usr/local/bin").mkdir(parents=True)
     (root / "var/lib/systemd").mkdir()
     (root / "var/lib/dpkg/status").write_text(_status(("base", "1.0", ""), ("gone", "1.0", ""), ("old", "1.0", "")))
+    (root / "etc/fstab").write_text("PARTUUID=5e3da4a0-02 / ext4 defaults 0 1\n")
+    (root / "etc/group").write_text("root:x:0:\n")
     baked = backup.backup(profile, profile.master.node, output, now=_clock("2026-12-05T09:00:00"), connect=node["connect"])
     os.replace(baked.path, output / "master.img")  # stands for the image pibake baked
     (output / "manifest.json").write_text(json.dumps({"nodes": {"master": {"image": "master.img", "role": "master"}}}))
@@ -421,6 +385,16 @@ def test_diff_names_what_changed_since_the_bake_and_nothing_else(node: dict, tmp
     (root / "var/lib/dpkg/info/htop.list").write_text("/usr/local/bin/htop\n/etc/htoprc\n")
     (root / "var/lib/dpkg/info/staged:arm64.list").write_text("/etc/staged.conf\n")
     (root / "etc/staged.conf").write_text("from the staged package\n")
+    # ... its maintainer scripts, and Raspberry Pi OS's own first boot: pibake's too, and
+    # listed as the first boot left them (tested here as the image runs it).
+    (root / "etc/alternatives").mkdir()
+    os.symlink("/usr/sbin/iptables-nft", root / "etc/alternatives/iptables")
+    (root / "etc/group").write_text("root:x:0:\ndnsmasq:x:108:\n")
+    (root / "etc/fstab").write_text("PARTUUID=6a1b2c3d-02 / ext4 defaults 0 1\n")
+    (root / "var/lib/pibake").mkdir()
+    with open(root / "var/lib/pibake/firstboot.list", "wb") as listed:
+        subprocess.run([str(FIRST_BOOT_LIST), str(root)], stdout=listed, check=True)
+    (root / "etc/group").write_text("root:x:0:\ndnsmasq:x:108:\nlab:x:1001:\n")  # and later, a person's edit
     (root / "usr/local/bin/htop").write_text("binary\n")
     (root / "etc/htoprc").write_text("edited by hand\n")  # a conffile changed from what it shipped
     (root / "var/lib/systemd/random-seed").write_bytes(os.urandom(32))  # the system's own
@@ -433,6 +407,7 @@ def test_diff_names_what_changed_since_the_bake_and_nothing_else(node: dict, tmp
 
     want = [("package", "removed", "gone", "1.0"), ("package", "installed", "htop", "3.2"),
             ("package", "upgraded", "old", "1.0 -> 1.1"),
+            ("file", "changed", "/etc/group", "content"),
             ("file", "changed", "/etc/hostname", "mode"), ("file", "added", "/etc/htoprc", "file"),
             ("file", "changed", "/etc/keep.conf", "content"), ("file", "added", "/root/id_key", "file, secret: path only"),
             ("file", "added", "/srv/added", "file"), ("file", "removed", "/srv/data", "file")]
