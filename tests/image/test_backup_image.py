@@ -198,7 +198,7 @@ def _xattr(path: Path, name: str) -> bytes:
 
 def test_the_next_backup_sends_only_what_changed_and_is_whole_on_its_own(node: dict) -> None:
     profile, master, output = node["profile"], node["profile"].master.node, node["output"]
-    clock = _clock("2026-12-05T10:00:00", "2026-12-05T11:00:00", "2026-12-05T12:00:00")
+    clock = _clock("2026-12-05T10:00:00", "2026-12-05T11:00:00", "2026-12-05T12:00:00", "2026-12-05T13:00:00")
     first = backup.backup(profile, master, output, now=clock, connect=node["connect"])
     root = node["root"]
     change = os.urandom(3 * MIB)
@@ -209,6 +209,7 @@ def test_the_next_backup_sends_only_what_changed_and_is_whole_on_its_own(node: d
     (root / "etc/hostname").write_text("master2\n")
     # The node's root file system now uses 100 MiB more: the image grows by as much, and its file system fills it.
     node["said"]["facts"] = card_facts(node["card"], {"boot": (1 * MIB, 0), "root": (180 * MIB, 50)})
+
     second = backup.backup(profile, master, output, now=clock, connect=node["connect"])
     assert second.incremental
     assert second.path.stat().st_size == first.path.stat().st_size + 100 * MIB
@@ -232,6 +233,24 @@ def test_the_next_backup_sends_only_what_changed_and_is_whole_on_its_own(node: d
         ["backups.json", third.path.name, third.path.name + ".bmap", third.path.name + ".sha256",
          "master-20261205T120000Z.state.json.gz"])
     assert third.received < 256 * 1024  # nothing changed
+
+    # A file tar says changed while it read it is read once more; still changing, it is named.
+    (root / "srv/busy").write_text("being written\n")
+
+    class StillChanging(LocalNode):
+        """tar says, each time it reads the root file system, that /srv/busy changed as it read it."""
+        reads = 0
+
+        def popen(self, remote: str, **kwargs):
+            if "tar --create" in remote and str(root) in remote:
+                StillChanging.reads += 1
+                remote = "{ " + remote + "; }; echo 'tar: \"./srv/busy\": file changed as we read it' >&2"
+            return super().popen(remote, **kwargs)
+
+    changing = lambda out, name, folder: StillChanging(out, name, folder, mounts={"/": root, "/boot/firmware": node["boot"]},  # noqa: E731
+                                                       facts=node["said"]["facts"], log=[])
+    fourth = backup.backup(profile, master, output, now=clock, connect=changing)
+    assert StillChanging.reads == 2 and fourth.report == ("/srv/busy changed while it was read",), fourth.report
 
 
 def test_backup_needs_sudo_without_a_password(tmp_path: Path) -> None:
