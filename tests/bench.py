@@ -17,7 +17,11 @@ at N = 25, 125 and 250 workers; it must grow in proportion to N, not N squared.
 Flash section (tests/bench_flash.py): dd, bmaptool and `pibake flash` writing a
 Bookworm-Lite-sized node image to loop devices, and a re-flash after one key is added.
 
-`python tests/bench.py [fetch] [bake] [plan] [flash]` runs those sections; all by default. Prints a
+Backup section (tests/bench_backup.py): `pibake backup` of a node holding about 2 GB over ssh,
+against tar over the same ssh and dd of the card; the next backup after a 10 MB change; and
+an offline backup of the card in a reader, bytes read against bytes used.
+
+`python tests/bench.py [fetch] [bake] [plan] [flash] [backup]` runs those sections; all by default. Prints a
 table and writes the figures to output/bench/fetch.json and bake.json.
 PIBAKE_BENCH_RUNS sets the runs per measurement (3); one appliance per image at
 N = 50 takes about 20 minutes a run under TCG, so it is measured
@@ -264,7 +268,7 @@ def print_bake(bake: dict) -> None:
 
 
 def main() -> None:
-    sections = sys.argv[1:] or ["fetch", "bake", "plan", "flash"]
+    sections = sys.argv[1:] or ["fetch", "bake", "plan", "flash", "backup"]
     WORK.mkdir(parents=True, exist_ok=True)
     if "fetch" in sections:
         if shutil.which("curl") is None:
@@ -284,6 +288,11 @@ def main() -> None:
         print(f"flash: {RUNS} alternating runs of dd, bmaptool and pibake flash on loop devices, then a re-flash")
         flashed = {"machine": machine(), **bench_flash(WORK, RUNS)}
         (WORK / "flash.json").write_text(json.dumps(flashed, indent=2) + "\n")
+    if "backup" in sections:
+        from bench_backup import bench_backup
+        print(f"backup: {RUNS} alternating runs of tar over ssh and a first pibake backup, then the next backup and an offline one")
+        backed = {"machine": machine(), **bench_backup(WORK, RUNS)}
+        (WORK / "backup.json").write_text(json.dumps(backed, indent=2) + "\n")
     print()
     if "fetch" in sections:
         print_fetch(fetch)
@@ -295,6 +304,10 @@ def main() -> None:
         from bench_flash import print_flash
         print_flash(flashed, met)
         print(f"  machine: {flashed['machine']}; figures: {WORK / 'flash.json'}")
+    if "backup" in sections:
+        from bench_backup import print_backup
+        print_backup(backed, met)
+        print(f"  machine: {backed['machine']}; figures: {WORK / 'backup.json'}")
 
 
 if __name__ == "__main__":
