@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from boot_fixture import DISK_ID, fixture_dir
+from builder import node_side
 from conftest import run_pibake, write_profile
 from mirror import Mirror
 from qemu import Cluster, HomeNetwork, Ssh, boot_partition_offset, read_cmdline, wait_for
@@ -431,8 +432,16 @@ def test_second_boot_changes_nothing_and_the_master_comes_back_from_its_backup(c
         assert ssh.check("master", "sha256sum /srv/keep/ten") == backed_up["ten"]
         leases = ssh.check("master", "cat /var/lib/misc/dnsmasq.leases")
         assert all(name in leases for name in WORKERS), leases
-        assert int(ssh.check("master", "df -B1 --output=size /").split()[-1]) > backed_up["size"]
+        # ext4's blocks reach the card's end (less than one block short).
+        start, disk, blocks, block = (int(n) for n in ssh.check("master", ROOT_EXTENT).split())
+        assert 0 <= disk * 512 - (start * 512 + blocks * block) < block, (start, disk, blocks, block)
     _check_master(ssh)  # the workers reach it, and it them
+
+
+# The root partition's start and the disk's size (sectors), and ext4's block count and size.
+ROOT_EXTENT = ("p=$(findmnt -no SOURCE /); n=${p##*/}; d=$(basename \"$(readlink -f /sys/class/block/$n/..)\");"
+               " echo $(cat /sys/class/block/$n/start) $(cat /sys/class/block/$d/size)"
+               " $(sudo dumpe2fs -h $p 2>/dev/null | sed -n 's/^Block count: *//p; s/^Block size: *//p')")
 
 
 def _back_up_the_master(running: Cluster, ssh: Ssh, baked: Path) -> dict:
@@ -443,6 +452,21 @@ def _back_up_the_master(running: Cluster, ssh: Ssh, baked: Path) -> dict:
     assert kept.splitlines()[:3] == ["kept", "2", "one inode"], kept
     leases = ssh.check("master", "cat /var/lib/misc/dnsmasq.leases")
     assert all(name in leases for name in WORKERS), leases
+
+    # The services a backup stops come back by the node's own doing when the operator's
+    # connection drops: backup's hold, over output/ssh_config, its ssh killed.
+    hold = subprocess.Popen([*home.argv(), "ssh", "-F", "ssh_config", "-o", "BatchMode=yes", "master",
+                             node_side.command(node_side.HOLD, "dnsmasq")], cwd=baked / "output", stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert hold.stdout is not None
+        assert hold.stdout.readline().decode().split() == ["stopped:", "dnsmasq"]
+        assert ssh.run("master", "systemctl is-active dnsmasq").stdout.strip() == "inactive"
+    finally:
+        hold.kill()
+        hold.wait()
+    wait_for(lambda: ssh.run("master", "systemctl is-active dnsmasq").stdout.strip() == "active", time.monotonic() + 120,
+             "the master to start dnsmasq again once the connection holding it stopped dropped")
 
     # From the home network, over output/ssh_config, with the master running.
     started = time.monotonic()
