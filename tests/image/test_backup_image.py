@@ -446,3 +446,30 @@ def test_diff_names_what_changed_since_the_bake_and_nothing_else(node: dict, tmp
     assert cli.code == 0, cli.output
     assert [(c["what"], c["how"], c["name"], c["detail"]) for c in json.loads(cli.stdout)] == want
     assert "secret\n" not in cli.output
+
+
+def test_a_file_system_with_no_file_reads_back_as_holding_none(tmp_path: Path) -> None:
+    """checksums_out on a tree with no regular file names sha256sum's stdin "-"; a real "/-" is a file."""
+    from builder import backup_image
+    images = []
+    for name, content in (("empty", None), ("dash", b"")):
+        image = tmp_path / f"{name}.img"
+        subprocess.run(["mkfs.fat", "-C", str(image), "8192"], check=True, capture_output=True)
+        if content is not None:
+            (tmp_path / "-").write_bytes(content)
+            subprocess.run(["mcopy", "-i", str(image), str(tmp_path / "-"), "::/-"], check=True)
+        images.append(image)
+    g = guestfs.GuestFS(python_return_dict=True)
+    g.set_backend_settings(["force_tcg"])
+    for image in images:
+        g.add_drive_opts(str(image), format="raw", readonly=True)
+    g.launch()
+    try:
+        got = []
+        for device in g.list_devices():
+            g.mount_ro(device, "/")
+            got.append(backup_image._sums(g))
+            g.umount_all()
+    finally:
+        g.close()
+    assert got == [{}, {"./-": backup_image.EMPTY_SHA256}]
