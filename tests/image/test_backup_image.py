@@ -115,15 +115,15 @@ def _clock(*times: str):
     return lambda: next(stamps)
 
 
-def _read_back(*images: Path) -> list[dict]:
-    """What each image holds, read with one libguestfs launch."""
+def _read_back(*images: Path, read=None) -> list[dict]:
+    """What each image holds (by `read(g, device)`, _read_one by default), read with one libguestfs launch."""
     g = guestfs.GuestFS(python_return_dict=True)
     g.set_backend_settings(["force_tcg"])
     for image in images:
         g.add_drive_opts(str(image), format="raw", readonly=True)
     g.launch()
     try:
-        return [_read_one(g, device) for device in g.list_devices()]
+        return [(read or _read_one)(g, device) for device in g.list_devices()]
     finally:
         g.close()
 
@@ -459,17 +459,13 @@ def test_a_file_system_with_no_file_reads_back_as_holding_none(tmp_path: Path) -
             (tmp_path / "-").write_bytes(content)
             subprocess.run(["mcopy", "-i", str(image), str(tmp_path / "-"), "::/-"], check=True)
         images.append(image)
-    g = guestfs.GuestFS(python_return_dict=True)
-    g.set_backend_settings(["force_tcg"])
-    for image in images:
-        g.add_drive_opts(str(image), format="raw", readonly=True)
-    g.launch()
-    try:
-        got = []
-        for device in g.list_devices():
-            g.mount_ro(device, "/")
-            got.append(backup_image._sums(g))
+
+    def sums(g, device: str) -> dict:
+        g.mount_ro(device, "/")
+        try:
+            return backup_image._sums(g)
+        finally:
             g.umount_all()
-    finally:
-        g.close()
+
+    got = _read_back(*images, read=sums)
     assert got == [{}, {"./-": backup_image.EMPTY_SHA256}]
