@@ -295,7 +295,6 @@ def _sums(data: bytes) -> dict[str, str]:
     return out
 
 
-
 def side_from_image(g, device: str) -> Side:
     """A side read through libguestfs from an image's root file system (`device`), mounted read-only here."""
     import tempfile

@@ -226,3 +226,13 @@ def test_a_packed_stream_unpacks_into_no_more_than_its_files_hold(tmp_path: Path
         bad.write_bytes(junk)
         with pytest.raises(BuildError, match="node: / is not a gzip stream"):
             _unpack(bad, tmp_path / "bad.tar", 1 << 20, "node: /")
+
+
+def test_the_first_boot_lists_the_folders_pibake_diff_compares() -> None:
+    """firstboot-list (shell, on the node) and drift.FOLDERS (here) name the same folders."""
+    import re as regex
+
+    from builder import drift
+    script = (Path(__file__).resolve().parents[2] / "overlays/common/usr/local/lib/pibake/firstboot-list").read_text()
+    folders = regex.search(r'^folders="([^"]*)"$', script, regex.M)
+    assert folders and folders[1].split() == [f"./{f}" for f in drift.FOLDERS]
