@@ -1,32 +1,28 @@
 """The libguestfs appliance: the only module that imports guestfs, and an adapter over it.
 
-One appliance is launched per command with every image attached. It reads the base
-(its facts, and the files the plans look at) and applies each node's `Changes` to
-its copy; it plans nothing.
+One appliance is launched per command with every image attached. It reads the base:
+its facts, and the files the plans look at. It plans nothing and, in a build, writes
+nothing (image_write does, on the host).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import re
 import posixpath
-import shutil
 import signal
-import tarfile
-import tempfile
 import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 from builder import cache, environment
 from builder.errors import BuildError
 from builder.facts import BaseFacts, BaseReads
 from builder.packages import read_inputs
-from builder.tree import Changes, Stat
+from builder.tree import Stat
 from builder.release import Release
 
 try:
@@ -54,9 +50,6 @@ class Appliance:
         self.launch_seconds = 0.0
         self.g = self._launch()
         self.devices = self._devices()
-        # Kernel messages before this count are not about writing: set when something is
-        # first read through the appliance (the boot's own messages are none of ours).
-        self._dmesg_seen: int | None = None
 
     def _handle(self, force_tcg: bool):
         g = guestfs.GuestFS(python_return_dict=True)
@@ -163,8 +156,6 @@ class Appliance:
         name = self.drives[index].path
         if not check:
             return f"{device}1", f"{device}2"
-        if self._dmesg_seen is None:
-            self._dmesg_seen = len(self.g.dmesg().splitlines())
         try:
             parts = [f"{device}{p['part_num']}" for p in sorted(self.g.part_list(device), key=lambda p: p["part_num"])]
         except RuntimeError:  # no partition table at all
@@ -230,116 +221,6 @@ class Appliance:
             yield reader
         finally:
             reader.close()
-
-    def apply(self, nodes: list[str], boot_dir: str, changes: list[Changes], mtime: float,
-              done: Callable[[int], None] = lambda index: None, group: int = 8) -> None:
-        """Make every node's changes, drive i for nodes[i], a group of nodes at a time.
-
-        A group's root file systems are mounted side by side (/n0, /n1, ...) and get
-        their files from one tar archive, so what costs is one mount per node: each
-        command run in the emulated appliance takes a fraction of a second. done(i)
-        is called once drive i is unmounted, its data handed to the host.
-        """
-        g = self.g
-        for index in range(len(nodes)):
-            g.mkmountpoint(f"/n{index}")
-        try:
-            for start in range(0, len(nodes), group):
-                indexes = range(start, min(len(nodes), start + group))
-                self._apply_group(nodes, boot_dir, changes, indexes, mtime, done)
-        finally:  # each group unmounts what it mounted, also when it fails
-            for index in range(len(nodes)):
-                g.rmmountpoint(f"/n{index}")
-
-    def _apply_group(self, nodes: list[str], boot_dir: str, changes: list[Changes], indexes: range, mtime: float,
-                     done: Callable[[int], None]) -> None:
-        g = self.g
-        mounted = False  # anything of this group's: then umount_all on the way out
-        node = nodes[indexes[0]]
-        step = "mount"
-        try:
-            for index in indexes:
-                node, top, change = nodes[index], f"/n{index}", changes[index]
-                boot, root = self.partitions(index, check=False)  # copies of drive 0, checked when the base was read
-                # Naming the type spares mount(8) probing the partition (0.03 to 0.05 s under TCG).
-                step = "mount the root file system"
-                g.mount_vfs("", "ext4", root, top)
-                mounted = True
-                if change.touches_boot:
-                    step = "mount the boot partition"
-                    g.mount_vfs("", "vfat", boot, top + boot_dir)
-                for old, new in change.moves:
-                    step = f"move {old}"
-                    g.mv(top + old, top + new)
-                for path in change.deletes:
-                    step = f"delete {path}"
-                    g.rm_f(top + path)
-            if any(changes[i].root for i in indexes):
-                node, step = ", ".join(nodes[i] for i in indexes), "write the root file systems' files"
-                with tempfile.NamedTemporaryFile(prefix="pibake-", suffix=".tar") as archive:
-                    with tarfile.open(fileobj=archive, mode="w", format=tarfile.GNU_FORMAT) as tar:
-                        for index in indexes:
-                            changes[index].add_to(tar, f"n{index}", mtime)
-                    archive.flush()
-                    try:
-                        g.tar_in(archive.name, "/")
-                    except RuntimeError as e:
-                        # tar names the member that failed: n<drive>/path
-                        which = re.search(r"\bn(\d+)/", str(e))
-                        if which and int(which[1]) in indexes:
-                            node = nodes[int(which[1])]
-                        raise
-            for index in indexes:
-                node, top, change = nodes[index], f"/n{index}", changes[index]
-                for path in change.boot_mkdirs:
-                    step = f"mkdir {path}"
-                    g.mkdir_p(top + path)
-                for path in change.boot_deletes:
-                    step = f"delete {path}"
-                    g.rm_f(top + path)
-                for path, content in change.boot_writes.items():
-                    step = f"write {path}"
-                    g.write(top + path, content)
-                log.debug("%s: %d moved, %d deleted, %d written to the root file system, %d to the boot partition", node,
-                          len(change.moves), len(change.deletes) + len(change.boot_deletes), len(change.root),
-                          len(change.boot_writes))
-            # Only this group is mounted. umount_all runs umount(8) as umount does, without
-            # the two `udevadm settle` libguestfs 1.48 runs first (0.07 s against 0.22 s under TCG).
-            node, step = ", ".join(nodes[i] for i in indexes), "unmount"
-            g.umount_all()
-            mounted = False
-            for index in indexes:  # the host can go on with them while the kernel's log is read
-                done(index)
-        except RuntimeError as e:
-            raise BuildError(f"{node}: cannot {step}: {_explain(e)}") from None
-        finally:
-            if mounted:
-                g.umount_all()
-            self._check_writes({self.devices[i]: nodes[i] for i in indexes})
-
-    def _check_writes(self, nodes: dict[str, str]) -> None:
-        """Fail if the guest kernel saw a write fail: sync() does not return such errors.
-
-        `nodes` maps the devices just written to their node's name."""
-        lines = self.g.dmesg().splitlines()
-        new, self._dmesg_seen = lines[self._dmesg_seen or 0 :], len(lines)
-
-        def blamed(line: str) -> tuple[str, Path]:
-            dev = re.search(r"\b(?:dev|device) (sd[a-z]+|vd[a-z]+)", line)
-            device = f"/dev/{dev[1]}" if dev else ""
-            name = nodes.get(device) or next(iter(nodes.values()))
-            index = self.devices.index(device) if device in self.devices else self.devices.index(next(iter(nodes)))
-            return name, self.drives[index].path.parent
-
-        full = [line for line in new if "critical space allocation error" in line]
-        if full:
-            node, folder = blamed(full[0])
-            free = shutil.disk_usage(folder).free
-            raise BuildError(f"{node}: no space left on the output disk ({folder}, {free >> 20} MiB free)")
-        failed = [line for line in new if re.search(r"I/O error|EXT4-fs error", line)]
-        if failed:
-            node, _ = blamed(failed[0])
-            raise BuildError(f"{node}: writing the image failed: {failed[0].split('] ', 1)[-1]}")
 
     # ------------------------------------------------------------ reading back
 
@@ -438,15 +319,6 @@ def _kind(mode: int) -> str:
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return text[0] if text else type(e).__name__
-
-
-def _explain(e: RuntimeError) -> str:
-    text = _first_line(e)
-    if "No space left" in text:
-        return "the image's root file system is full"
-    if "Input/output error" in text:
-        return f"{text} (is the output disk full?)"
-    return text
 
 
 class BaseReader:

@@ -6,6 +6,7 @@ rename is atomic) and only renamed into place once complete, hashed and synced.
 
 from __future__ import annotations
 
+import datetime
 import fcntl
 import hashlib
 import logging
@@ -15,16 +16,17 @@ import signal
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
 from builder import __version__
 from builder.progress import bar
 
-from builder import bmap, environment, image, packages
+from builder import bmap, environment, epoch, image, image_write, packages
 from builder.appliance import Appliance, Drive
 from builder.cache import BaseImage, Layout
+from builder.epoch import Epoch
 from builder.errors import BuildError
 from builder.keys import KeyStore
 from builder.packages import AptInputs, Deb
@@ -46,6 +48,7 @@ class Options:
     state: Path
     cache: Layout
     force: bool = False
+    epoch: Epoch | None = None  # set by build(), from the base and SOURCE_DATE_EPOCH
 
 
 def plans_for(profile: Profile, nodes: tuple[Node, ...], release: Release, keys: KeyStore,
@@ -218,7 +221,12 @@ def _first_difference(plan: NodePlan, entry: dict, path: Path, sha: str) -> str:
 
 def build(profile: Profile, nodes: tuple[Node, ...], options: Options) -> list[BuiltImage]:
     base = options.base.path
-    image.check_layout(base)
+    root = {p.number: p.start for p in image.check_layout(base)}[2]
+    epoch.check_clean(base, root)
+    written = options.epoch or epoch.of(base, root)  # given: pibake verify's, as the manifest records it
+    options = replace(options, epoch=written)
+    log.info("time written into the images: %d (%s, from the %s)", written.seconds,
+             datetime.datetime.fromtimestamp(written.seconds, datetime.timezone.utc).isoformat(), written.source)
     keys = KeyStore(options.state)
     manifest = read_manifest(options.output).get("nodes", {})
     with ThreadPoolExecutor(max_workers=1) as pool:
@@ -263,7 +271,8 @@ def _rebuild(profile: Profile, nodes: tuple[Node, ...], entries: dict, sha: str,
         return _Rebuilt(_bake(profile, nodes, None, base_sha, options, keys) or [])  # refuses nothing
     debs = staged_before(profile, nodes, facts.apt, options.cache) if guessing else None
     plans = _plans(profile, nodes, facts, options, keys, debs)
-    candidates, changed = _sort_out(plans, entries, options.output, sha)
+    assert options.epoch is not None
+    candidates, changed = _sort_out(plans, entries, options.output, sha, options.epoch.seconds)
     with ThreadPoolExecutor(max_workers=1) as checker:
         # Meanwhile: apt again, and each maybe-unchanged image checked (one thread: the
         # check's state is computed once).
@@ -315,14 +324,15 @@ def _rebuild(profile: Profile, nodes: tuple[Node, ...], entries: dict, sha: str,
     return _Rebuilt([by_name[n.hostname] for n in profile.nodes if n.hostname in by_name])
 
 
-def _sort_out(plans: list[NodePlan], entries: dict, output: Path, sha: str) -> tuple[list[tuple[NodePlan, Path, dict]], list[NodePlan]]:
+def _sort_out(plans: list[NodePlan], entries: dict, output: Path, sha: str,
+              epoch: int) -> tuple[list[tuple[NodePlan, Path, dict]], list[NodePlan]]:
     """The plans whose image may be unchanged (same inputs, image there; its content still to be
     checked), with their image and manifest entry, and the plans that must be baked."""
     candidates, changed = [], []
     for plan in plans:
         entry = entries.get(plan.node.hostname, {})
         path = output / entry.get("image", f"{plan.node.hostname}.img")
-        if entry.get("inputs") == plan.fingerprint(sha) and path.is_file() and path.stat().st_size == entry.get("size"):
+        if entry.get("inputs") == plan.fingerprint(sha, epoch) and path.is_file() and path.stat().st_size == entry.get("size"):
             candidates.append((plan, path, entry))
         else:
             log.info("%s: %s", plan.node.hostname, _why_changed(plan, entry, path, sha))
@@ -449,20 +459,21 @@ def _bake(profile: Profile, nodes: tuple[Node, ...], plans: list[NodePlan] | Non
             with appliance.base(plans[0].release.boot_dir, reads) as base_files:
                 changes = prepare(plans, base_files)
             log.debug("plans played through against the base%s", "" if reads.learned else ", all of it known from earlier builds")
-            mtime = time.time()
-            # Each image is synced and hashed while the appliance goes on with the next.
-            with bar(total=len(plans), desc="bake", unit="image") as meter:
-                hashing: dict[int, Future] = {}
+        # Written on the host, two at a time; each image is synced and hashed as soon as it is written.
+        assert options.epoch is not None
+        seconds, offsets = options.epoch.seconds, (layout[1], layout[2])
+        with bar(total=len(plans), desc="bake", unit="image") as meter, ThreadPoolExecutor(max_workers=2) as writers:
 
-                def done(index: int) -> None:
-                    offset = layout[1] if changes[index].touches_boot else layout[2]
-                    hashing[index] = pool.submit(_finish, staged[index], offset, prefixes.result()[1][offset], syncer)
-                    meter.update()
+            def bake_one(index: int) -> tuple[str, str]:
+                plan = plans[index]
+                image_write.write(staged[index], offsets, plan.release.boot_dir, changes[index], seconds, plan.node.hostname)
+                offset = layout[1] if changes[index].touches_boot else layout[2]
+                hashed = _finish(staged[index], offset, prefixes.result()[1][offset], syncer)
+                meter.update()
+                return hashed
 
-                appliance.apply([plan.node.hostname for plan in plans], plans[0].release.boot_dir, changes, mtime, done)
-                log.debug("every image written; waiting for their hashes")
-                hashes = [hashing[i].result() for i in range(len(plans))]
-                log.debug("hashed")
+            hashes = list(writers.map(bake_one, range(len(plans))))
+            log.debug("every image written and hashed")
         built = [BuiltImage(plan, options.output / path.name, sha, path.stat().st_size, blocks_sha256=blocks)
                  for plan, path, (sha, blocks) in zip(plans, staged, hashes)]
         if refusal() is not None:
@@ -476,6 +487,6 @@ def _bake(profile: Profile, nodes: tuple[Node, ...], plans: list[NodePlan] | Non
                 os.chmod(path, 0o600)
                 path.replace(result.path)
                 bmap.path_for(path).replace(bmap.path_for(result.path))
-            update_manifest(options.output, base, base_sha256(), built)
+            update_manifest(options.output, base, base_sha256(), built, options.epoch)
             write_ssh_files(options.output, profile, keys)
     return built

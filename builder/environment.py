@@ -27,6 +27,7 @@ VARIABLES = {
     "PIBAKE_SIGNING_KEYS": "comma-separated fingerprints of the OpenPGP keys trusted to sign images",
     "PIBAKE_SIGNING_KEY_URL": "comma-separated URLs the signing keys are fetched from",
     "PIBAKE_SLOW_COPY": "seconds a first copy may take before the appliance is launched while the rest are made",
+    "SOURCE_DATE_EPOCH": "every time written into an image (seconds since 1970; default: the base's own last write)",
     "XDG_CACHE_HOME": "the cache's parent folder (default ~/.cache)",
     "LIBGUESTFS_BACKEND_SETTINGS": "libguestfs' own; force_tcg skips the KVM attempt",
     "SUDO_USER": "sudo's own: `pibake flash` under sudo also keeps off the cache of the user who ran sudo",
@@ -100,6 +101,10 @@ def slow_copy() -> float:
         return float(value) if value else 0.5
     except ValueError:
         raise InputError(f"PIBAKE_SLOW_COPY must be a number of seconds, not '{value}'") from None
+
+
+def source_date_epoch() -> Optional[str]:
+    return _get("SOURCE_DATE_EPOCH")
 
 
 def force_tcg() -> bool:

@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from builder import __version__, bmap
+from builder.epoch import Epoch
 from builder.files import read_json, write_file
 from builder.formats import known_hosts_name, shell_safe_path, ssh_config_path
 from builder.keys import KeyStore
@@ -46,7 +47,7 @@ def read_manifest(output: Path) -> dict:
     return read_json(output / MANIFEST)
 
 
-def update_manifest(output: Path, base: Path, base_sha256: str, built: list[BuiltImage]) -> dict:
+def update_manifest(output: Path, base: Path, base_sha256: str, built: list[BuiltImage], epoch: Epoch) -> dict:
     """Record the images just built, keeping entries for earlier images still present."""
     nodes = _present(output, read_manifest(output))
     base_stat = base.stat()
@@ -61,7 +62,9 @@ def update_manifest(output: Path, base: Path, base_sha256: str, built: list[Buil
             "sha256": image.sha256,
             # Lets a rebuild check the image by reading its data only, not its holes.
             "blocks_sha256": image.blocks_sha256,
-            "inputs": plan.fingerprint(base_sha256),
+            "inputs": plan.fingerprint(base_sha256, epoch.seconds),
+            # The time written into the image, and where it came from.
+            "epoch": {"seconds": epoch.seconds, "source": epoch.source},
             "pibake": __version__,
             # Size and mtime let a rebuild start from this sha256 while it checks it.
             "base_image": {"path": str(base), "sha256": base_sha256, "size": base_stat.st_size, "mtime_ns": base_stat.st_mtime_ns},
@@ -107,7 +110,9 @@ def os_list(output: Path, manifest: dict) -> dict:
     nodes = sorted(manifest["nodes"].values(), key=lambda e: (e["role"] != "master", e["hostname"]))
     for entry in nodes:
         path = (output / entry["image"]).resolve()
-        built = datetime.datetime.fromtimestamp(path.stat().st_mtime, datetime.timezone.utc).date()
+        # The time written into the image (an older manifest's: the file's own).
+        seconds = entry.get("epoch", {}).get("seconds") or path.stat().st_mtime
+        built = datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc).date()
         release = entry.get("release", {}).get("codename", "?")
         entries.append({
             "name": f"{entry['hostname']} ({entry['address']})",

@@ -42,9 +42,9 @@ class NodePlan:
     # must not be an account or a group the image already has.
     renamed_to: tuple[str, Place] = ("", Place())
 
-    def fingerprint(self, base_sha256: str) -> str:
-        """A hash of everything that decides this node's image: base, pibake, and every operation in full."""
-        h = hashlib.sha256(f"{__version__}\0{base_sha256}\0{self.release.codename}\0".encode())
+    def fingerprint(self, base_sha256: str, epoch: int) -> str:
+        """A hash of everything that decides this node's image: base, pibake, the time written, and every operation in full."""
+        h = hashlib.sha256(f"{__version__}\0{base_sha256}\0{self.release.codename}\0{epoch}\0".encode())
         for op in self.ops:
             for name, value in vars(op).items():
                 if name in NOT_IN_IMAGE:  # where a profile lists a file, or reads it from, is not in the image

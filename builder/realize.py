@@ -3,11 +3,12 @@
 Every node image starts as an exact copy of the base, so whatever a plan reads (the
 lines it edits, whether a path exists, where a symlink leads) is read once from the
 base and the plan is played through on the host, with every path checked where it
-leads in the image. What comes out is each node's `Changes`, for the appliance.
+leads in the image. What comes out is each node's `Changes`, to write into its copy.
 """
 
 from __future__ import annotations
 
+import posixpath
 from typing import Protocol
 
 from builder.errors import BuildError, InputError, Place
@@ -48,6 +49,7 @@ def realize(plan: NodePlan, base: Base) -> Changes:
             raise e.within(node=node) from None
     _check_account(tree, *plan.renamed_to)
     for path, st in tree.state.items():
+        changes.before[path] = tree.in_base(path)
         if tree.on_boot(path):
             if st.kind == "file":
                 changes.boot_writes[path] = tree.contents[path]
@@ -59,6 +61,13 @@ def realize(plan: NodePlan, base: Base) -> Changes:
             changes.root[path] = st
             if st.kind == "file":
                 changes.contents[path] = tree.contents[path]
+    # A folder the plan writes into that neither it nor the base has is made as tar or
+    # mkdir -p would make it: root's, 0755.
+    for path in list(changes.root):
+        folder = posixpath.dirname(path)
+        while folder != "/" and folder not in changes.root and tree.lstat(folder).kind == "absent":
+            changes.parents.add(folder)
+            folder = posixpath.dirname(folder)
     changes.boot_mkdirs.sort()
     return changes
 

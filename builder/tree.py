@@ -1,17 +1,14 @@
 """The node's file system as a plan changes it: the model operations play against.
 
 `Tree` is the base image (read-only, through `Base`) with the plan's changes over it;
-`Changes` is what is left for the appliance to do to a copy of the base: moves,
-deletes, one tar archive for the root file system, and the boot partition's few files
-(FAT has no owners, which tar would try to set). Nothing here knows of plans or of
-libguestfs.
+`Changes` is what is left to do to a copy of the base: moves, deletes, the root file
+system's files, folders and links, and the boot partition's few files (FAT has no
+owners). Nothing here knows of plans, of libguestfs or of how changes are written.
 """
 
 from __future__ import annotations
 
-import io
 import posixpath
-import tarfile
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -45,27 +42,12 @@ class Changes:
     boot_writes: dict[str, bytes] = field(default_factory=dict)
     boot_mkdirs: list[str] = field(default_factory=list)
     boot_deletes: list[str] = field(default_factory=list)
+    parents: set[str] = field(default_factory=set)  # folders neither the plan nor the base has, that it writes into
+    before: dict[str, str] = field(default_factory=dict)  # what kind each changed path is in the base ("absent" too)
 
     @property
     def touches_boot(self) -> bool:
         return bool(self.boot_writes or self.boot_mkdirs or self.boot_deletes)
-
-    def add_to(self, archive: tarfile.TarFile, prefix: str, mtime: float) -> None:
-        """The root file system's part, under `prefix`: numeric owners, parents before children."""
-        for path in sorted(self.root, key=lambda p: p.split("/")):
-            st = self.root[path]
-            info = tarfile.TarInfo(prefix + path)
-            info.mode, (info.uid, info.gid), info.mtime = st.mode, st.owner, mtime
-            info.uname = info.gname = ""  # so tar in the appliance keeps the numbers
-            data = None
-            if st.kind == "dir":
-                info.type = tarfile.DIRTYPE
-            elif st.kind == "link":
-                info.type, info.linkname = tarfile.SYMTYPE, st.target
-            else:
-                data = self.contents[path]
-                info.size = len(data)
-            archive.addfile(info, io.BytesIO(data) if data is not None else None)
 
 
 ABSENT = Stat("absent")
@@ -95,6 +77,14 @@ class Tree:
             if under(path, old):
                 return ABSENT
         return self.base.lstat(self.base_path(path)) or ABSENT
+
+    def in_base(self, path: str) -> str:
+        """What kind `path` is in the base, once the moves are made: "absent" if it is not there."""
+        for old, _ in self.moved:
+            if under(path, old):
+                return "absent"
+        st = self.base.lstat(self.base_path(path))
+        return st.kind if st else "absent"
 
     def read(self, path: str) -> bytes:
         if path in self.contents:

@@ -135,6 +135,15 @@ def operator_key(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return key.with_name("id_ed25519.pub")
 
 
+@pytest.fixture
+def loops(tmp_path: Path):
+    """Loop devices over sparse files the test made (flash_devices.Loops), detached when it ends."""
+    from flash_devices import Loops
+    made = Loops(tmp_path)
+    yield made
+    made.close()
+
+
 def write_profile(folder: Path, body: str, name: str = "cluster.yaml") -> Path:
     path = folder / name
     path.write_text(textwrap.dedent(body).lstrip())

@@ -283,6 +283,14 @@ def test_cluster_configures_itself_on_first_boot(cluster, baked: Path, release: 
     running, ssh = cluster
     _check_master(ssh)
     _check_from_the_uplink_side(baked, running.home)
+    # What pibake wrote carries the one time its manifest records (the base's own, older
+    # than the nodes' clocks): the checks here show nothing refused or waited for it.
+    manifest = json.loads((baked / "output/manifest.json").read_text())["nodes"]
+    for name, address in (("master", None), ("worker1", WORKERS["worker1"])):
+        written = manifest[name]["epoch"]
+        assert written["source"] == "base image", written
+        stamps = ssh.check(name, "stat -c %Y /etc/systemd/system/pibake-firstboot.service; date +%s", address).split()
+        assert int(stamps[0]) == written["seconds"] < int(stamps[1]), (name, stamps, written)
     for name, address in NODES:
         _check_node(ssh, name, address)
         _check_first_boot_ran(ssh, name, address, release)

@@ -260,14 +260,6 @@ def test_backup_needs_sudo_without_a_password(tmp_path: Path) -> None:
         backup.backup(profile, profile.master.node, tmp_path / "output")
 
 
-@pytest.fixture
-def loops(tmp_path: Path):
-    from flash_devices import Loops
-    made = Loops(tmp_path)
-    yield made
-    made.close()
-
-
 def test_a_backup_restores_onto_a_smaller_card_and_a_card_in_a_reader_is_backed_up_offline(node: dict, tmp_path: Path,
                                                                                              loops) -> None:
     from conftest import run_pibake

@@ -33,13 +33,6 @@ from flash_devices import MIB, Loop, Loops, synthetic_output
 from rpios_image import make_image
 
 
-@pytest.fixture
-def loops(tmp_path: Path):
-    made = Loops(tmp_path)
-    yield made
-    made.close()
-
-
 def pibake_flash(*args: str, cwd: Path) -> Result:
     return run_pibake("flash", *args, cwd=cwd, timeout=600)
 
