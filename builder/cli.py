@@ -55,6 +55,8 @@ EXAMPLES = {
     "diff": _examples("pibake diff master                           # live, over output/ssh_config",
                       "pibake diff worker3 --json",
                       "sudo .venv/bin/pibake diff master --device /dev/sdb   # its card, in a reader"),
+    "verify": _examples("pibake verify master output/master.img        # the image is what the profile builds",
+                        "sudo .venv/bin/pibake verify worker2 /dev/sdb   # a flashed card, not booted yet"),
     "fetch": _examples("pibake fetch                                 # what the profile's image section names",
                        "pibake fetch --image trixie@2025-11-24"),
     "images": _examples("pibake images                                # * marks what the profile resolves to",
@@ -333,6 +335,45 @@ def diff_command(node_name: str, device: Optional[str], force: bool, as_json: bo
         return
     _echo_table(node_diff.table(changes))
     _echo(f"pibake: {node.hostname}: {len(changes) or 'no'} change{'s' if len(changes) != 1 else ''} since it was baked")
+
+
+@cli.command("verify", epilog=EXAMPLES["verify"])
+@click.argument("node_name", metavar="NODE")
+@click.argument("target", metavar="PATH")
+@click.option("--force", is_flag=True, help="For a disk: allow one that is not removable.")
+@click.option("--profiles", type=click.Path(path_type=Path), default=Path("profiles"), show_default=True,
+              envvar="PIBAKE_PROFILES", help="Profile file, or folder holding cluster.yaml.")
+@click.option("--state", type=click.Path(path_type=Path), default=None, envvar="PIBAKE_STATE",
+              help="Folder of generated keys (default: state/ beside the output folder).")
+@click.option("--output", "-o", type=click.Path(path_type=Path), default=Path("output"), show_default=True,
+              help="Where the build left the node's manifest entry.")
+@click.option("-v", "--verbose", count=True, help="Say more.")
+def verify_command(node_name: str, target: str, force: bool, profiles: Path, state: Optional[Path], output: Path,
+                   verbose: int) -> None:
+    """Whether PATH (an image, or a card flashed and not booted since) holds exactly
+    the node's image: the node is built again, in a scratch file, from the base image
+    and time its manifest records, with the profile and keys. Exit 0 when it holds;
+    otherwise the files that differ, and exit 1.
+    """
+    from builder import node_diff
+    from builder.verify import verify
+    _setup_logging(verbose, not verbose)  # the rebuild says nothing unless asked
+    profile = load(profiles)
+    node = next((n for n in profile.nodes if n.hostname == node_name), None)
+    if node is None:
+        raise InputError(f"{node_name!r} is not a node of the profile ({', '.join(n.hostname for n in profile.nodes)})")
+    verdict = verify(profile, node, output, _state(state, output), target, force)
+    if verdict.holds:
+        which = (f"all {verdict.size} bytes" if verdict.whole else
+                 f"every block its file systems use, {verdict.mapped} bytes, the rest is free space")
+        _echo(f"pibake: {target} holds exactly {node.hostname}'s image (sha256 {verdict.sha256[:12]}): {which}")
+        return
+    if verdict.changes:
+        _echo_table(node_diff.table(verdict.changes))
+    what = (f"{len(verdict.changes)} {'files differ' if len(verdict.changes) != 1 else 'file differs'}" if verdict.changes
+            else "its bytes differ, no file does (file system metadata: a card that was booted, or resized)")
+    _error(f"pibake: {target} is not {node.hostname}'s image: {what}")
+    raise SystemExit(1)
 
 
 @cli.command("flash", epilog=EXAMPLES["flash"])

@@ -55,9 +55,27 @@ class Change:
     detail: str = ""  # versions; what changed of a file (content, mode, owner, kind)
 
 
+@dataclass(frozen=True)
+class Scope:
+    """What a side holds: the files under `folders` (relative to /; "" is all of it), but for `skipped`."""
+
+    folders: tuple[str, ...] = FOLDERS
+    skipped: tuple[str, ...] = NOT_COMPARED
+
+    def excluded(self, path: str) -> bool:
+        return any(fnmatchcase(path, pattern) or fnmatchcase(path, pattern + "/*") for pattern in self.skipped)
+
+    def holds(self, path: str) -> bool:
+        return bool(path) and not self.excluded(path) and path.startswith(self.folders)
+
+
+DIFF = Scope()
+EVERYTHING = Scope(("",), ())  # pibake verify: every file of the image, its boot partition's too
+
+
 def excluded(path: str) -> bool:
     """`path` ("etc/hostname", no leading slash) is one the diff does not compare."""
-    return any(fnmatchcase(path, pattern) or fnmatchcase(path, pattern + "/*") for pattern in NOT_COMPARED)
+    return DIFF.excluded(path)
 
 
 @dataclass
@@ -76,7 +94,7 @@ class Side:
 FIRST_BOOT_LIST = "var/lib/pibake/firstboot.list"
 
 
-def side_from_tar(path: Path, prefix: str = "") -> Side:
+def side_from_tar(path: Path, prefix: str = "", scope: Scope = DIFF) -> Side:
     """A side from a tar stream of the folders, dpkg's status and its .list files (names relative to /,
     or to `prefix` when the stream is of one folder)."""
     side = Side({}, {}, "", {})
@@ -92,7 +110,7 @@ def side_from_tar(path: Path, prefix: str = "") -> Side:
                 side.lists.setdefault(package, []).extend(
                     line.lstrip("/") for line in _text(tar, member).splitlines() if line.startswith("/"))
                 continue
-            if not name or excluded(name) or not name.startswith(FOLDERS):
+            if not scope.holds(name):
                 continue
             _add(side, tar, member, name, posixpath.normpath(posixpath.join(prefix, member.linkname)).lstrip("/"))
     return side
@@ -295,21 +313,24 @@ def _sums(data: bytes) -> dict[str, str]:
     return out
 
 
-def side_from_image(g, device: str) -> Side:
-    """A side read through libguestfs from an image's root file system (`device`), mounted read-only here."""
+def side_from_image(g, device: str, scope: Scope = DIFF, boot: tuple[str, str] | None = None) -> Side:
+    """A side read through libguestfs from an image's root file system (`device`), mounted read-only here,
+    and its boot partition (device, folder) when given."""
     import tempfile
     side = Side({}, {}, "", {})
     g.mount_ro(device, "/")
     try:
+        if boot is not None:
+            g.mount_ro(boot[0], boot[1])
         with tempfile.TemporaryDirectory(prefix="pibake-diff-") as tmp:
-            for folder in (*FOLDERS, "var/lib/dpkg/info"):
+            for folder in (*scope.folders, *(("var/lib/dpkg/info",) if "" not in scope.folders else ())):
                 if not g.is_dir("/" + folder, followsymlinks=False):
                     continue
-                inside = [p[len(folder) + 1:] for p in NOT_COMPARED if p.startswith(folder + "/")]
+                inside = [p[len(folder) + 1:] for p in scope.skipped if p.startswith(folder + "/")]
                 stream = Path(tmp) / "part.tar"
                 g.tar_out("/" + folder, str(stream), numericowner=True,
                           excludes=[] if folder.endswith("info") else ["./" + p for p in inside])
-                part = side_from_tar(stream, prefix=folder)
+                part = side_from_tar(stream, prefix=folder, scope=scope)
                 side.files.update(part.files)
                 side.md5s.update(part.md5s)
                 side.lists.update(part.lists)

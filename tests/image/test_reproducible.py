@@ -1,17 +1,20 @@
-"""Tier 2: the same base, profile and keys give byte-identical images.
+"""Tier 2: the same base, profile and keys give byte-identical images, and pibake verify says so.
 
 Per release, two builds of one cluster in two folders: the second one at another clock
 time (faketime, years later), in another time zone, from a deeper folder, building the
 workers first and then the master instead of the whole cluster at once. Then a rebuild
-after a change that is taken back, and SOURCE_DATE_EPOCH.
+after a change that is taken back, SOURCE_DATE_EPOCH, and pibake verify on an image, on
+a card it was flashed to, and on a copy with one file edited through libguestfs.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import posixpath
 import random
 import shutil
+import stat
 from pathlib import Path
 
 import pytest
@@ -139,3 +142,41 @@ def test_a_rebuild_after_a_change_taken_back_gives_the_first_bytes_again(two_bui
     write_profile(second / "profiles", profile(two_builds["key"]))
     build(second, base, [["cluster"]])
     assert outputs(second / "output") == before
+
+
+def test_verify_holds_on_the_image_and_on_its_card_and_names_the_file_edited_in_a_copy(two_builds: dict, tmp_path: Path,
+                                                                                      loops) -> None:
+    first = two_builds["first"]
+    output = first / "output"
+    held = run_pibake("verify", "master", str(output / "master.img"), cwd=first)
+    assert held.code == 0, held.output
+    size = (output / "master.img").stat().st_size
+    assert held.stdout.count("\n") == 1 and "holds exactly master's image" in held.stdout, held.output
+    assert f"all {size} bytes" in held.stdout, held.output
+    # flashed onto a card (a loop device), read back from it
+    card = loops.make((output / "worker1.img").stat().st_size + (64 << 20))
+    flashed = run_pibake("flash", "worker1", card.device, "--yes", "--force", cwd=first)
+    assert flashed.code == 0, flashed.output
+    on_card = run_pibake("verify", "worker1", card.device, "--force", cwd=first)
+    assert on_card.code == 0 and "holds exactly worker1's image" in on_card.stdout, on_card.output
+    assert "every block its file systems use" in on_card.stdout, on_card.output  # the rest is the card's
+    # one file of the image, drawn at random, edited through libguestfs in a copy
+    copy = tmp_path / "edited.img"
+    shutil.copyfile(output / "worker2.img", copy)
+    with Appliance([Drive(copy)]) as a:
+        _, root = a.partitions(0)
+        a.g.mount(root, "/")
+        found = (posixpath.normpath(f"/etc/{p}") for p in a.g.find("/etc"))
+        files = sorted(p for p in found if stat.S_ISREG(a.g.lstatns(p)["st_mode"]))
+        edited = random.choice(files)
+        a.g.write_append(edited, b"# edited by hand\n")
+        a.g.umount_all()
+    said = run_pibake("verify", "worker2", str(copy), cwd=first)
+    assert said.code == 1, said.output
+    assert edited in said.stdout, (edited, said.output)
+    assert said.stdout.count("changed") == 1, said.output
+    assert "is not worker2's image: 1 file differs" in said.stderr, said.output
+    # a node the manifest does not record, and a path that is not there
+    for args in (["worker9", str(copy)], ["worker2", str(tmp_path / "missing.img")]):
+        wrong = run_pibake("verify", *args, cwd=first)
+        assert wrong.code == 2 and "Traceback" not in wrong.output and wrong.stderr.count("\n") == 1, wrong.output
