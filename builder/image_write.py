@@ -59,8 +59,6 @@ class RootScript:
 
     def __init__(self, changes: Changes, epoch: int, files: Path) -> None:
         self.lines: list[str] = []
-        self.epoch = epoch
-        self.files = files
         self.touched: set[str] = set()  # folders that were there before whose entries change
         self.made: set[str] = set()  # folders made here (their times are the epoch already)
         gone: set[str] = set()

@@ -49,7 +49,7 @@ def realize(plan: NodePlan, base: Base) -> Changes:
             raise e.within(node=node) from None
     _check_account(tree, *plan.renamed_to)
     for path, st in tree.state.items():
-        changes.before[path] = tree.in_base(path)
+        changes.before[path] = tree.in_base(path).kind
         if tree.on_boot(path):
             if st.kind == "file":
                 changes.boot_writes[path] = tree.contents[path]

@@ -73,18 +73,14 @@ class Tree:
     def lstat(self, path: str) -> Stat:
         if path in self.state:
             return self.state[path]
+        return self.in_base(path)
+
+    def in_base(self, path: str) -> Stat:
+        """What `path` is in the base, once the moves are made (ABSENT if it is not there)."""
         for old, _ in self.moved:
             if under(path, old):
                 return ABSENT
         return self.base.lstat(self.base_path(path)) or ABSENT
-
-    def in_base(self, path: str) -> str:
-        """What kind `path` is in the base, once the moves are made: "absent" if it is not there."""
-        for old, _ in self.moved:
-            if under(path, old):
-                return "absent"
-        st = self.base.lstat(self.base_path(path))
-        return st.kind if st else "absent"
 
     def read(self, path: str) -> bytes:
         if path in self.contents:

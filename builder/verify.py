@@ -69,9 +69,11 @@ def verify(profile: Profile, node: Node, output: Path, state: Path, target: str,
                 raise InputError(f"the profile, keys or pibake version are not those {node.hostname} was built with "
                                  "(its inputs differ from the manifest's record): pibake verify rebuilds from them")
             mapped = bmap.read(bmap.path_for(rebuilt.path))
-            if _mapped_same(fd, mapped):
-                whole = _prefix_sha256(fd, rebuilt.size) == rebuilt.sha256
-                return Verdict(rebuilt.sha256, rebuilt.size, [], True, whole, mapped.mapped_bytes)
+            with os.fdopen(fd, "rb", buffering=0, closefd=False) as f:
+                # A card is never the image whole (what flash does not write is the card's own).
+                whole = stat.S_ISREG(os.fstat(fd).st_mode) and _sha256(f, 0, rebuilt.size) == rebuilt.sha256
+                if whole or all(_sha256(f, *mapped.span(r)) == r.sha256 for r in mapped.ranges):
+                    return Verdict(rebuilt.sha256, rebuilt.size, [], True, whole, mapped.mapped_bytes)
             changes = _files(rebuilt.path, target, rebuilt.plan.release.boot_dir)
             return Verdict(rebuilt.sha256, rebuilt.size, changes, False)
         finally:
@@ -96,33 +98,11 @@ def _open(target: str, force: bool, output: Path) -> int:
         raise InputError(f"cannot read {target}: {e.strerror}") from None
 
 
-def _mapped_same(fd: int, mapped: bmap.Bmap) -> bool:
-    """Whether every block the image's block map covers (its partition table and what its file
-    systems use: what pibake flash writes) holds at `fd` what the map's digests say."""
-    for r in mapped.ranges:
-        start, stop = mapped.span(r)
-        length = stop - start
-        digest, done = hashlib.sha256(), 0
-        while done < length:
-            chunk = os.pread(fd, min(image.CHUNK, length - done), start + done)
-            if not chunk:
-                return False
-            digest.update(chunk)
-            done += len(chunk)
-        if digest.hexdigest() != r.sha256:
-            return False
-    return True
-
-
-def _prefix_sha256(fd: int, size: int) -> str:
-    """The sha256 of the first `size` bytes at `fd` (of all of them, if there are fewer)."""
-    digest, done = hashlib.sha256(), 0
-    while done < size:
-        chunk = os.pread(fd, min(image.CHUNK, size - done), done)
-        if not chunk:
-            break
-        digest.update(chunk)
-        done += len(chunk)
+def _sha256(f, start: int, stop: int) -> str:
+    """The sha256 of the bytes of `f` in [start, stop) (of fewer, where it ends before)."""
+    digest = hashlib.sha256()
+    f.seek(start)
+    image._feed(f, digest, stop - start)
     return digest.hexdigest()
 
 
