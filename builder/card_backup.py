@@ -4,18 +4,29 @@ The device meets `pibake flash`'s rules (never the disk holding /, nothing mount
 held, loop devices judged by what they are over, at any depth) and is held open
 exclusively while it is read, read-only, so nothing mounts it meanwhile; a card whose
 lock switch is on is fine. libguestfs mounts its file systems read-only and tar reads
-them as files, so only the blocks the file systems use are read.
+them as files, so only the blocks the file systems use are read: the device's own
+read-ahead, which would read past each of them, is off while pibake holds it, and as
+it was afterwards.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fcntl
+import logging
 import os
+import struct
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from builder import backup_image, layout as layouts, run
 from builder.appliance import Appliance, Drive
 from builder.errors import BuildError
+
+log = logging.getLogger(__name__)
+
+BLKRASET, BLKRAGET = 0x1262, 0x1263  # linux/fs.h: a block device's read-ahead, in sectors
 
 # What is mounted afresh at boot, and the swap file: their contents are not taken.
 EXCLUDES = ["./proc/*", "./sys/*", "./dev/*", "./run/*", "./tmp/*", "./var/swap"]
@@ -42,6 +53,24 @@ def claim(device: str, force: bool, output: Path) -> tuple[int, str]:
     return fd, disk.path
 
 
+@contextmanager
+def no_read_ahead(fd: int, path: str) -> Iterator[None]:
+    """The device at `fd` reads only what it is asked for while this holds: the host kernel
+    reads ahead of qemu's reads on the device (128 KiB by default), past the blocks in use.
+    Setting it needs CAP_SYS_ADMIN; without, the card is read with its read-ahead."""
+    try:
+        was = struct.unpack("l", fcntl.ioctl(fd, BLKRAGET, bytes(8)))[0]
+        fcntl.ioctl(fd, BLKRASET, 0)
+    except OSError as e:
+        log.debug("%s: read-ahead left as it is: %s", path, e.strerror)
+        yield
+        return
+    try:
+        yield
+    finally:
+        fcntl.ioctl(fd, BLKRASET, was)
+
+
 def take(device: str, force: bool, staging: Path, output: Path) -> backup_image.Taken:
     fd, path = claim(device, force, output)
     try:
@@ -49,7 +78,7 @@ def take(device: str, force: bool, staging: Path, output: Path) -> backup_image.
         sized = layouts.sized(layout)
         fills: list = []
         listings: dict = {}
-        with Appliance([Drive(Path(path), readonly=True)]) as appliance:
+        with no_read_ahead(fd, path), Appliance([Drive(Path(path), readonly=True)]) as appliance:
             g, drive = appliance.g, appliance.devices[0]
             for p in sized.partitions:
                 if p.fs is None:

@@ -288,10 +288,12 @@ def test_a_backup_restores_onto_a_smaller_card_and_a_card_in_a_reader_is_backed_
     # The card, in a reader: read-only, and only what its file systems use is read.
     stat = Path("/sys/block") / Path(card.device).name / "stat"
     read_before = int(stat.read_text().split()[2]) * 512
+    read_ahead = subprocess.run(["blockdev", "--getra", card.device], capture_output=True, text=True, check=True).stdout
     offline = run_pibake("backup", "master", "--device", card.device, "--force", "-o", str(output),
                          "--profiles", str(tmp_path / "cluster.yaml"), cwd=tmp_path, timeout=900)
     assert offline.code == 0, offline.output
     read = int(stat.read_text().split()[2]) * 512 - read_before
+    assert subprocess.run(["blockdev", "--getra", card.device], capture_output=True, text=True).stdout == read_ahead
     path = Path(offline.stdout.splitlines()[-1])
     assert path.parent == taken.path.parent and path != taken.path
     fields = layout.fields(subprocess.run(["dumpe2fs", "-h", f"{card.device}?offset={root['start'] * 512}"],
