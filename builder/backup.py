@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import BinaryIO, Callable
 
 from builder import backup_image, bmap, card_backup, image, layout as layouts, node_side, run
+from builder.appliance import Appliance, Drive
 from builder.backup_image import Entry, Listing
 from builder.errors import BuildError, InputError
 from builder.files import read_json, write_file, write_json
@@ -404,27 +405,71 @@ def _read_and_make(profile: Profile, node: Node, output: Path, staging: Path, ol
                    connect: Callable[[Path, str, Path], Link], device: str | None,
                    force: bool) -> tuple[backup_image.Taken, int, str]:
     """What was read, the bytes received, and the sha256 of staging/new.img, made and checked."""
-    received = 0
     if device is not None:
         taken = card_backup.take(device, force, staging, output)
-    else:
-        with tempfile.TemporaryDirectory(prefix="pibake-ssh-") as control:
-            link = connect(output, node.hostname, Path(control))
-            try:
-                taken = _from_node(link, profile, node, staging, old_state)
-            finally:
-                link.close()
-            received = link.received
-    return taken, received, _make(staging, taken, previous if taken.incremental else None)
+        return taken, 0, _make(staging, taken, previous if taken.incremental else None)
+    with tempfile.TemporaryDirectory(prefix="pibake-ssh-") as control, Early(staging, previous) as early:
+        link = connect(output, node.hostname, Path(control))
+        try:
+            taken = _from_node(link, profile, node, staging, old_state, early.begin)
+        finally:
+            link.close()
+        return taken, link.received, _make(staging, taken, previous if taken.incremental else None, early)
 
 
-def _from_node(link: Link, profile: Profile, node: Node, staging: Path, old_state: dict) -> backup_image.Taken:
+class Early:
+    """The new image, made and its appliance launched while the node's files arrive: the
+    launch, under emulation, takes about as long as receiving a gigabyte."""
+
+    def __init__(self, staging: Path, previous: Path | None) -> None:
+        self.path, self.previous = staging / "new.img", previous
+        self.grown: int | None = None
+        self.appliance: Appliance | None = None
+        self.error: BaseException | None = None
+        self.thread: threading.Thread | None = None
+
+    def begin(self, layout: layouts.Layout, incremental: bool) -> None:
+        self.grown = _new_image(self.path, layout, self.previous if incremental else None)
+        self.thread = threading.Thread(target=self._launch, name="appliance", daemon=True)
+        self.thread.start()
+
+    def _launch(self) -> None:
+        try:
+            self.appliance = Appliance([Drive(self.path)])
+        except BaseException as e:  # told in take()
+            self.error = e
+
+    def take(self) -> Appliance | None:
+        """The launched appliance, now the caller's to close; None if none was begun."""
+        if self.thread is None:
+            return None
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        appliance, self.appliance = self.appliance, None
+        return appliance
+
+    def __enter__(self) -> "Early":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.thread is not None:
+            self.thread.join()
+        if self.appliance is not None:
+            self.appliance.close()
+
+
+def _from_node(link: Link, profile: Profile, node: Node, staging: Path, old_state: dict,
+               begin: Callable[[layouts.Layout, bool], None] = lambda layout, incremental: None) -> backup_image.Taken:
+    """What the node holds, read; `begin(layout, incremental)` is told the backup's layout as soon
+    as it is known."""
     facts = node_side.facts(link.ask(node_side.command(node_side.FACTS), "describe its card"))
     sized = layouts.sized(facts.layout)
     parts = [p for p in sized.partitions if p.mount in facts.mounts and p.fs is not None]
     listings = {p.mount: parse_listing(link.ask(node_side.command(node_side.LIST, view=link.view(p.mount)),
                                                 f"list {p.mount}", limit=MAX_LISTING), p.mount) for p in parts}
     same_card = bool(old_state) and old_state.get("disk_id") == sized.disk_id and bool(old_state.get("listings"))
+    begin(sized, same_card)
     report: list[str] = []
     fills = []
     with Hold(link, stop_units(profile, node)):
@@ -451,16 +496,25 @@ def _from_node(link: Link, profile: Profile, node: Node, staging: Path, old_stat
     return backup_image.Taken(sized, fills, listings, same_card, tuple(report))
 
 
-def _make(staging: Path, taken: backup_image.Taken, previous: Path | None) -> str:
-    """staging/new.img and its companions, checked; its sha256."""
-    new = staging / "new.img"
-    grown = None
+def _new_image(new: Path, layout: layouts.Layout, previous: Path | None) -> int | None:
+    """`new`: a copy of the last backup, grown to `layout`, or empty file systems of its layout;
+    the number of a partition grown (see _grow)."""
     if previous is not None:
         image.copy_image(previous, new)
-        grown = _grow(new, taken.layout)
+        return _grow(new, layout)
+    layouts.make_empty(new, layout)
+    return None
+
+
+def _make(staging: Path, taken: backup_image.Taken, previous: Path | None, early: Early | None = None) -> str:
+    """staging/new.img and its companions, checked; its sha256."""
+    new = staging / "new.img"
+    appliance = early.take() if early is not None else None
+    if appliance is not None and early is not None:
+        grown = early.grown
     else:
-        layouts.make_empty(new, taken.layout)
-    backup_image.fill(new, taken.fills, grown)
+        grown = _new_image(new, taken.layout, previous)
+    backup_image.fill(new, taken.fills, grown, appliance)
     backup_image.check(new, taken.layout)
     os.chmod(bmap.write(new), 0o600)
     digest = image.sha256_file(new)

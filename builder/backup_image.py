@@ -52,11 +52,12 @@ class Fill:
     xattrs: dict[str, dict[str, bytes]] = field(default_factory=dict)  # beyond the user namespace, read back
 
 
-def fill(image_path: Path, fills: list[Fill], grown: int | None = None) -> None:
+def fill(image_path: Path, fills: list[Fill], grown: int | None = None, launched: Appliance | None = None) -> None:
     """Write each file system's changes into the image; `grown`: the number of a partition made
-    larger since its file system was made, which is grown to fill it first."""
+    larger since its file system was made, which is grown to fill it first. `launched`: an
+    appliance with the image attached, launched already; closed here."""
     held: dict[int, dict[str, str]] = {}
-    with Appliance([Drive(image_path)]) as appliance:
+    with launched or Appliance([Drive(image_path)]) as appliance:
         g, device = appliance.g, appliance.devices[0]
         for part in fills:
             ext4 = isinstance(part.partition.fs, layouts.Ext4)
