@@ -63,6 +63,7 @@ def walk(image: Path, offset: int) -> dict[str, tuple[int, int, int]]:
     """Every entry of the file system below its root: "./path" -> (inode, mode, size)."""
     found: dict[str, tuple[int, int, int]] = {}
     level = [(".", ROOT_INODE)]
+    folders = {ROOT_INODE}  # a folder has one name: a second one (a damaged file system) would loop
     while level:
         with _debugfs(image, offset, [f"ls -p <{ino}>" for _, ino in level], "list the file system") as out:
             data = out.read(MAX_LISTING + 1)
@@ -86,6 +87,9 @@ def walk(image: Path, offset: int) -> dict[str, tuple[int, int, int]]:
                 child, mode = int(m[1]), int(m[2], 8)
                 found[path] = (child, mode, int(m[4] or 0))
                 if mode & S_IFMT == S_IFDIR:
+                    if child in folders:
+                        raise BuildError(f"the file system links folder inode {child} twice (at {path[1:]!r})")
+                    folders.add(child)
                     following.append((path, child))
             at += 1
         if at != len(data):

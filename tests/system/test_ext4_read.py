@@ -123,3 +123,12 @@ def test_what_is_not_a_file_system_is_said_in_one_line(tmp_path: Path, damage: s
     with pytest.raises(BuildError) as e:
         ext4_read.sums(image, offset)
     assert "\n" not in str(e.value) and str(e.value).startswith("debugfs cannot")
+
+
+def test_a_folder_linked_twice_is_said_not_followed(tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    (tree / "d").mkdir(parents=True)
+    image = _image(tmp_path, tree)
+    subprocess.run(["debugfs", "-w", "-R", "ln <2> /d/loop", f"{image}?offset={OFFSET}"], check=True, capture_output=True)
+    with pytest.raises(BuildError, match="links folder inode 2 twice"):
+        ext4_read.walk(image, OFFSET)
