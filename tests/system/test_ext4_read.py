@@ -132,3 +132,42 @@ def test_a_folder_linked_twice_is_said_not_followed(tmp_path: Path) -> None:
     subprocess.run(["debugfs", "-w", "-R", "ln <2> /d/loop", f"{image}?offset={OFFSET}"], check=True, capture_output=True)
     with pytest.raises(BuildError, match="links folder inode 2 twice"):
         ext4_read.walk(image, OFFSET)
+
+
+def test_files_kept_in_their_inodes_read_back_to_their_size(tmp_path: Path) -> None:
+    """inline_data: debugfs writes a file under 60 bytes out to 60."""
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    rng = random.Random(7)
+    for size in [0, 1, 5, 59, 60, 61, 100, 150, 4000, 5000]:
+        (tree / f"f{size}").write_bytes(rng.randbytes(size))
+    part = tmp_path / "part.ext4"
+    subprocess.run(["mke2fs", "-q", "-t", "ext4", "-I", "256", "-O", "inline_data", "-d", str(tree), str(part), "16M"],
+                   check=True)
+    assert "inline_data" in subprocess.run(["dumpe2fs", "-h", str(part)], capture_output=True, text=True).stdout
+    assert ext4_read.sums(part, 0) == _python_sums(tree)
+
+
+def test_owners_past_two_to_the_31_are_read(tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "f").write_bytes(b"data")
+    image = _image(tmp_path, tree)
+    for field in ("uid", "gid"):
+        subprocess.run(["debugfs", "-w", "-R", f"sif /f {field} 3000000000", f"{image}?offset={OFFSET}"], check=True,
+                       capture_output=True)
+    assert ext4_read.sums(image, OFFSET) == _python_sums(tree)
+
+
+def test_a_listing_is_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    for i in range(10):
+        (tree / str(i)).write_bytes(b"")
+    image = _image(tmp_path, tree)
+    monkeypatch.setattr(ext4_read, "MAX_ENTRIES", 5)
+    with pytest.raises(BuildError, match="more than the 5 entries"):
+        ext4_read.walk(image, OFFSET)
+    monkeypatch.setattr(ext4_read, "MAX_LISTING", 100)
+    with pytest.raises(BuildError, match="more than pibake lists"):
+        ext4_read.walk(image, OFFSET)
