@@ -79,6 +79,16 @@ def parse_listing(packed: bytes, what: str, max_entries: int = MAX_ENTRIES) -> L
     return listing
 
 
+def larger_than_card(listing: Listing, card_size: int, mount: str) -> None:
+    """A file longer than the whole card is sparse, mostly holes: every byte of it would be read
+    and hashed (hours for a few TiB), so it is refused by name before anything is read."""
+    for path, entry in listing.items():
+        if entry.kind == "f" and entry.size > card_size:
+            from builder import formats
+            raise BuildError(f"{formats.shown((mount.rstrip('/') + path[1:])[:300])} is a sparse file of {entry.size} bytes, "
+                             f"more than the card's {card_size}: pibake would read every byte of it; move it off the card")
+
+
 def changes(old: Listing, new: Listing) -> tuple[list[str], list[str]]:
     """What to send (new or changed, in the listing's order) and what to delete first
     (gone, or now of another kind), deepest first."""
@@ -468,6 +478,8 @@ def _from_node(link: Link, profile: Profile, node: Node, staging: Path, old_stat
     parts = [p for p in sized.partitions if p.mount in facts.mounts and p.fs is not None]
     listings = {p.mount: parse_listing(link.ask(node_side.command(node_side.LIST, view=link.view(p.mount)),
                                                 f"list {p.mount}", limit=MAX_LISTING), p.mount) for p in parts}
+    for mount, listing in listings.items():
+        larger_than_card(listing, facts.layout.card_size, mount)
     same_card = bool(old_state) and old_state.get("disk_id") == sized.disk_id and bool(old_state.get("listings"))
     begin(sized, same_card)
     report: list[str] = []

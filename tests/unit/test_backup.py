@@ -54,6 +54,18 @@ def test_a_listing_is_bounded_and_must_be_gzip() -> None:
         backup.parse_listing(_listing(ROOT, *[b"f %d 1 0 1 1 ./f%d" % (i, i) for i in range(20)]), "/", max_entries=10)
 
 
+@pytest.mark.parametrize("size", [8 << 30, (16 << 40) - 4096])
+def test_a_file_longer_than_the_card_is_refused_by_name(size: int) -> None:
+    card = 8 << 30
+    fits = backup.parse_listing(_listing(ROOT, b"f 12 1 %d 1 1 ./srv/disk\x1b[2J.img" % card), "/")
+    backup.larger_than_card(fits, card, "/")
+    listing = backup.parse_listing(_listing(ROOT, b"d 13 2 4096 1 1 ./srv", b"f 12 1 %d 1 1 ./srv/disk\x1b[2J.img" % (size + 1)), "/")
+    with pytest.raises(BuildError) as e:
+        backup.larger_than_card(listing, card, "/")
+    said = str(e.value)
+    assert "/srv/disk" in said and "\x1b" not in said and "\n" not in said and f"{size + 1} bytes" in said
+
+
 def test_only_what_changed_is_sent_and_what_went_is_deleted_deepest_first() -> None:
     e = backup.Entry
     old = {".": e("d", 2, 3, 4096, "1", "1"), "./a": e("f", 3, 1, 5, "1", "1"), "./d": e("d", 4, 2, 4096, "1", "1"),
