@@ -23,7 +23,7 @@ from typing import IO, Iterator
 
 from builder import run
 from builder.errors import BuildError
-from builder.image_write import TOOL_PATH, quoted, tool
+from builder.image_write import TOOL_ENV, quoted, tool
 
 ROOT_INODE = 2
 S_IFMT, S_IFDIR, S_IFREG = 0o170000, 0o040000, 0o100000
@@ -32,7 +32,6 @@ MAX_ENTRIES = 5_000_000  # entries of the whole file system
 INLINE = 60  # bytes of an inode's block map, where inline_data keeps a small file
 # uid and gid: debugfs prints them signed, so one of 2^31 or more comes out negative.
 ENTRY = re.compile(rb"/(\d{1,10})/([0-7]{6,7})/-?\d{1,10}/-?\d{1,10}/([^/]*)/(\d{1,20})?/\n")
-ENV = {"PATH": TOOL_PATH, "LC_ALL": "C", "TZ": "UTC"}
 
 
 @contextmanager
@@ -43,7 +42,7 @@ def _debugfs(image: Path, offset: int, commands: list[str], what: str) -> Iterat
         script = Path(folder) / "commands"
         script.write_text("".join(c + "\n" for c in commands))
         proc = subprocess.Popen([tool("debugfs", "e2fsprogs"), "-f", str(script), f"{image}?offset={offset}"],
-                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err, env=ENV)
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err, env=TOOL_ENV)
         assert proc.stdout is not None
         try:
             yield proc.stdout

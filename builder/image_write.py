@@ -34,9 +34,10 @@ from builder.tree import ROOT, Changes, Stat
 log = logging.getLogger(__name__)
 
 # Where the e2fsprogs and mtools programs are, whatever the caller's PATH (a user's
-# PATH on Debian has no /usr/sbin). They run with this environment alone: no locale,
-# configuration or time of the caller's reaches an image.
+# PATH on Debian has no /usr/sbin). They run with TOOL_ENV alone (and the time they
+# write): no locale, configuration or time of the caller's reaches an image.
 TOOL_PATH = os.pathsep.join(["/usr/sbin", "/sbin", "/usr/bin", "/bin"])
+TOOL_ENV = {"PATH": TOOL_PATH, "LC_ALL": "C", "TZ": "UTC"}
 TYPE_BITS = {"file": stat.S_IFREG, "dir": stat.S_IFDIR, "link": stat.S_IFLNK}
 
 
@@ -158,7 +159,7 @@ def write_root(image: Path, offset: int, changes: Changes, epoch: int, node: str
         # error is told with the command it answered.
         done = subprocess.run([tool("stdbuf", "coreutils"), "-oL", "-eL", *command], stdin=subprocess.DEVNULL,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              env={"PATH": TOOL_PATH, "LC_ALL": "C", "TZ": "UTC", "E2FSPROGS_FAKE_TIME": str(epoch)})
+                              env={**TOOL_ENV, "E2FSPROGS_FAKE_TIME": str(epoch)})
     failed = _first_error(run.text(done.stdout))
     if done.returncode != 0 or failed:
         command_line, message = failed or ("", run.tail(run.text(done.stdout)) or f"exit status {done.returncode}")
@@ -187,7 +188,7 @@ def write_boot(image: Path, offset: int, boot_dir: str, changes: Changes, epoch:
         return
     drive = f"{image}@@{offset}"
     # FAT holds local times: mtools' are UTC here, and the epoch is its "now".
-    env = {"PATH": TOOL_PATH, "LC_ALL": "C", "TZ": "UTC", "SOURCE_DATE_EPOCH": str(epoch), "MTOOLSRC": os.devnull,
+    env = {**TOOL_ENV, "SOURCE_DATE_EPOCH": str(epoch), "MTOOLSRC": os.devnull,
            "MTOOLS_SKIP_CHECK": "1"}
 
     def fat(path: str) -> str:
