@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Callable
 
-from builder import backup_image, bmap, card_backup, image, layout as layouts, node_side, run
+from builder import backup_image, bmap, card_backup, formats, image, layout as layouts, node_side, run
 from builder.appliance import Appliance, Drive
 from builder.backup_image import Entry, Listing
 from builder.errors import BuildError, InputError
@@ -84,7 +84,6 @@ def larger_than_card(listing: Listing, card_size: int, mount: str) -> None:
     and hashed (hours for a few TiB), so it is refused by name before anything is read."""
     for path, entry in listing.items():
         if entry.kind == "f" and entry.size > card_size:
-            from builder import formats
             raise BuildError(f"{formats.shown((mount.rstrip('/') + path[1:])[:300])} is a sparse file of {entry.size} bytes, "
                              f"more than the card's {card_size}: pibake would read every byte of it; move it off the card")
 
@@ -135,7 +134,6 @@ class Link:
 
 
 def _said(stderr: bytes) -> str:
-    from builder import formats
     lines = [line.strip() for line in formats.decoded(stderr[:STDERR_LIMIT]).splitlines() if line.strip()]
     return formats.shown(lines[-1][:300]) if lines else ""
 
